@@ -1,0 +1,290 @@
+"""Builders, the model registry, checkpoint loading and conversion from torchvision."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import (
+    ASPP_RATES_AT_OS16,
+    Backbone,
+    CascadeHead,
+    DeepLabHead,
+    DeepLabV3,
+    FCNHead,
+    PaperHead,
+    atrous_plan,
+)
+
+__all__ = [
+    "deeplabv3_cascade_resnet50",
+    "deeplabv3_cascade_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "from_torchvision",
+    "get_model",
+    "list_models",
+    "load_checkpoint",
+    "register_model",
+]
+
+_MODELS: dict[str, Callable[..., DeepLabV3]] = {}
+
+
+def register_model(fn: Callable[..., DeepLabV3]) -> Callable[..., DeepLabV3]:
+    """Add a builder to the registry under its function name; duplicate names are refused."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"a model named {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model`, sorted."""
+    return sorted(_MODELS)
+
+
+def get_model(name: str, **kwargs: Any) -> DeepLabV3:
+    """Build a registered model by name: ``get_model("deeplabv3_resnet50", output_stride=16)``."""
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+    return builder(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, truncated files: all mean "not a checkpoint"
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                    drop_aux: bool | None = None) -> nn.Module:
+    """Load a state dict or a checkpoint file into ``model`` strictly, with a readable error.
+
+    Checkpoint files are read with ``weights_only=True``; a ``{"model": state_dict, ...}`` training
+    checkpoint is accepted too. ``aux_classifier.*`` keys are dropped when the model has no aux head
+    (torchvision's COCO weights ship one). Missing, unexpected and wrongly shaped keys are all listed.
+    """
+    state = dict(source) if isinstance(source, Mapping) else _read_state_dict(source)
+    if drop_aux is None:
+        drop_aux = getattr(model, "aux_classifier", None) is None
+    if drop_aux:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def listing(title: str, items: list[str]) -> str:
+            head = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+            return f"\n  {title} ({len(items)}): {head}" if items else ""
+        raise ValueError("checkpoint does not match the model:" + listing("missing keys", missing)
+                         + listing("unexpected keys", unexpected) + listing("wrongly shaped keys", shapes))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _torchvision_weights(weights: Any) -> Any:
+    """Resolve a torchvision weights enum or its name (``"DeepLabV3_ResNet50_Weights.DEFAULT"``)."""
+    from torchvision.models import get_weight
+    from torchvision.models._api import WeightsEnum
+
+    if isinstance(weights, WeightsEnum):
+        return weights
+    try:
+        return get_weight(weights)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"unknown torchvision weights {weights!r}: {exc}") from None
+
+
+def _load_weights(model: DeepLabV3, weights: Any) -> None:
+    if weights is None:
+        return
+    if isinstance(weights, (str, os.PathLike)) and (os.path.sep in str(weights) or Path(weights).suffix
+                                                    or Path(weights).exists()):
+        load_checkpoint(model, weights)
+        return
+    enum = _torchvision_weights(weights)
+    try:
+        state = enum.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # offline and not cached
+        raise RuntimeError(f"could not download or read cached weights {enum}: {exc}. Download them once while "
+                           f"online (they are cached under {torch.hub.get_dir()}) or pass a checkpoint path.") from exc
+    load_checkpoint(model, state)
+
+
+def _load_backbone_weights(backbone: Backbone, weights_backbone: Any) -> None:
+    if weights_backbone is None:
+        return
+    if isinstance(weights_backbone, (str, os.PathLike)) and Path(weights_backbone).suffix:
+        state = _read_state_dict(weights_backbone)
+    else:
+        state = _torchvision_weights(weights_backbone).get_state_dict(progress=True, check_hash=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(("layer5", "layer6", "layer7"))]
+    if missing:
+        raise ValueError(f"backbone weights lack {len(missing)} keys, e.g. {missing[:5]}")
+    backbone.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------
+_HEADS = ("torchvision", "paper")
+
+
+def _deeplabv3(depth: int, *, weights: Any, weights_backbone: Any, num_classes: int | None,
+               aux_loss: bool | None, output_stride: int, multi_grid: Sequence[int], head: str,
+               aspp_rates: Sequence[int], cascade_blocks: int = 0) -> DeepLabV3:
+    if head not in _HEADS + ("cascade",):
+        raise ValueError(f"unknown head {head!r}; expected one of {_HEADS}")
+    atrous_plan(output_stride, (1,))  # validates output_stride before any work
+    num_classes = 21 if num_classes is None else int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    aux = bool(aux_loss)
+    backbone = Backbone(depth, extra_stages=cascade_blocks, return_aux=aux)
+    if head == "cascade":
+        classifier: nn.Module = CascadeHead(2048, num_classes)
+    elif head == "paper":
+        classifier = PaperHead(2048, num_classes)
+    else:
+        classifier = DeepLabHead(2048, num_classes)
+    aux_classifier = FCNHead(1024, num_classes) if aux else None
+    model = DeepLabV3(backbone, classifier, aux_classifier, output_stride=output_stride,
+                      multi_grid=multi_grid, aspp_rates_at_os16=aspp_rates)
+    _load_backbone_weights(backbone, weights_backbone)
+    _load_weights(model, weights)
+    return model
+
+
+@register_model
+def deeplabv3_resnet50(*, weights: Any = None, weights_backbone: Any = None, num_classes: int | None = 21,
+                       aux_loss: bool | None = False, output_stride: int = 8,
+                       multi_grid: Sequence[int] = (1, 1, 1), head: str = "torchvision",
+                       aspp_rates: Sequence[int] = ASPP_RATES_AT_OS16) -> DeepLabV3:
+    """DeepLabv3 with a ResNet-50 backbone; the defaults reproduce torchvision's ``deeplabv3_resnet50``.
+
+    Args:
+        weights: a torchvision weights enum or its name (``"DeepLabV3_ResNet50_Weights.DEFAULT"``,
+            downloaded through torchvision or read from its cache), or a checkpoint path
+            (read with ``weights_only=True``).
+        weights_backbone: ImageNet weights for the ResNet (enum, name or path), for training.
+        num_classes: number of output classes (21 for PASCAL VOC, 19 for Cityscapes).
+        aux_loss: add torchvision's auxiliary FCN head on layer3.
+        output_stride: 8, 16 or 32; changeable later with ``model.set_output_stride``.
+        multi_grid: the paper's multi-grid rates for block4's three units, e.g. ``(1, 2, 4)``.
+        head: ``"torchvision"`` (ASPP + 3×3 conv) or ``"paper"`` (ASPP + 1×1 conv to logits).
+        aspp_rates: ASPP rates at output stride 16; scaled for other strides.
+    """
+    return _deeplabv3(50, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                      aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid, head=head,
+                      aspp_rates=aspp_rates)
+
+
+@register_model
+def deeplabv3_resnet101(*, weights: Any = None, weights_backbone: Any = None, num_classes: int | None = 21,
+                        aux_loss: bool | None = False, output_stride: int = 8,
+                        multi_grid: Sequence[int] = (1, 1, 1), head: str = "torchvision",
+                        aspp_rates: Sequence[int] = ASPP_RATES_AT_OS16) -> DeepLabV3:
+    """DeepLabv3 with a ResNet-101 backbone; arguments as :func:`deeplabv3_resnet50`."""
+    return _deeplabv3(101, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                      aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid, head=head,
+                      aspp_rates=aspp_rates)
+
+
+@register_model
+def deeplabv3_cascade_resnet50(*, weights: Any = None, weights_backbone: Any = None,
+                               num_classes: int | None = 21, aux_loss: bool | None = False,
+                               output_stride: int = 16, multi_grid: Sequence[int] = (1, 2, 1),
+                               blocks: int = 3) -> DeepLabV3:
+    """The paper's cascaded DeepLabv3 (§3.2): block4 copied as block5 … block(4 + ``blocks``), atrous
+    rates doubling block by block to keep the output stride, multi-grid ``(1, 2, 1)``, no ASPP."""
+    return _deeplabv3(50, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                      aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid, head="cascade",
+                      aspp_rates=ASPP_RATES_AT_OS16, cascade_blocks=blocks)
+
+
+@register_model
+def deeplabv3_cascade_resnet101(*, weights: Any = None, weights_backbone: Any = None,
+                                num_classes: int | None = 21, aux_loss: bool | None = False,
+                                output_stride: int = 16, multi_grid: Sequence[int] = (1, 2, 1),
+                                blocks: int = 3) -> DeepLabV3:
+    """The cascaded model with a ResNet-101 backbone; arguments as :func:`deeplabv3_cascade_resnet50`."""
+    return _deeplabv3(101, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                      aux_loss=aux_loss, output_stride=output_stride, multi_grid=multi_grid, head="cascade",
+                      aspp_rates=ASPP_RATES_AT_OS16, cascade_blocks=blocks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion from torchvision
+# --------------------------------------------------------------------------------------------------
+def _infer_output_stride(backbone: nn.Module) -> int:
+    stride = 4
+    for name in ("layer2", "layer3", "layer4"):
+        stride *= getattr(backbone, name)[0].conv2.stride[0]
+    return stride
+
+
+def from_torchvision(model: nn.Module) -> DeepLabV3:
+    """Convert a torchvision ``DeepLabV3`` (ResNet-50 or -101, any classes, aux head or not) into a
+    fastdeeplab model with the same weights and the same outputs. The torchvision model is not modified.
+    """
+    from torchvision.models.segmentation.deeplabv3 import ASPP as TvASPP
+    from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as TvDeepLabV3
+
+    if not isinstance(model, TvDeepLabV3):
+        raise TypeError(f"expected a torchvision DeepLabV3, got {type(model).__name__}")
+    backbone = model.backbone
+    if not hasattr(backbone, "layer4") or not hasattr(backbone["layer4"][0], "conv3"):
+        raise TypeError("only ResNet-50/101 backbones are supported (MobileNetV3 DeepLabV3 is not)")
+    units = tuple(len(backbone[f"layer{i}"]) for i in range(1, 5))
+    depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}.get(units)
+    if depth is None:
+        raise TypeError(f"unsupported ResNet with stage units {units}")
+    aspp = model.classifier[0]
+    if not isinstance(aspp, TvASPP) or len(model.classifier) != 5:
+        raise TypeError("the classifier is not torchvision's DeepLabHead")
+    output_stride = _infer_output_stride(backbone)
+    rates = tuple(m[0].dilation[0] for m in aspp.convs[1:-1])
+    scale = output_stride / 16
+    num_classes = model.classifier[-1].out_channels
+    aux = model.aux_classifier is not None
+    ours = _deeplabv3(depth, weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux,
+                      output_stride=output_stride, multi_grid=(1, 1, 1), head="torchvision",
+                      aspp_rates=tuple(round(r * scale) for r in rates))
+    # Dilations inside the backbone follow torchvision's convention in both models; check it holds.
+    for name in ("layer2", "layer3", "layer4"):
+        for a, b in zip(backbone[name], ours.backbone[name]):
+            if a.conv2.dilation != b.conv2.dilation or a.conv2.stride != b.conv2.stride:
+                raise ValueError(f"{name} has strides/dilations this converter does not reproduce")
+    if ours.aspp is not None and ours.aspp.rates != rates:
+        raise ValueError(f"ASPP rates {rates} cannot be expressed at output stride {output_stride}")
+    load_checkpoint(ours, model.state_dict())
+    ours.train(model.training)
+    return ours

@@ -1,0 +1,83 @@
+"""Real photographs for demos, benchmarks and calibration, and the ImageNet normalisation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "normalize", "sample_images", "SKIMAGE_PHOTOS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Colour photographs that scikit-image ships inside its wheel (no download needed).
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field")
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB; a missing or unreadable file raises an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+def normalize(image: Image.Image | np.ndarray, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB image (PIL or ``[H, W, 3]`` uint8) → ``[3, H, W]`` float32 normalised with ImageNet statistics.
+
+    ``size`` (``(H, W)`` or a side) resizes with bilinear filtering first.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        image = image.resize((w, h), Image.BILINEAR)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (array.permute(2, 0, 1) - mean) / std
+
+
+def sample_images(size: int | tuple[int, int] = 513, count: int | None = None,
+                  folder: str | os.PathLike | None = None) -> tuple[list[str], torch.Tensor]:
+    """Real photographs as a normalised batch ``[count, 3, H, W]`` plus their names.
+
+    From ``folder`` (every image file in it, sorted) when given, else from the photographs that
+    scikit-image ships (``pip install 'fastdeeplab[bench]'``).
+    """
+    names: list[str] = []
+    images: list[Image.Image] = []
+    if folder is not None:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found in {folder}")
+        for p in files[:count]:
+            names.append(p.name)
+            images.append(load_image(p))
+    else:
+        try:
+            from skimage import data as skdata
+        except ImportError as exc:
+            raise ImportError("sample photographs need scikit-image: pip install 'fastdeeplab[bench]'") from exc
+        for name in SKIMAGE_PHOTOS[:count]:
+            array = getattr(skdata, name)()
+            if array.ndim == 2:
+                array = np.stack([array] * 3, axis=-1)
+            names.append(name)
+            images.append(Image.fromarray(array[..., :3]))
+    if count is not None and len(images) < count:  # repeat to reach the requested count
+        reps = -(-count // len(images))
+        names, images = (names * reps)[:count], (images * reps)[:count]
+    return names, torch.stack([normalize(im, size) for im in images])
+
+
