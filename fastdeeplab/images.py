@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "normalize", "sample_images", "SKIMAGE_PHOTOS"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "normalize", "sample_images", "skimage_photo_paths", "SKIMAGE_PHOTOS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Colour photographs that scikit-image ships inside its wheel (no download needed).
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field")
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg",
+                  "motorcycle_right.png")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 
 
@@ -48,6 +49,20 @@ def normalize(image: Image.Image | np.ndarray, size: int | tuple[int, int] | Non
     return (array.permute(2, 0, 1) - mean) / std
 
 
+def skimage_photo_paths() -> list[Path]:
+    """Paths of the colour photographs in scikit-image's wheel (astronaut, cat, coffee, motorcycle, rocket)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise ImportError("sample photographs need scikit-image: pip install 'fastdeeplab[bench]'")
+    root = Path(spec.origin).parent / "data"
+    paths = [root / name for name in SKIMAGE_PHOTOS if (root / name).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"scikit-image's sample photographs are missing from {root}")
+    return paths
+
+
 def sample_images(size: int | tuple[int, int] = 513, count: int | None = None,
                   folder: str | os.PathLike | None = None) -> tuple[list[str], torch.Tensor]:
     """Real photographs as a normalised batch ``[count, 3, H, W]`` plus their names.
@@ -65,16 +80,9 @@ def sample_images(size: int | tuple[int, int] = 513, count: int | None = None,
             names.append(p.name)
             images.append(load_image(p))
     else:
-        try:
-            from skimage import data as skdata
-        except ImportError as exc:
-            raise ImportError("sample photographs need scikit-image: pip install 'fastdeeplab[bench]'") from exc
-        for name in SKIMAGE_PHOTOS[:count]:
-            array = getattr(skdata, name)()
-            if array.ndim == 2:
-                array = np.stack([array] * 3, axis=-1)
-            names.append(name)
-            images.append(Image.fromarray(array[..., :3]))
+        for path in skimage_photo_paths()[:count]:
+            names.append(path.stem)
+            images.append(load_image(path))
     if count is not None and len(images) < count:  # repeat to reach the requested count
         reps = -(-count // len(images))
         names, images = (names * reps)[:count], (images * reps)[:count]
