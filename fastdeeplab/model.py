@@ -217,8 +217,8 @@ class ASPPPooling(nn.Sequential):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x.mean(dim=(2, 3), keepdim=True)
-        for module in list(self)[1:]:
+        y = x
+        for module in self:
             y = module(y)
         return y.expand(-1, -1, x.shape[-2], x.shape[-1])
 
