@@ -121,11 +121,22 @@ def _torchvision_weights(weights: Any) -> Any:
         raise ValueError(f"unknown torchvision weights {weights!r}: {exc}") from None
 
 
+_CHECKPOINT_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar"}
+
+
+def _looks_like_path(weights: Any) -> bool:
+    """A path-like object, an existing file, or a string shaped like a file path (not an enum name)."""
+    if isinstance(weights, os.PathLike):
+        return True
+    if not isinstance(weights, str):
+        return False
+    return os.path.sep in weights or Path(weights).suffix.lower() in _CHECKPOINT_SUFFIXES or Path(weights).exists()
+
+
 def _load_weights(model: DeepLabV3, weights: Any) -> None:
     if weights is None:
         return
-    if isinstance(weights, (str, os.PathLike)) and (os.path.sep in str(weights) or Path(weights).suffix
-                                                    or Path(weights).exists()):
+    if _looks_like_path(weights):
         load_checkpoint(model, weights)
         return
     enum = _torchvision_weights(weights)
@@ -140,7 +151,7 @@ def _load_weights(model: DeepLabV3, weights: Any) -> None:
 def _load_backbone_weights(backbone: Backbone, weights_backbone: Any) -> None:
     if weights_backbone is None:
         return
-    if isinstance(weights_backbone, (str, os.PathLike)) and Path(weights_backbone).suffix:
+    if _looks_like_path(weights_backbone):
         state = _read_state_dict(weights_backbone)
     else:
         state = _torchvision_weights(weights_backbone).get_state_dict(progress=True, check_hash=True)

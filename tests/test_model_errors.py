@@ -1,0 +1,111 @@
+"""Bad input gets a ValueError/TypeError whose message names the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdeeplab
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fastdeeplab.deeplabv3_resnet50(num_classes=3, output_stride=16).eval()
+
+
+@pytest.mark.parametrize("x, exc, match", [
+    pytest.param(torch.randn(3, 33, 33), ValueError, "4-D", id="rank3"),
+    pytest.param(torch.randn(1, 1, 3, 33, 33), ValueError, "4-D", id="rank5"),
+    pytest.param(torch.randn(1, 4, 33, 33), ValueError, "3 input channels", id="rgba"),
+    pytest.param(torch.randint(0, 255, (1, 3, 33, 33), dtype=torch.uint8), TypeError, "floating-point",
+                 id="uint8"),
+    pytest.param(torch.randn(0, 3, 33, 33), ValueError, "empty batch", id="empty"),
+    pytest.param(torch.randn(1, 3, 15, 64), ValueError, "smaller than the output stride", id="too-small"),
+    pytest.param([[1.0]], TypeError, "torch.Tensor", id="list"),
+])
+def test_bad_inputs(model, x, exc, match):
+    with pytest.raises(exc, match=match):
+        model(x)
+
+
+@torch.no_grad()
+def test_sizes_not_multiple_of_stride_work(model):
+    for h, w in [(500, 375), (97, 131), (16, 16)]:
+        assert model(torch.randn(1, 3, h, w))["out"].shape == (1, 3, h, w)
+
+
+@pytest.mark.parametrize("os_", [4, 12, 64, "16"])
+def test_unknown_output_stride(os_):
+    with pytest.raises(ValueError, match="unknown output stride"):
+        fastdeeplab.deeplabv3_resnet50(output_stride=os_)
+    with pytest.raises(ValueError, match="unknown output stride"):
+        fastdeeplab.deeplabv3_resnet50().set_output_stride(os_)
+
+
+def test_unknown_head_and_classes():
+    with pytest.raises(ValueError, match="head"):
+        fastdeeplab.deeplabv3_resnet50(head="fcn")
+    with pytest.raises(ValueError, match="num_classes"):
+        fastdeeplab.deeplabv3_resnet50(num_classes=0)
+
+
+def test_checkpoint_round_trip(tmp_path, model):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "iteration": 3}, path)  # a training checkpoint is accepted
+    other = fastdeeplab.deeplabv3_resnet50(num_classes=3, output_stride=16, weights=path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    fastdeeplab.deeplabv3_resnet50(num_classes=3, weights=str(tmp_path / "plain.pt"))
+
+
+def test_checkpoint_mismatch_lists_the_keys(tmp_path, model):
+    state = model.state_dict()
+    state.pop("classifier.4.bias")
+    state["classifier.9.weight"] = torch.zeros(1)
+    state["classifier.4.weight"] = torch.zeros(5, 256, 1, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        fastdeeplab.deeplabv3_resnet50(num_classes=3, weights=path)
+    msg = str(info.value)
+    assert "missing keys (1): classifier.4.bias" in msg
+    assert "unexpected keys (1): classifier.9.weight" in msg
+    assert "classifier.4.weight: checkpoint (5, 256, 1, 1) vs model (3, 256, 1, 1)" in msg
+
+
+def test_not_a_checkpoint(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        fastdeeplab.deeplabv3_resnet50(weights=junk)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        fastdeeplab.deeplabv3_resnet50(weights=tmp_path / "list.pth")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        fastdeeplab.deeplabv3_resnet50(weights=tmp_path / "missing.pth")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    """weights_only=True: a checkpoint that needs arbitrary unpickling is refused, not executed."""
+    import argparse
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": argparse.Namespace(payload=1)}, path)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        fastdeeplab.deeplabv3_resnet50(weights=path)
+
+
+def test_unknown_torchvision_weights_name():
+    with pytest.raises(ValueError, match="unknown torchvision weights"):
+        fastdeeplab.deeplabv3_resnet50(weights="NoSuchWeights.V1")
+
+
+def test_import_without_optional_packages():
+    """`import fastdeeplab` must not pull in triton, onnx, onnxruntime or tensorrt."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastdeeplab; bad = [m for m in ('triton', 'onnx', 'onnxruntime', 'tensorrt') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
