@@ -2,5 +2,85 @@
 
 Every kernel has a plain-PyTorch twin in :mod:`fastdeeplab.kernels.reference`; tests, benchmarks and the
 export path all use that one copy. Triton itself is imported lazily, so this package imports on machines
-without it.
+without it: the kernel names below resolve on first access, and where triton is missing they resolve to
+stubs that raise ``ImportError`` (naming ``pip install 'fastdeeplab[triton]'``) when called.
+
+>>> from fastdeeplab.kernels import fold_bn, conv_bn_relu_reference   # torch only
+>>> from fastdeeplab.kernels import conv_bn_relu, aspp_project          # Triton kernels (lazy)
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from ._utils import TRITON_EXTRA_HINT, triton_available
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .aspp import aspp_project, aspp_project_packed, pack_aspp_weight
+    from .conv_bn_relu import TapCounts, conv_bn_relu, conv_bn_relu_packed, pack_weight
+    from .reference import (
+        aspp_project_reference,
+        conv_bn_relu_module_reference,
+        conv_bn_relu_reference,
+        fold_bn,
+    )
+
+_REFERENCE = ("fold_bn", "conv_bn_relu_reference", "conv_bn_relu_module_reference", "aspp_project_reference")
+_TRITON = {
+    "conv_bn_relu": "conv_bn_relu",
+    "conv_bn_relu_packed": "conv_bn_relu",
+    "pack_weight": "conv_bn_relu",
+    "TapCounts": "conv_bn_relu",
+    "aspp_project": "aspp",
+    "aspp_project_packed": "aspp",
+    "pack_aspp_weight": "aspp",
+}
+
+__all__ = sorted([*_REFERENCE, *_TRITON, "triton_available"])
+
+
+def _missing_triton(name: str) -> Any:
+    def stub(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"fastdeeplab.kernels.{name} needs the 'triton' package: {TRITON_EXTRA_HINT}")
+
+    stub.__name__ = stub.__qualname__ = name
+    stub.__doc__ = f"Unavailable: triton is not installed ({TRITON_EXTRA_HINT})."
+    return stub
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REFERENCE:
+        value = getattr(importlib.import_module(".reference", __name__), name)
+    elif name in _TRITON:
+        if not triton_available():
+            return _missing_triton(name)  # not cached: installing triton later takes effect
+        value = getattr(importlib.import_module(f".{_TRITON[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+class _KernelsPackage(types.ModuleType):
+    """Keep ``fastdeeplab.kernels.conv_bn_relu`` the *function*.
+
+    The submodule ``conv_bn_relu.py`` shares the function's name, and importing a submodule makes the import
+    system set it as an attribute of the package, which would shadow the function for every later
+    ``from fastdeeplab.kernels import conv_bn_relu``. The module stays reachable through ``sys.modules``:
+    ``from fastdeeplab.kernels.conv_bn_relu import pack_weight`` works as usual.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _TRITON and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage

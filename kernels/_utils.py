@@ -1,0 +1,105 @@
+"""Small helpers shared by the kernel launchers (no triton import at module level)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+TRITON_EXTRA_HINT = "pip install 'fastdeeplab[triton]'"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT32_MAX = 2**31 - 1
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None or has no spec
+        return False
+
+
+def require_triton() -> None:
+    """Raise an ImportError that names the extra to install when triton is missing."""
+    if not triton_available():
+        raise ImportError(f"fastdeeplab's Triton kernels need the 'triton' package: {TRITON_EXTRA_HINT}")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 5) -> (3, 5)``; anything else is a TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def check_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float_dtype(t: Tensor, name: str) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+
+
+def check_device(x: Tensor, others: dict[str, Tensor | None]) -> None:
+    """Every tensor on ``x``'s device, and a device Triton can run on."""
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors, got x on {x.device} "
+                         "(set TRITON_INTERPRET=1 before importing triton to run them on CPU for debugging)")
+
+
+def resolve_input_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
+    """``tl.dot``'s ``input_precision``: "ieee" or "tf32" for float32 inputs, "tf32" (ignored) otherwise.
+
+    ``allow_tf32=None`` follows ``torch.backends.cudnn.allow_tf32``, which is what ``F.conv2d`` uses.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast ``tl.dot`` operands to float32: only bfloat16 under the interpreter.
+
+    Triton's CPU interpreter stores bfloat16 as uint16 and its ``tl.dot`` multiplies the raw bit patterns
+    (triton-lang/triton#11584; its debugging guide says to cast bfloat16 to float32). bf16×bf16 products
+    are exact in float32 and accumulation is float32 either way, so the upcast does not change the maths.
+    Compiled GPU kernels never take this path.
+    """
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def check_out(out: Tensor | None, shape: tuple[int, ...], x: Tensor) -> Tensor:
+    """Validate a caller-provided output, or allocate a channels-last one."""
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    check_tensor(out, "out")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {x.dtype} (the input dtype)")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x is on {x.device}")
+    if out.stride(1) != 1 and shape[1] > 1:
+        raise ValueError("out must be channels-last (stride 1 along C): "
+                         "torch.empty(..., memory_format=torch.channels_last)")
+    return out

@@ -1,0 +1,283 @@
+"""ASPP projection without the concatenation: ``relu(Σ_i W_i · b_i + c(n))`` in one Triton kernel.
+
+DeepLabv3's ASPP concatenates five branches (a 1×1 conv, three 3×3 atrous convs and an image-pooling
+branch broadcast over the map) into ``5·Cb`` channels and projects them with a 1×1 conv + BN + ReLU. Split the
+projection weight by branch, ``W = [W_0 | W_1 | W_2 | W_3 | W_pool]``; then
+
+    out[n, :, h, w] = relu(Σ_{i<4} W_i · b_i[n, :, h, w] + c(n)),     c(n) = W_pool · pooled[n] + bias.
+
+The kernel is one GEMM with ``M = N·H·W`` (tiles never straddle two images), ``N = Cout`` and
+``K = 4·Cb`` read straight from the four branch tensors, so the ``[N, 5·Cb, H, W]`` concatenation and the
+spatially broadcast pooled branch are never materialised. Each program first forms its image's bias
+``c(n)`` for its ``BLOCK_N`` output channels (a ``Cb``-long dot product per channel, ~1/(4·BLOCK_M) of the
+program's work), then walks the four branches (branch outer, channel blocks inner) in one flattened,
+software-pipelined K loop into one float32 accumulator; the epilogue adds ``c(n)``, applies ReLU and casts.
+
+>>> import torch
+>>> from fastdeeplab.kernels import aspp_project
+>>> cl = dict(device="cuda", memory_format=torch.channels_last)  # doctest: +SKIP
+>>> branches = [torch.randn(2, 256, 33, 33, **cl) for _ in range(4)]  # doctest: +SKIP
+>>> pooled = torch.randn(2, 256, device="cuda")  # doctest: +SKIP
+>>> w, b = torch.randn(256, 5 * 256, 1, 1, device="cuda"), torch.randn(256, device="cuda")  # doctest: +SKIP
+>>> y = aspp_project(branches, pooled, w, b)  # [2, 256, 33, 33], channels-last  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import (
+    INT32_MAX,
+    check_device,
+    check_float_dtype,
+    check_out,
+    check_tensor,
+    dot_in_fp32,
+    interpreting,
+    resolve_input_precision,
+)
+
+__all__ = ["NUM_BRANCHES", "aspp_project", "aspp_project_packed", "get_autotune_configs",
+           "get_interpreter_config", "pack_aspp_weight"]
+
+NUM_BRANCHES = 4  # spatial branches: the 1×1 conv and three atrous 3×3 convs
+
+
+def get_autotune_configs(*, for_interpreter: bool | None = None) -> list[triton.Config]:
+    """The tilings the autotuner chooses from; one interpreter config under ``TRITON_INTERPRET=1``.
+
+    Every GPU config compiles with zero spills and uses tensor cores on sm_80 and sm_90
+    (``python -m fastdeeplab.kernels.aot --kernel aspp_project``).
+    """
+    if for_interpreter is None:
+        for_interpreter = interpreting()
+    if for_interpreter:
+        return [get_interpreter_config()]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    tilings = [
+        (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 128, 32, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in tilings
+    ]
+
+
+def get_interpreter_config() -> triton.Config:
+    """The single config used under ``TRITON_INTERPRET=1``: small blocks, so CPU tests cover several pixel
+    tiles per image, partial tiles, several output-channel tiles and several channel blocks."""
+    return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _aspp_project_kernel(
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,  # *T the 4 spatial branches [N, CB, H, W] channels-last, identical strides
+    pooled_ptr,  # *T pooled branch [N, CB]: (n, c) at n*stride_pn + c
+    w_ptr,  # *T packed weight [5*CB, C_OUT] row-major: rows i*CB.. for branch i, rows 4*CB.. for the pooled one
+    bias_ptr,  # *fp32 [C_OUT] folded BatchNorm shift; not read unless HAS_BIAS
+    out_ptr,  # *T output [N, C_OUT, H, W] channels-last
+    N, HW, W, CB, C_OUT,  # problem size: HW = H*W pixels per image, CB channels per branch
+    stride_bn, stride_bh, stride_bw,  # branch strides in elements (channel stride is 1)
+    stride_pn,  # pooled row stride in elements (channel stride is 1)
+    stride_on, stride_oh, stride_ow,  # output strides in elements (channel stride is 1)
+    HAS_BIAS: tl.constexpr,  # add bias_ptr[co] to the per-image bias
+    APPLY_RELU: tl.constexpr,  # clamp at zero in the epilogue
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for float32 inputs: "ieee" or "tf32"
+    DOT_IN_FP32: tl.constexpr,  # interpreter only: upcast bf16 operands before tl.dot
+    # Meta-parameters
+    BLOCK_M: tl.constexpr,  # pixels per program (all from one image)
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # branch channels per K step
+    GROUP_M: tl.constexpr,  # M tiles per L2 swizzle group
+):
+    # ---- program -> (image, pixel tile, channel tile), grouped along M for L2 reuse of the weight
+    pid = tl.program_id(0)
+    tiles_img = tl.cdiv(HW, BLOCK_M)
+    num_pid_m = N * tiles_img
+    num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
+    pid_n = (pid % pids_in_group) // group_size_m
+    img = pid_m // tiles_img
+    p = (pid_m % tiles_img) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = p < HW
+    h = p // W
+    w = p % W
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < C_OUT
+    rk = tl.arange(0, BLOCK_K)
+
+    # ---- per-image bias c(n) = W_pool · pooled[n] (+ bias), float32, for this program's channels
+    pooled_row = pooled_ptr + img.to(tl.int64) * stride_pn
+    w_pool = w_ptr + 4 * CB * C_OUT
+    POOL_K: tl.constexpr = 16  # channels per GEMV step: keeps the [POOL_K, BLOCK_N] product small
+    rp = tl.arange(0, POOL_K)
+    img_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, CB, POOL_K):
+        c = c0 + rp
+        c_ok = c < CB
+        pv = tl.load(pooled_row + c, mask=c_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_pool + c[:, None] * C_OUT + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        img_bias += tl.sum(pv[:, None] * wv.to(tl.float32), axis=0)
+    if HAS_BIAS:
+        img_bias += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
+
+    # ---- the four branch GEMMs as one flattened, software-pipelined K loop: branch outer, channels inner
+    img_off = img.to(tl.int64) * stride_bn
+    rows = h * stride_bh + w * stride_bw
+    n_cb = tl.cdiv(CB, BLOCK_K)
+    w_cols = w_ptr + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, 4 * n_cb):
+        br = it // n_cb
+        c = (it - br * n_cb) * BLOCK_K + rk
+        c_ok = c < CB
+        b_ptr = tl.where(br == 0, b0_ptr, tl.where(br == 1, b1_ptr, tl.where(br == 2, b2_ptr, b3_ptr)))
+        a = tl.load(b_ptr + img_off + rows[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols + (br * CB + c)[:, None] * C_OUT, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # ---- fused epilogue: + c(n), ReLU, cast, store
+    acc += img_bias[None, :]
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    out_img = out_ptr + img.to(tl.int64) * stride_on
+    out_rows = h * stride_oh + w * stride_ow
+    tl.store(out_img + out_rows[:, None] + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+_aspp_project_autotuned = triton.autotune(configs=get_autotune_configs(), key=["CB", "C_OUT", "HW"])(
+    _aspp_project_kernel)
+
+
+def pack_aspp_weight(weight: Tensor) -> Tensor:
+    """Pack the projection weight ``[Cout, 5*Cb, 1, 1]`` (or ``[Cout, 5*Cb]``) into ``[5*Cb, Cout]``, contiguous."""
+    check_tensor(weight, "weight")
+    if weight.dim() == 4:
+        if weight.shape[2:] != (1, 1):
+            raise ValueError(f"the ASPP projection is a 1x1 conv; weight has shape {tuple(weight.shape)}")
+        weight = weight.reshape(weight.shape[0], weight.shape[1])
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [Cout, 5*Cb, 1, 1], got shape {tuple(weight.shape)}")
+    if weight.shape[1] % (NUM_BRANCHES + 1):
+        raise ValueError(f"weight has {weight.shape[1]} input channels, not a multiple of "
+                         f"{NUM_BRANCHES + 1} branches")
+    return weight.detach().t().contiguous()
+
+
+def aspp_project(branches: Sequence[Tensor], pooled: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                 relu: bool = True, allow_tf32: bool | None = None, out: Tensor | None = None) -> Tensor:
+    """``relu(conv1x1(cat([*branches, broadcast(pooled)]), weight) + bias)`` without the concatenation.
+
+    Args:
+        branches: the 4 spatial ASPP branch outputs, each ``[N, Cb, H, W]`` (channels-last is the fast
+            path; others are copied to channels-last), all of one dtype (float32 / float16 / bfloat16).
+        pooled: ``[N, Cb]``, the image-pooling branch after its conv + BN + ReLU (before upsampling).
+        weight: ``[Cout, 5*Cb, 1, 1]``, the projection weight with BatchNorm folded, PyTorch layout (the
+            pooled branch's ``Cb`` input channels last), same dtype as the branches.
+        bias: ``[Cout]`` folded BatchNorm shift, or ``None``.
+        relu: apply ReLU in the epilogue.
+        allow_tf32: float32 only, as in :func:`fastdeeplab.kernels.conv_bn_relu`.
+        out: optional preallocated channels-last ``[N, Cout, H, W]`` output.
+    Returns:
+        ``[N, Cout, H, W]`` channels-last in the branches' dtype.
+    """
+    check_tensor(weight, "weight")
+    check_float_dtype(weight, "weight")
+    if len(branches) and isinstance(branches[0], Tensor) and weight.device != branches[0].device:
+        raise ValueError(f"weight is on {weight.device} but the branches are on {branches[0].device}")
+    return aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, relu=relu, allow_tf32=allow_tf32,
+                               out=out)
+
+
+def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weight: Tensor,
+                        bias: Tensor | None = None, *, relu: bool = True, allow_tf32: bool | None = None,
+                        out: Tensor | None = None, config: triton.Config | None = None) -> Tensor:
+    """Like :func:`aspp_project` with the weight packed once by :func:`pack_aspp_weight` (``[5*Cb, Cout]``).
+
+    ``config`` runs that ``triton.Config`` instead of autotuning (tests).
+    """
+    if not isinstance(branches, (list, tuple)) or len(branches) != NUM_BRANCHES:
+        raise ValueError(f"branches must be a list or tuple of {NUM_BRANCHES} tensors "
+                         f"(the 1x1 branch and three atrous branches), got {type(branches).__name__} of "
+                         f"{len(branches) if isinstance(branches, (list, tuple)) else '?'}")
+    for i, b in enumerate(branches):
+        check_tensor(b, f"branches[{i}]")
+    x = branches[0]
+    if x.dim() != 4:
+        raise ValueError(f"branches[0] must be [N, Cb, H, W], got shape {tuple(x.shape)}")
+    check_float_dtype(x, "branches[0]")
+    for i, b in enumerate(branches[1:], start=1):
+        if b.shape != x.shape:
+            raise ValueError(f"branches[{i}] has shape {tuple(b.shape)}, branches[0] has {tuple(x.shape)}")
+        if b.dtype != x.dtype:
+            raise TypeError(f"branches[{i}] has dtype {b.dtype}, branches[0] has {x.dtype}")
+    n, cb, h, w = x.shape
+    check_tensor(pooled, "pooled")
+    if tuple(pooled.shape) != (n, cb):
+        raise ValueError(f"pooled must be [N, Cb] = [{n}, {cb}], got shape {tuple(pooled.shape)}")
+    if pooled.dtype != x.dtype:
+        raise TypeError(f"pooled has dtype {pooled.dtype}, the branches have {x.dtype}")
+    check_tensor(packed_weight, "packed_weight")
+    if packed_weight.dim() != 2 or packed_weight.shape[0] != (NUM_BRANCHES + 1) * cb:
+        raise ValueError(f"packed weight must be [5*Cb, Cout] = [{(NUM_BRANCHES + 1) * cb}, Cout] for Cb={cb}, "
+                         f"got shape {tuple(packed_weight.shape)}")
+    if packed_weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {packed_weight.dtype} does not match the branches' dtype {x.dtype}")
+    cout = packed_weight.shape[1]
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (cout,):
+            raise ValueError(f"bias must be [Cout] = [{cout}], got shape {tuple(bias.shape)}")
+    check_device(x, {**{f"branches[{i}]": b for i, b in enumerate(branches)}, "pooled": pooled,
+                     "weight": packed_weight, "bias": bias, "out": out})
+    if cb < 1 or cout < 1:
+        raise ValueError(f"need at least one channel, got Cb={cb}, Cout={cout}")
+
+    # Same shape + channels-last contiguous => same strides wherever a size is > 1, so b0's strides serve all.
+    branches = [b.contiguous(memory_format=torch.channels_last) for b in branches]
+    pooled = pooled.contiguous()
+    packed_weight = packed_weight.contiguous()
+    out = check_out(out, (n, cout, h, w), x)
+    if max(h * w * cb, h * w * cout, packed_weight.numel()) > INT32_MAX:
+        raise ValueError("one image (or the weight) has more than 2**31-1 elements; offsets are int32")
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    if n == 0 or h * w == 0:
+        return out
+
+    def grid(meta):
+        return (n * triton.cdiv(h * w, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+
+    if config is not None:
+        kernel = _aspp_project_kernel
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        kernel = _aspp_project_autotuned
+        meta = {}
+    b0, b1, b2, b3 = branches
+    kernel[grid](
+        b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out,
+        n, h * w, w, cb, cout,
+        b0.stride(0), b0.stride(2), b0.stride(3),
+        pooled.stride(0),
+        out.stride(0), out.stride(2), out.stride(3),
+        HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
+        INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
+        **meta,
+    )
+    return out
