@@ -1,0 +1,307 @@
+"""Evaluation: mIoU from a confusion matrix, with the paper's multi-scale and left–right flip inference.
+
+>>> import fastdeeplab
+>>> from fastdeeplab.data import VOCSegmentation
+>>> model = fastdeeplab.deeplabv3_resnet50(weights="model_final.pt", output_stride=8)     # doctest: +SKIP
+>>> scores = fastdeeplab.evaluate(model, VOCSegmentation("VOCdevkit", "val"),            # doctest: +SKIP
+...                               scales=PAPER_SCALES, flip=True)
+>>> scores["mIoU"]                                                                         # doctest: +SKIP
+
+Command line: ``fastdeeplab eval --data VOCdevkit --dataset voc --split val --weights W --scales 0.5 0.75 1
+1.25 1.5 1.75 --flip``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .metrics import ConfusionMatrix
+
+__all__ = ["PAPER_SCALES", "build_inference_model", "configure_parser", "evaluate", "logits_of", "run", "segment"]
+
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+"""The input scales of the paper's multi-scale inference (§4.2, Table 6)."""
+
+
+def logits_of(model: nn.Module, images: Tensor) -> Tensor:
+    """``[N, K, h, w]`` logits of ``model(images)``: the ``"out"`` entry of a dict output (torchvision's
+    contract), the first element of a tuple, or the tensor itself (ONNX / TensorRT wrappers)."""
+    out = model(images)
+    if isinstance(out, Mapping):
+        out = out["out"]
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        raise TypeError(f"the model must return [N, K, H, W] logits or {{'out': logits}}, got {type(out).__name__}"
+                        + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
+    return out
+
+
+def segment(model: nn.Module, images: Tensor, *, scales: Sequence[float] = (1.0,), flip: bool = False) -> Tensor:
+    """Class probabilities ``[N, K, H, W]`` (float32) of normalised images ``[N, 3, H, W]``.
+
+    For each scale ``s`` the batch is resized bilinearly to ``round(s * H) × round(s * W)`` (at least the
+    model's output stride), run through the model, and its logits resized back to ``H × W``; with ``flip``
+    the mirrored batch is run too and its output mirrored back. The result is the mean of the softmax
+    probabilities over all ``len(scales) * (1 + flip)`` passes (the paper averages the per-pass outputs;
+    averaging probabilities rather than raw logits keeps each pass on the same footing). Take
+    ``.argmax(1)`` for the class map. Runs without gradients; the caller puts the model in eval mode.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected images [N, 3, H, W], got shape {tuple(images.shape)}")
+    if not scales:
+        raise ValueError("scales must hold at least one scale")
+    h, w = images.shape[-2:]
+    min_side = int(getattr(model, "output_stride", 1))
+    total: Tensor | None = None
+    passes = 0
+    with torch.no_grad():
+        for scale in scales:
+            if scale <= 0:
+                raise ValueError(f"scales must be positive, got {scale}")
+            size = (max(min_side, round(h * scale)), max(min_side, round(w * scale)))
+            x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            for mirrored in (False, True) if flip else (False,):
+                logits = logits_of(model, x.flip(-1) if mirrored else x).float()
+                if mirrored:
+                    logits = logits.flip(-1)
+                if logits.shape[-2:] != (h, w):
+                    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                probs = logits.softmax(1)
+                total = probs if total is None else total + probs
+                passes += 1
+    assert total is not None
+    return total / passes
+
+
+def _collate_lists(batch: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _groups_of_equal_size(images: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    return list(groups.values())
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1.0,), flip: bool = False,
+             batch_size: int = 1, device: str | torch.device | None = None, num_classes: int | None = None,
+             progress: bool = True, ignore_index: int = 255, num_workers: int = 0) -> dict[str, Any]:
+    """Score ``model`` on ``dataset`` (items ``(image [3, H, W] normalised, label [H, W] int64)``).
+
+    Each image is segmented at its own size with :func:`segment` (``scales``, ``flip``), ``argmax`` gives
+    the class map, and one confusion matrix is accumulated over the dataset.
+
+    Batches: images of different sizes are never padded together — zero padding would leak into the
+    image-pooling branch of ASPP and change the predictions. Each batch is split into groups of equal
+    size, so ``batch_size > 1`` speeds up datasets of fixed size (Cityscapes) and gives the same result
+    as ``batch_size=1`` on any dataset.
+
+    Args:
+        model: anything that maps ``[N, 3, H, W]`` to ``{"out": [N, K, H, W]}`` (or the logits tensor),
+            including optimized or exported models. It is run in eval mode and its modes are restored.
+        device: where to run; defaults to the model's device. A plain ``nn.Module`` is moved there.
+        num_classes: ``K``; defaults to the number of channels of the model's output.
+        progress: show a tqdm bar with the running mIoU.
+
+    Returns:
+        ``{"mIoU", "per_class_iou" (NaN for classes absent from truth and prediction), "pixel_accuracy",
+        "mean_accuracy", "confusion" ([K, K] int64, rows = truth), "num_images", "scales", "flip",
+        "seconds"}`` and ``"class_names"`` when the dataset names its classes.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    run_device = torch.device(device) if device is not None else _model_device(model)
+    if device is not None and _model_device(model) != run_device:
+        model.to(run_device)
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    # A private generator: iterating the loader must not consume the global RNG (training resumes exactly).
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_lists, generator=torch.Generator())
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    matrix: ConfusionMatrix | None = None
+    start = time.perf_counter()
+    count = 0
+    try:
+        bar = tqdm(loader, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
+        for images, labels in bar:
+            for group in _groups_of_equal_size(images):
+                x = torch.stack([images[i] for i in group]).to(run_device, dtype, non_blocking=True)
+                probs = segment(model, x, scales=scales, flip=flip)
+                if matrix is None:
+                    k = probs.shape[1] if num_classes is None else int(num_classes)
+                    if k != probs.shape[1]:
+                        raise ValueError(f"num_classes={k} but the model outputs {probs.shape[1]} classes")
+                    matrix = ConfusionMatrix(k, ignore_index)
+                target = torch.stack([labels[i] for i in group]).to(run_device)
+                matrix.update(probs.argmax(1), target)
+                count += len(group)
+            if progress and matrix is not None:
+                bar.set_postfix(mIoU=f"{matrix.compute()['mIoU']:.4f}")
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if matrix is None:
+        raise ValueError("the dataset is empty")
+    scores = matrix.compute()
+    scores.update(num_images=count, scales=[float(s) for s in scales], flip=bool(flip),
+                  seconds=time.perf_counter() - start)
+    names = getattr(dataset, "class_names", None)
+    if names is not None and len(names) == matrix.num_classes:
+        scores["class_names"] = list(names)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a model for inference (shared with ``fastdeeplab predict``)
+# --------------------------------------------------------------------------------------------------
+def _checkpoint_model_config(weights: str | None) -> dict[str, Any]:
+    """The ``"model_config"`` a training run stores next to its weights (``{}`` when absent)."""
+    if weights is None or not Path(weights).is_file():
+        return {}
+    try:
+        obj = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception:  # the builder reports unreadable files with a better message
+        return {}
+    config = obj.get("model_config") if isinstance(obj, Mapping) else None
+    return dict(config) if isinstance(config, Mapping) else {}
+
+
+def build_inference_model(name: str | None = None, *, weights: str | None = None, num_classes: int | None = None,
+                          output_stride: int = 16, multi_grid: Sequence[int] | None = None,
+                          head: str | None = None) -> nn.Module:
+    """Build a registered model in eval mode for evaluation or prediction.
+
+    Checkpoints written by :func:`fastdeeplab.train` carry their ``model_config`` (builder name, classes,
+    multi-grid, head): it fills every argument left as ``None``, so a model trained with multi-grid
+    ``(1, 2, 4)`` is rebuilt with it. ``weights`` may also be a torchvision weights name.
+    """
+    from .hub import get_model
+
+    saved = _checkpoint_model_config(weights)
+    name = name or saved.get("name") or "deeplabv3_resnet50"
+    kwargs: dict[str, Any] = {k: v for k, v in saved.get("kwargs", {}).items()
+                              if k not in ("weights", "weights_backbone", "aux_loss", "output_stride")}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    elif "num_classes" not in kwargs:
+        kwargs["num_classes"] = 21
+    if multi_grid is not None:
+        kwargs["multi_grid"] = tuple(multi_grid)
+    if head is not None:
+        kwargs["head"] = head
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return get_model(name, weights=weights, output_stride=output_stride, **kwargs).eval()
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default_output_stride: int = 16) -> None:
+    from .hub import list_models
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, choices=list_models(),
+                   help="builder name (default: the checkpoint's, else deeplabv3_resnet50)")
+    g.add_argument("--weights", default=None,
+                   help="checkpoint file (e.g. a training run's model_final.pt) or torchvision weights name")
+    g.add_argument("--output-stride", type=int, default=default_output_stride, choices=(8, 16, 32),
+                   help=f"output stride at inference (default {default_output_stride}; the paper evaluates at 8)")
+    g.add_argument("--multi-grid", type=int, nargs="+", default=None, metavar="R",
+                   help="block4 multi-grid rates (default: the checkpoint's, else 1 1 1)")
+    g.add_argument("--head", choices=("torchvision", "paper"), default=None, help="classifier head")
+    g.add_argument("--num-classes", type=int, default=None, help="number of classes (default: dataset's / 21)")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="inference scales, e.g. 0.5 0.75 1 1.25 1.5 1.75 (the paper's); default 1")
+    g.add_argument("--flip", action="store_true", help="also average the left-right mirrored input")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: fastdeeplab eval
+# --------------------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fastdeeplab eval``."""
+    parser.add_argument("--data", required=True, metavar="ROOT", help="dataset root folder")
+    parser.add_argument("--dataset", choices=("voc", "cityscapes"), default="voc")
+    parser.add_argument("--split", default="val")
+    _add_model_arguments(parser, default_output_stride=16)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward; images of different sizes are grouped, never padded")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the scores as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _format_scores(scores: Mapping[str, Any]) -> str:
+    names = scores.get("class_names") or [str(i) for i in range(len(scores["per_class_iou"]))]
+    width = max(len(n) for n in names)
+    lines = [f"  {n:<{width}}  {'absent' if math.isnan(v) else f'{100 * v:6.2f}'}"
+             for n, v in zip(names, scores["per_class_iou"], strict=True)]
+    lines.append(f"mIoU {100 * scores['mIoU']:.2f}  pixel accuracy {100 * scores['pixel_accuracy']:.2f}  "
+                 f"({scores['num_images']} images, scales {scores['scales']}, flip {scores['flip']}, "
+                 f"{scores['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._io import atomic_path
+    from .data import build_dataset
+
+    dataset = build_dataset(args.dataset, args.data, args.split)
+    if args.weights is None:
+        print("fastdeeplab eval: warning: no --weights given, the model is randomly initialised", file=sys.stderr)
+    model = build_inference_model(args.model, weights=args.weights,
+                                  num_classes=args.num_classes or getattr(dataset, "num_classes", None),
+                                  output_stride=args.output_stride, multi_grid=args.multi_grid, head=args.head)
+    scores = evaluate(model, dataset, scales=args.scales, flip=args.flip, batch_size=args.batch_size,
+                      device=_device(args.device), progress=not args.no_progress, num_workers=args.workers)
+    print(_format_scores(scores))
+    if args.json:
+        payload = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in scores.items()}
+        payload.update(dataset=args.dataset, split=args.split, weights=args.weights,
+                       output_stride=args.output_stride)
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``fastdeeplab.evaluate`` names both this module and its function: importing the submodule (which
+    ``fastdeeplab.predict`` and ``fastdeeplab.train`` do) rebinds the package attribute to the module, so the
+    module forwards calls to :func:`evaluate` and ``fastdeeplab.evaluate(model, dataset)`` always works."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    raise SystemExit(main(["eval", *sys.argv[1:]]))
