@@ -1,0 +1,97 @@
+"""pytest plumbing of the benchmark suite: options, the shared session state, and the outputs.
+
+``pytest bench/ [--quick] [--resolution 513] [--impl onnxruntime,openvino] ...`` (or ``fastdeeplab bench``);
+the options are declared once, in :data:`fastdeeplab.bench_cli.OPTIONS`. At the end of the session the
+summary table is printed and ``bench/results/latest.json`` (+ a timestamped copy) and
+``bench/results/latest.png`` are written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastdeeplab.bench_cli import OPTIONS
+
+from ._report import add_speedups, format_kernel_table, format_table, write_json, write_plot
+from ._session import BenchConfig, BenchSession
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fastdeeplab-bench", "fastdeeplab benchmark suite (see fastdeeplab/bench_cli.py)")
+    for flag, kwargs in OPTIONS:
+        group.addoption(flag, **kwargs)
+
+
+_SESSION = pytest.StashKey[BenchSession]()
+_WRITTEN = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    cfg = BenchConfig.from_pytest(config)
+    workdir = Path(tempfile.mkdtemp(prefix="fastdeeplab-bench-"))
+    config.stash[_SESSION] = BenchSession(cfg, workdir)
+    config.stash[_WRITTEN] = []
+    default_columns = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]
+    if getattr(config.option, "benchmark_columns", None) == default_columns:
+        config.option.benchmark_columns = ["median", "iqr", "min", "max", "rounds"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if {"impl", "output_stride"} <= set(metafunc.fixturenames):
+        cfg = metafunc.config.stash[_SESSION].cfg
+        grid = [(os_, impl) for os_ in cfg.output_strides for impl in cfg.impls]
+        metafunc.parametrize("output_stride,impl", grid, ids=[f"os{o}-{i}" for o, i in grid])
+
+
+@pytest.fixture(scope="session")
+def bench(request: pytest.FixtureRequest) -> BenchSession:
+    """The shared benchmark session (options, weights, references, ground truth, result rows)."""
+    return request.config.stash[_SESSION]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):  # pytest-xdist worker: the controller reports
+        return
+    state = session.config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    shutil.rmtree(state.workdir, ignore_errors=True)
+    if not state.rows and not state.kernel_rows:
+        return
+    add_speedups(state.rows)
+    meta = state.metadata(session.config)
+    payload = {**meta, "rows": state.rows, "kernels": state.kernel_rows}
+    stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+    written = session.config.stash[_WRITTEN]
+    try:
+        written += [str(p) for p in write_json(state.cfg.results_dir, payload, stamp)]
+        plot = write_plot(state.cfg.results_dir / "latest.png", meta, state.rows)
+        if plot is not None:
+            written.append(str(plot))
+    except OSError as exc:
+        written.append(f"(could not write results: {exc})")
+    state.meta = meta  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_SESSION, None)
+    if state is None or (not state.rows and not state.kernel_rows):
+        return
+    meta = getattr(state, "meta", None) or state.metadata(config)
+    tr = terminalreporter
+    if state.rows:
+        tr.write_sep("=", "fastdeeplab bench: latency and accuracy")
+        for line in format_table(meta, state.rows).splitlines():
+            tr.write_line(line)
+    if state.kernel_rows:
+        tr.write_sep("=", "fastdeeplab bench: kernels")
+        for line in format_kernel_table(state.kernel_rows).splitlines():
+            tr.write_line(line)
+    for path in config.stash[_WRITTEN]:
+        tr.write_line(f"wrote {path}")
