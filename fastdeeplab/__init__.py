@@ -25,12 +25,12 @@ from .hub import (
     load_checkpoint,
 )
 from .model import DeepLabV3, atrous_plan
+from .optimize import optimize  # a function named like its module: bound eagerly so it always wins
 
 __version__ = "0.1.0"
 
 # Public names that live in modules with optional or heavy dependencies, imported on first use.
 _LAZY = {
-    "optimize": "fastdeeplab.optimize",
     "export_onnx": "fastdeeplab.export.onnx",
     "ExportReport": "fastdeeplab.export.onnx",
     "build_tensorrt_engine": "fastdeeplab.export.tensorrt",
@@ -51,6 +51,7 @@ __all__ = [
     "get_model",
     "list_models",
     "load_checkpoint",
+    "optimize",
     *_LAZY,
 ]
 

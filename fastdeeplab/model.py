@@ -153,6 +153,14 @@ class Backbone(nn.ModuleDict):
         self.depth = depth
         self.return_aux = return_aux
 
+    @classmethod
+    def from_modules(cls, layers: dict[str, nn.Module], *, depth: int, return_aux: bool) -> Backbone:
+        """A backbone over existing modules (the fused copies that ``optimize`` builds)."""
+        backbone = cls.__new__(cls)
+        nn.ModuleDict.__init__(backbone, layers)
+        backbone.depth, backbone.return_aux = depth, return_aux
+        return backbone
+
     @property
     def stage_names(self) -> list[str]:
         return [k for k in self.keys() if k.startswith("layer")]
@@ -170,8 +178,9 @@ class Backbone(nn.ModuleDict):
                 unit.conv2.stride = (s, s)
                 unit.conv2.dilation = (dilations[i], dilations[i])
                 unit.conv2.padding = (dilations[i], dilations[i])
-                if unit.downsample is not None:
-                    unit.downsample[0].stride = (s, s)
+                if unit.downsample is not None:  # a Sequential(conv, bn), or a fused conv
+                    ds = unit.downsample
+                    (ds[0] if isinstance(ds, nn.Sequential) else ds).stride = (s, s)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -348,9 +357,11 @@ class DeepLabV3(nn.Module):
         self.set_output_stride(output_stride)
 
     @property
-    def aspp(self) -> ASPP | None:
+    def aspp(self) -> nn.Module | None:
+        """The ASPP module (plain or fused: anything with ``rates``/``set_rates``), or ``None``."""
         head = self.classifier
-        return head[0] if isinstance(head, nn.Sequential) and isinstance(head[0], ASPP) else None
+        first = head[0] if isinstance(head, nn.Sequential) else None
+        return first if hasattr(first, "set_rates") else None
 
     @property
     def plan(self) -> AtrousPlan:

@@ -1,0 +1,283 @@
+"""``fastdeeplab.optimize``: one call that turns a DeepLabv3 into the fastest inference model for its device.
+
+>>> import fastdeeplab, torch
+>>> model = fastdeeplab.deeplabv3_resnet50(num_classes=21).eval()
+>>> fast = fastdeeplab.optimize(model, backend="torch")
+>>> fast(torch.randn(1, 3, 65, 65))["out"].shape
+torch.Size([1, 21, 65, 65])
+
+What it does, in order: converts a torchvision ``DeepLabV3`` (``from_torchvision``), folds every BatchNorm
+into its convolution, swaps each Conv→BN→ReLU chain for a :class:`~fastdeeplab.layers.FusedConvBNReLU`
+(residual adds fused into the epilogue), fuses the ASPP projection (:class:`~fastdeeplab.layers.FusedASPP`),
+converts to channels-last and picks a backend.
+
+Backends (``backend=``):
+
+* ``"triton"`` — the Triton kernels (CUDA).
+* ``"torch"`` — plain PyTorch, anywhere; on CPU it calls oneDNN's fused conv + bias + add + ReLU.
+* ``"onnxruntime"`` — CPU: an ONNX Runtime session built from the project's ONNX export of the fused model
+  (dynamic height, width and batch: built once, rebuilt only when the output stride changes).
+* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU: ``"torch"``.
+  On this project's reference CPU (2 AVX-512 cores, fp32, 513×513) the oneDNN-fused torch path measured
+  faster than ONNX Runtime on the same fused graph at both output strides (``bench/RESULTS.md``), and it
+  needs no optional package.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
+from .model import ASPP, Backbone, DeepLabV3, check_input
+
+__all__ = ["OnnxRuntimeDeepLabV3", "OptimizedDeepLabV3", "optimize", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "triton", "onnxruntime")
+_TRAIN_ERROR = ("this model was built by fastdeeplab.optimize() for inference only: its BatchNorms are folded "
+                "into the convolutions and it has no trainable parameters. Train the original model and "
+                "optimize it again.")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``optimize`` uses for ``backend`` on ``device`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if _triton_available() else "torch"
+        return "torch"
+    if backend == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError("backend='triton' needs a CUDA model (move it with .cuda() first); on CPU use "
+                             "backend='torch' or 'onnxruntime' (Triton runs on CPU only under TRITON_INTERPRET=1)")
+        if not _triton_available():
+            raise ImportError("backend='triton' needs triton: pip install 'fastdeeplab[triton]'")
+    if backend == "onnxruntime" and device.type != "cpu":
+        raise ValueError("backend='onnxruntime' runs on the CPU; move the model with .cpu() first")
+    return backend
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Module swaps
+# --------------------------------------------------------------------------------------------------
+def _fuse_sequence(modules: list[nn.Module], backend: str) -> list[nn.Module]:
+    """Replace each ``Conv2d [→ BatchNorm2d] [→ ReLU]`` run with one fused module; pad with ``Identity`` so
+    indices (and the container's length) stay as they were. Dropout becomes ``Identity`` (eval)."""
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(modules):
+        m = modules[i]
+        if isinstance(m, nn.Conv2d):
+            bn = modules[i + 1] if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d) else None
+            j = i + 1 + (bn is not None)
+            relu = j < len(modules) and isinstance(modules[j], nn.ReLU)
+            out.append(FusedConvBNReLU(m, bn, relu=relu, backend=backend))
+            out.extend(nn.Identity() for _ in range(j + relu - i - 1))
+            i = j + relu
+        elif isinstance(m, ASPP):
+            out.append(FusedASPP(m, backend=backend))
+            i += 1
+        elif isinstance(m, nn.Dropout):
+            out.append(nn.Identity())
+            i += 1
+        elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            raise ValueError(f"a {type(m).__name__} without a convolution before it cannot be folded")
+        else:
+            out.append(m)
+            i += 1
+    return out
+
+
+def _fuse_backbone(backbone: Backbone, backend: str) -> Backbone:
+    stem_names = [n for n in backbone if not n.startswith("layer")]
+    layers = dict(zip(stem_names, _fuse_sequence([backbone[n] for n in stem_names], backend)))
+    for name in backbone.stage_names:
+        layers[name] = nn.Sequential(*(FusedBottleneck(unit, backend=backend) for unit in backbone[name]))
+    return Backbone.from_modules(layers, depth=backbone.depth, return_aux=backbone.return_aux)
+
+
+def _fuse_head(head: nn.Module | None, backend: str) -> nn.Module | None:
+    if head is None:
+        return None
+    if not isinstance(head, nn.Sequential):
+        raise TypeError(f"cannot fuse a head of type {type(head).__name__}; expected an nn.Sequential")
+    return nn.Sequential(*_fuse_sequence(list(head), backend))
+
+
+class OptimizedDeepLabV3(DeepLabV3):
+    """The inference model ``optimize`` returns: same call signature and output dict as :class:`DeepLabV3`,
+    ``set_output_stride`` still works, training raises.
+
+    ``forward(x)`` takes ``[N, 3, H, W]`` in any float dtype and layout; it runs in ``self.dtype`` and
+    channels-last (when enabled) and returns logits in ``x``'s dtype.
+    """
+
+    def __init__(self, model: DeepLabV3, *, backend: str, dtype: torch.dtype, channels_last: bool) -> None:
+        backbone = _fuse_backbone(model.backbone, backend)
+        classifier = _fuse_head(model.classifier, backend)
+        aux = _fuse_head(model.aux_classifier, backend)
+        super().__init__(backbone, classifier, aux, output_stride=model.output_stride,
+                         multi_grid=model.multi_grid, aspp_rates_at_os16=model.aspp_rates_at_os16)
+        self.backend = backend
+        self.channels_last = channels_last
+        nn.Module.train(self, False)
+        self.to(dtype=dtype)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.buffers())).dtype
+
+    def train(self, mode: bool = True) -> OptimizedDeepLabV3:
+        if mode:
+            raise RuntimeError(_TRAIN_ERROR)
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if not torch.jit.is_tracing():
+            check_input(x, self.output_stride)
+        in_dtype = x.dtype
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+            out = super().forward(x)
+        return {k: v.to(in_dtype) for k, v in out.items()}
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, backend={self.backend!r}, dtype={self.dtype}, "
+                f"channels_last={self.channels_last}")
+
+
+class OnnxRuntimeDeepLabV3(nn.Module):
+    """An ONNX Runtime session behind the :class:`DeepLabV3` interface (CPU).
+
+    The session runs the project's ONNX export of the fused model (``fastdeeplab.export.onnx``), with
+    dynamic batch, height and width; it is rebuilt only when ``set_output_stride`` changes the graph.
+    """
+
+    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
+        super().__init__()
+        from .export.onnx import ort_session  # noqa: F401  (fail now, with the extra's name, if missing)
+
+        self.model = fused
+        self.threads = threads
+        self._session: Any = None
+        self._outputs: list[str] = []
+
+    @property
+    def output_stride(self) -> int:
+        return self.model.output_stride
+
+    @property
+    def aux_classifier(self) -> nn.Module | None:
+        return self.model.aux_classifier
+
+    def set_output_stride(self, output_stride: int) -> OnnxRuntimeDeepLabV3:
+        self.model.set_output_stride(output_stride)
+        self._session = None
+        return self
+
+    def train(self, mode: bool = True) -> OnnxRuntimeDeepLabV3:
+        if mode:
+            raise RuntimeError(_TRAIN_ERROR)
+        return super().train(False)
+
+    def session(self, size: tuple[int, int]) -> Any:
+        """The ONNX Runtime session, exported at ``size`` (dynamic axes) the first time it is needed."""
+        if self._session is None:
+            from .export.onnx import onnx_model_proto, ort_session
+
+            outputs = ("out", "aux") if self.model.aux_classifier is not None else ("out",)
+            proto = onnx_model_proto(self.model, input_size=size, dynamic=True, outputs=outputs)
+            self._session = ort_session(proto, threads=self.threads)
+            self._outputs = [o.name for o in self._session.get_outputs()]
+        return self._session
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        check_input(x, self.output_stride)
+        if x.device.type != "cpu":
+            raise ValueError(f"the onnxruntime backend runs on the CPU; got an input on {x.device}")
+        session = self.session(tuple(x.shape[-2:]))
+        feed = {session.get_inputs()[0].name: x.detach().float().contiguous().numpy()}
+        results = session.run(self._outputs, feed)
+        return {name: torch.from_numpy(r).to(x.dtype) for name, r in zip(self._outputs, results)}
+
+    def extra_repr(self) -> str:
+        return f"output_stride={self.output_stride}, backend='onnxruntime', threads={self.threads}"
+
+
+def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None,
+             channels_last: bool = True) -> nn.Module:
+    """Return an eval-only copy of ``model`` that is as fast as this device allows; ``model`` is untouched.
+
+    Args:
+        model: a fastdeeplab :class:`DeepLabV3` or a torchvision ``DeepLabV3`` (ResNet backbone).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"onnxruntime"`` (see the module docstring).
+        dtype: compute dtype; default float32 on CPU, float16 on CUDA with Triton. bfloat16 runs on CPUs
+            with oneDNN support; float16 needs CUDA.
+        channels_last: run in channels-last memory format (the fast layout for every backend here).
+
+    Returns:
+        A module with the same ``forward(x) -> {"out", ["aux"]}`` contract and ``set_output_stride``.
+        Calling ``.train()`` on it raises ``RuntimeError``.
+    """
+    from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as TvDeepLabV3
+
+    from .hub import from_torchvision
+
+    if isinstance(model, (OptimizedDeepLabV3, OnnxRuntimeDeepLabV3)):
+        raise TypeError("this model is already optimized; optimize the original model instead")
+    if isinstance(model, TvDeepLabV3):
+        model = from_torchvision(model)
+    if not isinstance(model, DeepLabV3):
+        raise TypeError(f"optimize() takes a fastdeeplab or torchvision DeepLabV3, got {type(model).__name__}")
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    concrete = resolve_backend(backend, device)
+    if dtype is None:
+        dtype = torch.float16 if (concrete == "triton" and device.type == "cuda") else torch.float32
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    if dtype == torch.float16 and device.type == "cpu" and concrete != "triton":
+        raise ValueError("float16 needs CUDA; on CPU use float32 or bfloat16")
+    if concrete == "onnxruntime" and dtype != torch.float32:
+        raise ValueError("the onnxruntime backend runs float32 here; use backend='torch' for bfloat16")
+    source = copy.deepcopy(model).eval()
+    layer_backend = "triton" if concrete == "triton" else "torch"
+    fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=dtype, channels_last=channels_last)
+    if concrete == "onnxruntime":
+        return OnnxRuntimeDeepLabV3(fused)
+    return fused
+
+
+def fused_module_counts(model: nn.Module) -> Mapping[str, int]:
+    """How many modules of each fused kind ``model`` holds (for reports and tests)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        name = type(m).__name__
+        if name.startswith("Fused") or isinstance(m, (nn.BatchNorm2d, nn.Conv2d)):
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,218 @@
+"""optimize(): the fused inference model equals the original in eval mode, on every backend that runs here."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_model import randomize_bn, rel_err
+from torch import nn
+from torchvision.models.segmentation import deeplabv3_resnet50 as tv_deeplabv3_resnet50
+
+import fastdeeplab
+from fastdeeplab.kernels.reference import conv_bn_relu_module_reference
+from fastdeeplab.layers import FusedASPP, FusedConvBNReLU
+from fastdeeplab.model import ASPP
+from fastdeeplab.optimize import OptimizedDeepLabV3, fused_module_counts
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(fastdeeplab.deeplabv3_resnet50(num_classes=7, aux_loss=True)).eval()
+
+
+@pytest.fixture(scope="module")
+def tv_model():
+    torch.manual_seed(1)
+    return randomize_bn(tv_deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5)).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------
+def random_bn(c: int) -> nn.BatchNorm2d:
+    return randomize_bn(nn.Sequential(nn.BatchNorm2d(c)), seed=c)[0].eval()
+
+
+@pytest.mark.parametrize("k, stride, dilation, residual, relu", [
+    pytest.param(3, 1, 1, False, True, id="k3-s1-d1"),
+    pytest.param(3, 2, 1, False, True, id="k3-s2"),
+    pytest.param(3, 1, 6, False, True, id="k3-d6"),
+    pytest.param(3, 1, 18, False, False, id="k3-d18-norelu"),
+    pytest.param(1, 1, 1, True, True, id="k1-residual-relu"),
+    pytest.param(1, 2, 1, False, False, id="k1-s2-shortcut"),
+])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@torch.no_grad()
+def test_fused_conv_bn_relu_matches_unfused_chain(k, stride, dilation, residual, relu, channels_last):
+    conv = nn.Conv2d(12, 20, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, bias=False)
+    bn = random_bn(20)
+    fused = FusedConvBNReLU(conv, bn, relu=relu)
+    x = torch.randn(2, 12, 23, 19)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = conv_bn_relu_module_reference(x, conv, bn, relu=False)
+    res = torch.randn_like(expected) if residual else None
+    if res is not None:
+        expected = expected + res
+    expected = expected.relu() if relu else expected
+    got = fused(x, residual=res)
+    assert rel_err(got, expected) < 1e-5
+    assert "kernel_size=" in repr(fused) and f"relu={relu}" in repr(fused)
+
+
+@torch.no_grad()
+def test_fused_aspp_matches_aspp():
+    aspp = randomize_bn(ASPP(32, (2, 4, 6), out_channels=16)).eval()
+    fused = FusedASPP(aspp)
+    x = torch.randn(3, 32, 9, 11)
+    assert rel_err(fused(x), aspp(x)) < 1e-5
+    assert fused.rates == (2, 4, 6)
+    fused.set_rates((1, 2, 3))
+    aspp.set_rates((1, 2, 3))
+    assert rel_err(fused(x), aspp(x)) < 1e-5
+    assert "pooled branch as per-image bias" in repr(fused)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimize(): torch backend
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("os_", [16, 8])
+@torch.no_grad()
+def test_torch_backend_equals_original(model, os_):
+    model.set_output_stride(os_)
+    fast = fastdeeplab.optimize(model, backend="torch")
+    assert isinstance(fast, OptimizedDeepLabV3) and fast.output_stride == os_
+    counts = fused_module_counts(fast)
+    assert "BatchNorm2d" not in counts and "Conv2d" not in counts, counts
+    assert counts["FusedASPP"] == 1 and counts["FusedBottleneck"] == 16
+    x = torch.randn(2, 3, 97, 83)
+    expected, got = model(x), fast(x)
+    assert set(got) == {"out", "aux"}
+    for key in expected:
+        assert got[key].shape == expected[key].shape and got[key].dtype == torch.float32
+        assert rel_err(got[key], expected[key]) < 1e-4, key
+
+
+@torch.no_grad()
+def test_torchvision_model_is_accepted_and_equal(tv_model):
+    fast = fastdeeplab.optimize(tv_model, backend="torch")
+    x = torch.randn(1, 3, 65, 65)
+    assert rel_err(fast(x)["out"], tv_model(x)["out"]) < 1e-4
+
+
+@torch.no_grad()
+def test_set_output_stride_on_the_optimized_model(model):
+    model.set_output_stride(8)
+    fast = fastdeeplab.optimize(model, backend="torch")
+    x = torch.randn(1, 3, 65, 65)
+    fast.set_output_stride(16)
+    model.set_output_stride(16)
+    assert fast.aspp.rates == (6, 12, 18)
+    assert rel_err(fast(x)["out"], model(x)["out"]) < 1e-4
+    model.set_output_stride(8)
+
+
+def test_optimized_model_refuses_training(model):
+    fast = fastdeeplab.optimize(model, backend="torch")
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+    assert not fast.training and fast.eval() is fast
+    assert not any(True for _ in fast.parameters()), "optimized models have no trainable parameters"
+    with pytest.raises(TypeError, match="already optimized"):
+        fastdeeplab.optimize(fast)
+
+
+def test_optimize_leaves_the_original_untouched(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fastdeeplab.optimize(model, backend="torch")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@torch.no_grad()
+def test_bfloat16_on_cpu_runs_close(model):
+    fast = fastdeeplab.optimize(model, backend="torch", dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 65, 65)
+    got, expected = fast(x)["out"], model(x)["out"]
+    assert got.dtype == torch.float32  # returned in the input's dtype
+    assert rel_err(got, expected) < 0.1
+
+
+@torch.no_grad()
+def test_channels_first_option(model):
+    fast = fastdeeplab.optimize(model, backend="torch", channels_last=False)
+    x = torch.randn(1, 3, 33, 47)
+    assert rel_err(fast(x)["out"], model(x)["out"]) < 1e-4
+
+
+def test_optimize_errors(model, monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastdeeplab.optimize(model, backend="tpu")
+    with pytest.raises(TypeError, match="DeepLabV3"):
+        fastdeeplab.optimize(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="float16 needs CUDA"):
+        fastdeeplab.optimize(model, backend="torch", dtype=torch.float16)
+    with pytest.raises(TypeError, match="floating-point"):
+        fastdeeplab.optimize(model, backend="torch", dtype=torch.int8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        fastdeeplab.optimize(model, backend="triton")
+    fast = fastdeeplab.optimize(model, backend="torch")
+    with pytest.raises(ValueError, match="3 input channels"):
+        fast(torch.randn(1, 1, 33, 33))
+
+
+def test_auto_backend_on_cpu(model):
+    from fastdeeplab.optimize import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert fastdeeplab.optimize(model).backend == "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# optimize(): onnxruntime and triton backends
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed: pip install 'fastdeeplab[onnx]'")
+@pytest.mark.parametrize("source", ["fastdeeplab", "torchvision"])
+@torch.no_grad()
+def test_onnxruntime_backend_equals_original(model, tv_model, source):
+    original = model if source == "fastdeeplab" else fastdeeplab.from_torchvision(tv_model)
+    original.set_output_stride(16)
+    fast = fastdeeplab.optimize(original if source == "fastdeeplab" else tv_model, backend="onnxruntime")
+    fast.set_output_stride(16)
+    for size in [(65, 65), (49, 81)]:  # a second size runs through the same session (dynamic axes)
+        x = torch.randn(2, 3, *size)
+        expected, got = original(x), fast(x)
+        assert set(got) == set(expected)
+        for key in expected:
+            assert rel_err(got[key], expected[key]) < 1e-4, (key, size)
+    session = fast._session
+    fast.set_output_stride(8)
+    original.set_output_stride(8)
+    x = torch.randn(1, 3, 65, 65)
+    assert rel_err(fast(x)["out"], original(x)["out"]) < 1e-4
+    assert fast._session is not session, "the session is rebuilt when the output stride changes"
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed: pip install 'fastdeeplab[triton]'")
+@pytest.mark.parametrize("os_", [16, 8])
+@torch.no_grad()
+def test_triton_backend_equals_original(model, os_):
+    """Under TRITON_INTERPRET=1 on CPU (tiny input: the interpreter is slow), or on CUDA when present."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    original = model.to(device).set_output_stride(os_)
+    fast = fastdeeplab.optimize(original, backend="triton", dtype=torch.float32)
+    assert fast.backend == "triton"
+    x = torch.randn(1, 3, 17, 19, device=device)
+    expected, got = original(x), fast(x)
+    for key in expected:
+        assert rel_err(got[key], expected[key]) < 1e-4, key
+    model.cpu()
