@@ -39,7 +39,21 @@ _TRITON = {
     "pack_aspp_weight": "aspp",
 }
 
-__all__ = sorted([*_REFERENCE, *_TRITON, "triton_available"])
+__all__ = [
+    "TapCounts",
+    "aspp_project",
+    "aspp_project_packed",
+    "aspp_project_reference",
+    "conv_bn_relu",
+    "conv_bn_relu_module_reference",
+    "conv_bn_relu_packed",
+    "conv_bn_relu_reference",
+    "fold_bn",
+    "pack_aspp_weight",
+    "pack_weight",
+    "triton_available",
+]
+assert set(__all__) == {*_REFERENCE, *_TRITON, "triton_available"}
 
 
 def _missing_triton(name: str) -> Any:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 __all__ = ["ARCHS", "DTYPES", "KERNELS", "CompileJob", "compile_report", "compile_reports", "format_table",
-           "ptxas_path"]
+           "ptxas_path", "ptxas_version"]
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32-tf32")
@@ -85,6 +85,7 @@ class CompileJob:
     config: int  # index into the kernel module's get_autotune_configs(for_interpreter=False)
     arch: int  # 80 or 90
     dtype: str = "fp16"  # one of DTYPES
+    custom: dict | None = None  # instead of ``config``: meta-parameters plus num_warps / num_stages
 
 
 def ptxas_path() -> str | None:
@@ -102,6 +103,16 @@ def ptxas_path() -> str | None:
 def _configs(spec: KernelSpec) -> list:
     mod = importlib.import_module(f"fastdeeplab.kernels.{spec.module}")
     return mod.get_autotune_configs(for_interpreter=False)
+
+
+def ptxas_version() -> str:
+    """``ptxas --version``'s release string, e.g. ``"V12.9.86"`` (``"unknown"`` when it cannot be run)."""
+    path = ptxas_path()
+    if path is None:
+        return "unknown"
+    res = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    match = re.search(r"V\d+\.\d+\.\d+", res.stdout)
+    return match.group(0) if match else "unknown"
 
 
 def _config_label(cfg) -> str:
@@ -131,7 +142,13 @@ def _compile_in_process(job: CompileJob) -> dict:
     from triton.runtime.jit import JITFunction
 
     spec = KERNELS[job.kernel]
-    cfg = _configs(spec)[job.config]
+    if job.custom is not None:
+        import triton
+
+        meta = dict(job.custom)
+        cfg = triton.Config(meta, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))
+    else:
+        cfg = _configs(spec)[job.config]
     row = {**asdict(job), "config_label": _config_label(cfg), "ok": False, "error": None, "registers": None,
            "spill_stores": None, "spill_loads": None, "stack_bytes": None, "smem_bytes": None,
            "smem_limit": SMEM_LIMIT[job.arch], "tensor_cores": "none"}
@@ -283,8 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import triton
 
         if args.markdown:
-            print(f"`python -m fastdeeplab.kernels.aot --markdown` — triton {triton.__version__}, "
-                  f"ptxas from triton's NVIDIA backend, {datetime.date.today().isoformat()}\n")
+            print(f"`python -m fastdeeplab.kernels.aot --markdown` — triton {triton.__version__}, ptxas "
+                  f"{ptxas_version()} (bundled with triton), no GPU needed, {datetime.date.today().isoformat()}\n")
         print(format_table(rows, markdown=args.markdown))
         bad = [r for r in rows if not r["ok"]]
         print(f"\n{len(rows) - len(bad)}/{len(rows)} builds compile with 0 spills, fit in shared memory and "

@@ -257,7 +257,12 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, strid
             ``None`` follows ``torch.backends.cudnn.allow_tf32`` like ``F.conv2d``.
         out: optional preallocated channels-last ``[N, Cout, OH, OW]`` output in ``x``'s dtype.
     Returns:
-        ``[N, Cout, OH, OW]`` channels-last, in ``x``'s dtype; accumulation is float32.
+        ``[N, Cout, OH, OW]`` channels-last, in ``x``'s dtype; accumulation is float32. Inference only: the
+        result carries no autograd history.
+    Raises:
+        TypeError: non-tensor arguments, dtypes other than float32/float16/bfloat16, mismatched dtypes.
+        ValueError: wrong ranks or shapes, groups != 1, even kernel sizes, bad stride/padding/dilation, an
+            empty output, tensors on different devices, CPU tensors without ``TRITON_INTERPRET=1``.
     """
     check_tensor(x, "x")
     check_tensor(weight, "weight")
@@ -273,8 +278,9 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, strid
     check_float_dtype(x, "x")
     check_float_dtype(weight, "weight")
     check_device(x, {"weight": weight})
-    return conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=(weight.shape[2], weight.shape[3]), stride=stride,
-                               padding=padding, dilation=dilation, relu=relu, allow_tf32=allow_tf32, out=out)
+    return conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=(weight.shape[2], weight.shape[3]),
+                               stride=stride, padding=padding, dilation=dilation, relu=relu, allow_tf32=allow_tf32,
+                               out=out)
 
 
 def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = None, *,
