@@ -1,0 +1,395 @@
+"""Will TensorRT's ONNX parser take this graph? A check of every node against TensorRT's op list.
+
+The list ships with the package (``tensorrt_onnx_ops.tsv``: op, supported ``Y``/``N``, data types,
+restriction), a conservative baseline taken from onnx-tensorrt's ``docs/operators.md`` (TensorRT 8.5,
+opsets up to 17): newer TensorRT releases accept at least these. Each node is checked for
+
+* an op in the default ONNX domain that the list has and does not mark ``N`` (``QLinearConv``,
+  ``ConvInteger``, ``DynamicQuantizeLinear`` … are ``N``: quantize in QDQ format instead);
+* a data type the list allows for that op (INT64 and DOUBLE count as INT32 and FP32: TensorRT casts them
+  down);
+* the restrictions that are cheap to check from the graph alone: inputs that must be initializers or
+  constants (``Conv``'s ``W``, ``Slice``/``Squeeze``'s ``axes``, ``TopK``'s ``K`` …; a
+  ``DequantizeLinear`` of a constant counts as a constant, so QDQ graphs pass), zero points that must be
+  zero, 2-D/3-D-only convolutions and pools, ``Resize`` modes and coordinate transformation modes,
+  ``MaxPool`` indices, ``Einsum`` ellipses, input ranks.
+
+Restrictions that need more than the graph (``If`` branch shapes …) are listed as unchecked, not passed.
+
+>>> import onnx                                                      # doctest: +SKIP
+>>> result = check_tensorrt(onnx.load("deeplabv3.onnx"))             # doctest: +SKIP
+>>> result.raise_if_failed()                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "MIN_OPSET",
+    "OpSupport",
+    "TensorRTCheck",
+    "TensorRTCompatibilityError",
+    "TensorRTIssue",
+    "check_tensorrt",
+    "load_op_table",
+]
+
+MIN_OPSET = 13
+_TABLE_FILE = "tensorrt_onnx_ops.tsv"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Which input carries the data whose type the list restricts (default: input 0).
+_DATA_INPUT = {"Where": 1}
+# Ops through which a constant stays a constant for TensorRT (QDQ weights: DequantizeLinear(initializer)).
+_CONSTANT_PASS_THROUGH = ("DequantizeLinear", "Identity")
+_SPATIAL_OPS_KERNEL_FROM_WEIGHT = ("Conv", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class OpSupport:
+    """One row of the op list: ``types`` uses TensorRT's names (``FP32``, ``FP16``, ``INT32``, ``INT8``,
+    ``BOOL``); an empty set means "not restricted by the list"."""
+
+    op: str
+    supported: bool
+    types: frozenset[str]
+    restriction: str
+
+
+@dataclass(frozen=True)
+class TensorRTIssue:
+    """A node TensorRT's parser would reject: ``index`` is its position in the graph (``-1`` for the model)."""
+
+    node: str
+    op_type: str
+    index: int
+    message: str
+
+    def __str__(self) -> str:
+        if self.index < 0:
+            return f"model: {self.message}"
+        return f"node {self.index} {self.node!r} ({self.op_type}): {self.message}"
+
+
+class TensorRTCompatibilityError(ValueError):
+    """Raised by :meth:`TensorRTCheck.raise_if_failed`; ``issues`` lists every offending node."""
+
+    def __init__(self, issues: list[TensorRTIssue]) -> None:
+        self.issues = list(issues)
+        shown = "\n  ".join(str(i) for i in self.issues[:20])
+        more = f"\n  ... ({len(self.issues)} issues in all)" if len(self.issues) > 20 else ""
+        super().__init__(f"{len(self.issues)} node(s) TensorRT's ONNX parser does not support:\n  {shown}{more}")
+
+
+@dataclass
+class TensorRTCheck:
+    """What :func:`check_tensorrt` found: ``issues`` (fatal) and ``unchecked`` restrictions (informative)."""
+
+    issues: list[TensorRTIssue] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    nodes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+    def raise_if_failed(self) -> None:
+        if self.issues:
+            raise TensorRTCompatibilityError(self.issues)
+
+    def __str__(self) -> str:
+        head = f"{self.nodes} nodes checked against TensorRT's op list: "
+        head += "all supported" if self.ok else f"{len(self.issues)} issue(s)"
+        lines = [head] + [f"  {i}" for i in self.issues] + [f"  unchecked: {u}" for u in self.unchecked]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The op list
+# --------------------------------------------------------------------------------------------------
+def load_op_table(path: str | os.PathLike | None = None) -> dict[str, OpSupport]:
+    """Read the op list (the packaged one by default) into ``{op: OpSupport}``.
+
+    A malformed row raises a ``ValueError`` naming the file and the line.
+    """
+    if path is None:
+        return dict(_packaged_table())
+    return _parse_table(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_table() -> Mapping[str, OpSupport]:
+    text = resources.files("fastdeeplab.export").joinpath(_TABLE_FILE).read_text(encoding="utf-8")
+    return _parse_table(text, _TABLE_FILE)
+
+
+def _parse_table(text: str, source: str) -> dict[str, OpSupport]:
+    table: dict[str, OpSupport] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        if cols[0] == "op":  # header
+            continue
+        if len(cols) < 2 or cols[1] not in ("Y", "N"):
+            raise ValueError(f"{source}:{lineno}: expected 'op<TAB>Y|N<TAB>types<TAB>restriction', got {line!r}")
+        types = frozenset(t.strip() for t in (cols[2] if len(cols) > 2 else "").split(",") if t.strip())
+        restriction = cols[3].strip() if len(cols) > 3 else ""
+        table[cols[0]] = OpSupport(cols[0], cols[1] == "Y", types, restriction)
+    if not table:
+        raise ValueError(f"{source}: no ops listed")
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------------------
+def _trt_type_name(elem_type: int) -> str:
+    from onnx import TensorProto
+
+    names = {
+        TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.INT8: "INT8",
+        TensorProto.INT32: "INT32", TensorProto.BOOL: "BOOL",
+        TensorProto.INT64: "INT32", TensorProto.DOUBLE: "FP32",  # cast down by the parser
+    }
+    return names.get(elem_type, TensorProto.DataType.Name(elem_type))
+
+
+class _Graph:
+    """Lookups over one (sub)graph: constants, producers, tensor types and ranks."""
+
+    def __init__(self, graph: onnx.GraphProto, types: Mapping[str, tuple[int, int | None]],
+                 outer_constants: frozenset[str] = frozenset()) -> None:
+        from onnx import numpy_helper
+
+        inputs = {i.name for i in graph.input}
+        self.initializers = {t.name: t for t in graph.initializer if t.name not in inputs}
+        self.producers = {out: node for node in graph.node for out in node.output if out}
+        self.types = types
+        self._numpy = numpy_helper.to_array
+        self._outer = outer_constants
+
+    def is_constant(self, name: str, _depth: int = 0) -> bool:
+        if name in self.initializers or name in self._outer:
+            return True
+        node = self.producers.get(name)
+        if node is None or _depth > 8:
+            return False
+        if node.op_type == "Constant":
+            return True
+        if node.op_type in _CONSTANT_PASS_THROUGH:
+            return all(self.is_constant(i, _depth + 1) for i in node.input if i)
+        return False
+
+    def constant_value(self, name: str):  # -> numpy array or None
+        if name in self.initializers:
+            return self._numpy(self.initializers[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return self._numpy(attr.t)
+        return None
+
+    def rank(self, name: str) -> int | None:
+        if name in self.initializers:
+            return len(self.initializers[name].dims)
+        return self.types.get(name, (0, None))[1]
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
+    """``{tensor name: (elem_type, rank or None)}`` from shape inference (best effort)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # a graph shape inference chokes on is still checked op by op
+        inferred = model
+    found: dict[str, tuple[int, int | None]] = {}
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                found[vi.name] = (tt.elem_type, len(tt.shape.dim) if tt.HasField("shape") else None)
+        for t in graph.initializer:
+            found[t.name] = (t.data_type, len(t.dims))
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    collect(sub)
+
+    collect(inferred.graph)
+    return found
+
+
+_CONST_RE = re.compile(r"(\w+(?: and \w+)*) must be (?:an initializer|initializers|a constant tensor)")
+_ZERO_RE = re.compile(r"(\w+) must be (?:zero|0)\b")
+_SPATIAL_RE = re.compile(r"(\d)D or (\d)D only")
+_RANK_RE = re.compile(r"rank (\d+) to (\d+)")
+_COORD_RE = re.compile(r"coordinate modes ([\w, ]+)")
+_MODES_RE = re.compile(r"(?:^|; )modes ([\w, ]+)")
+
+
+def _input_index(op: str, formal: str, opset: int) -> int | None:
+    import onnx
+
+    try:
+        schema = onnx.defs.get_schema(op, opset)
+    except onnx.defs.SchemaError:
+        return None
+    names = [i.name for i in schema.inputs]
+    return names.index(formal) if formal in names else None
+
+
+def _restriction_issues(node: onnx.NodeProto, support: OpSupport, g: _Graph, opset: int) -> Iterator[str]:
+    """Yield a message per broken restriction; ``"?"``-prefixed messages are restrictions not checked."""
+    import onnx
+
+    text = support.restriction
+    if not text:
+        return
+    understood = False
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    for match in _CONST_RE.finditer(text):
+        understood = True
+        for formal in match.group(1).split(" and "):
+            index = _input_index(node.op_type, formal, opset)
+            if index is None or index >= len(node.input) or not node.input[index]:
+                continue
+            if not g.is_constant(node.input[index]):
+                yield (f"input {formal} ({node.input[index]!r}) must be an initializer or constant, "
+                       f"but it is computed in the graph")
+    for match in _ZERO_RE.finditer(text):
+        understood = True
+        formal = match.group(1)
+        index = _input_index(node.op_type, formal, opset)
+        if index is None or index >= len(node.input) or not node.input[index]:
+            continue
+        value = g.constant_value(node.input[index])
+        if value is None:
+            yield f"input {formal} ({node.input[index]!r}) must be a constant zero, but it is not a constant"
+        elif value.any():
+            yield f"input {formal} must be zero (symmetric quantization), got {value.ravel()[:4].tolist()}"
+    match = _SPATIAL_RE.search(text)
+    if match:
+        understood = True
+        allowed = {int(match.group(1)), int(match.group(2))}
+        if node.op_type in _SPATIAL_OPS_KERNEL_FROM_WEIGHT and len(node.input) > 1:
+            rank = g.rank(node.input[1])
+            spatial = None if rank is None else rank - 2
+        else:
+            kernel = attrs.get("kernel_shape")
+            spatial = None if kernel is None else len(kernel)
+        if spatial is not None and spatial not in allowed:
+            yield f"{spatial}-D {node.op_type} is not supported (only {' or '.join(map(str, sorted(allowed)))}-D)"
+    if "Indices output unsupported" in text:
+        understood = True
+        if len(node.output) > 1 and node.output[1]:
+            yield "the Indices output is not supported"
+    match = _RANK_RE.search(text)
+    if match:
+        understood = True
+        lo, hi = int(match.group(1)), int(match.group(2))
+        rank = g.rank(node.input[0]) if node.input else None
+        if rank is not None and not lo <= rank <= hi:
+            yield f"input rank {rank} is outside {lo} to {hi}"
+    if "no ellipsis" in text:
+        understood = True
+        if "..." in str(attrs.get("equation", b""), "utf-8"):
+            yield "an ellipsis in the equation is not supported"
+    match = _COORD_RE.search(text)
+    if match:
+        understood = True
+        allowed_coords = {m.strip() for m in match.group(1).split(",")}
+        coord = attrs.get("coordinate_transformation_mode", b"half_pixel")
+        coord = coord.decode() if isinstance(coord, bytes) else str(coord)
+        if coord not in allowed_coords:
+            yield (f"coordinate_transformation_mode {coord!r} is not supported "
+                   f"(allowed: {', '.join(sorted(allowed_coords))})")
+    match = _MODES_RE.search(text)
+    if match:
+        understood = True
+        allowed_modes = {m.strip() for m in match.group(1).split(",")}
+        mode = attrs.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode not in allowed_modes:
+            yield f"mode {mode!r} is not supported (allowed: {', '.join(sorted(allowed_modes))})"
+    if not understood:
+        yield f"?{node.op_type}: {text}"
+
+
+def _check_graph(graph: onnx.GraphProto, table: Mapping[str, OpSupport], types: Mapping[str, tuple[int, int | None]],
+                 opset: int, result: TensorRTCheck, prefix: str = "",
+                 outer: frozenset[str] = frozenset()) -> None:
+    g = _Graph(graph, types, outer)
+    unchecked = set(result.unchecked)
+    for index, node in enumerate(graph.node):
+        result.nodes += 1
+        name = prefix + (node.name or f"{node.op_type}_{index}")
+
+        def issue(message: str, node: onnx.NodeProto = node, index: int = index, name: str = name) -> None:
+            result.issues.append(TensorRTIssue(name, node.op_type, index, message))
+
+        if node.domain not in _DEFAULT_DOMAINS:
+            issue(f"custom domain {node.domain!r}: TensorRT needs a plugin for it")
+            continue
+        support = table.get(node.op_type)
+        if support is None:
+            issue("op is not in TensorRT's ONNX op list")
+            continue
+        if not support.supported:
+            note = f" ({support.restriction})" if support.restriction else ""
+            hint = " Quantize in QDQ format (QuantizeLinear/DequantizeLinear) instead." if "Integer" in node.op_type \
+                or node.op_type.startswith(("QLinear", "DynamicQuantize")) else ""
+            issue(f"op is marked unsupported (N) in TensorRT's ONNX op list{note}.{hint}")
+            continue
+        data_index = _DATA_INPUT.get(node.op_type, 0)
+        if support.types and data_index < len(node.input) and node.input[data_index] in types:
+            type_name = _trt_type_name(types[node.input[data_index]][0])
+            if type_name not in support.types:
+                issue(f"input type {type_name} is not supported (allowed: {', '.join(sorted(support.types))})")
+        for message in _restriction_issues(node, support, g, opset):
+            if message.startswith("?"):
+                unchecked.add(message[1:])
+            else:
+                issue(message)
+        for attr in node.attribute:  # If/Loop/Scan bodies
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_graph(sub, table, types, opset, result, prefix=f"{name}/{attr.name}/",
+                             outer=frozenset(g.initializers) | outer)
+    result.unchecked = sorted(unchecked)
+
+
+def check_tensorrt(model: onnx.ModelProto | str | os.PathLike, *, table: Mapping[str, OpSupport] | None = None,
+                   min_opset: int = MIN_OPSET) -> TensorRTCheck:
+    """Check every node of ``model`` (a ``ModelProto`` or a path) against TensorRT's op list.
+
+    Returns a :class:`TensorRTCheck`; call ``.raise_if_failed()`` to turn issues into a
+    :class:`TensorRTCompatibilityError` that names each node.
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    table = _packaged_table() if table is None else table
+    result = TensorRTCheck()
+    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
+    if opset < min_opset:
+        result.issues.append(TensorRTIssue("", "", -1, f"opset {opset} is below {min_opset}"))
+    for fn in model.functions:
+        result.issues.append(TensorRTIssue(fn.name, fn.name, -1,
+                                           f"model-local function {fn.domain}::{fn.name} (inline it before export)"))
+    _check_graph(model.graph, table, _tensor_types(model), opset, result)
+    return result
