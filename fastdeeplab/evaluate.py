@@ -192,12 +192,13 @@ def _checkpoint_model_config(weights: str | None) -> dict[str, Any]:
 
 def build_inference_model(name: str | None = None, *, weights: str | None = None, num_classes: int | None = None,
                           output_stride: int = 16, multi_grid: Sequence[int] | None = None,
-                          head: str | None = None) -> nn.Module:
+                          head: str | None = None, default_num_classes: int = 21) -> nn.Module:
     """Build a registered model in eval mode for evaluation or prediction.
 
     Checkpoints written by :func:`fastdeeplab.train` carry their ``model_config`` (builder name, classes,
     multi-grid, head): it fills every argument left as ``None``, so a model trained with multi-grid
-    ``(1, 2, 4)`` is rebuilt with it. ``weights`` may also be a torchvision weights name.
+    ``(1, 2, 4)`` is rebuilt with it; ``default_num_classes`` applies when neither the arguments nor the
+    checkpoint say. ``weights`` may also be a torchvision weights name.
     """
     from .hub import get_model
 
@@ -208,7 +209,7 @@ def build_inference_model(name: str | None = None, *, weights: str | None = None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     elif "num_classes" not in kwargs:
-        kwargs["num_classes"] = 21
+        kwargs["num_classes"] = default_num_classes
     if multi_grid is not None:
         kwargs["multi_grid"] = tuple(multi_grid)
     if head is not None:
@@ -230,7 +231,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_output_stride:
     g.add_argument("--multi-grid", type=int, nargs="+", default=None, metavar="R",
                    help="block4 multi-grid rates (default: the checkpoint's, else 1 1 1)")
     g.add_argument("--head", choices=("torchvision", "paper"), default=None, help="classifier head")
-    g.add_argument("--num-classes", type=int, default=None, help="number of classes (default: dataset's / 21)")
+    g.add_argument("--num-classes", type=int, default=None, help="number of classes (default: the checkpoint's, else the dataset's / 21)")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="inference scales, e.g. 0.5 0.75 1 1.25 1.5 1.75 (the paper's); default 1")
     g.add_argument("--flip", action="store_true", help="also average the left-right mirrored input")
@@ -275,9 +276,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_dataset(args.dataset, args.data, args.split)
     if args.weights is None:
         print("fastdeeplab eval: warning: no --weights given, the model is randomly initialised", file=sys.stderr)
-    model = build_inference_model(args.model, weights=args.weights,
-                                  num_classes=args.num_classes or getattr(dataset, "num_classes", None),
-                                  output_stride=args.output_stride, multi_grid=args.multi_grid, head=args.head)
+    model = build_inference_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                                  output_stride=args.output_stride, multi_grid=args.multi_grid, head=args.head,
+                                  default_num_classes=getattr(dataset, "num_classes", 21))
     scores = evaluate(model, dataset, scales=args.scales, flip=args.flip, batch_size=args.batch_size,
                       device=_device(args.device), progress=not args.no_progress, num_workers=args.workers)
     print(_format_scores(scores))

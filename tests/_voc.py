@@ -6,12 +6,16 @@ only fixes the small sizes the tests run at and a training config that takes sec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+
 from fastdeeplab.data import write_voc_dataset
 
-__all__ = ["NUM_CLASSES", "SIZE", "make_voc", "tiny_train_config"]
+__all__ = ["NUM_CLASSES", "SIZE", "make_voc", "single_thread", "tiny_train_config"]
 
 NUM_CLASSES = 3
 SIZE = 33  # the smallest odd size a ResNet-50 at output stride 16 handles comfortably (3x3 features)
@@ -36,3 +40,17 @@ def tiny_train_config(data_root: Path, out_dir: Path | None, **overrides: Any) -
     )
     config.update(overrides)
     return config
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Run a test module with one intra-op thread, then restore the previous count.
+
+    A ResNet-50 on 33-pixel inputs has too little work per layer to split across threads; on a shared
+    two-core machine the OpenMP threads of several busy processes spin against each other and one thread
+    measured up to ten times faster than two.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
