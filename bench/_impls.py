@@ -205,6 +205,8 @@ class Setting:
     workdir: Path  # scratch space for exported graphs and engines
     explicit: bool = False  # the implementation was asked for with --impl
     static_shape: bool = True  # only [batch, 3, resolution, resolution] inputs (False with --data)
+    threads: int | None = None  # CPU threads for ONNX Runtime / OpenVINO (None: the library's default)
+    eager: nn.Module | None = None  # from_torchvision(reference), made once per output stride (CPU, fp32)
 
 
 @dataclass
@@ -260,9 +262,10 @@ def _module_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _fastdeeplab_model(reference: nn.Module, s: Setting) -> nn.Module:
+    """A private copy of ``fastdeeplab.from_torchvision(reference)`` (CPU, float32, eval)."""
     import fastdeeplab
 
-    model = fastdeeplab.from_torchvision(reference)
+    model = copy.deepcopy(s.eager) if s.eager is not None else fastdeeplab.from_torchvision(reference)
     if model.output_stride != s.output_stride:
         raise RuntimeError(f"from_torchvision gave output stride {model.output_stride}, expected {s.output_stride}")
     return model.eval()
@@ -288,13 +291,23 @@ def _build_optimize(backend: str) -> Callable[[nn.Module, Setting], Built]:
             _require("triton", "triton")
         optimize = _fastdeeplab_api("optimize")
         model = _fastdeeplab_model(reference, s)
+        if backend != "onnxruntime":
+            model = model.to(s.device)  # optimize() works on the device the model is on
         start = time.perf_counter()
         try:
             fast = optimize(model, backend=backend, dtype=s.dtype, channels_last=True)
         except (NotImplementedError, ValueError) as exc:  # refused settings, e.g. a dtype the backend lacks
             raise Unavailable(f"optimize(backend={backend!r}): {exc}") from exc
-        return Built(_module_fn(fast), s.dtype, time.perf_counter() - start,
-                     [f"fastdeeplab.optimize(backend={backend!r}, channels_last=True)"])
+        notes = [f"fastdeeplab.optimize(backend={backend!r}, channels_last=True)"]
+        if backend == "onnxruntime":
+            if s.threads is not None and hasattr(fast, "threads"):
+                fast.threads = s.threads
+            # The ONNX export and the session are made on the first call (dynamic axes): do it now, on a
+            # small input, so that neither lands in the latency or in the first call's peak memory.
+            side = 4 * s.output_stride + 1
+            _module_fn(fast)(torch.zeros(1, 3, side, side, dtype=s.dtype))
+            notes.append("session built at build time (export + ONNX Runtime session)")
+        return Built(_module_fn(fast), s.dtype, time.perf_counter() - start, notes)
     return build
 
 
@@ -326,8 +339,10 @@ def _build_openvino(reference: nn.Module, s: Setting) -> Built:
     if s.static_shape:  # the shape every timed call uses: lets OpenVINO plan memory and kernels once
         graph.reshape([s.batch, 3, s.resolution, s.resolution])
     # OpenVINO's CPU plugin runs bf16 by default where the CPU supports it: pin the precision to --dtype.
-    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": _OV_PRECISION[s.dtype],
-                                                 "PERFORMANCE_HINT": "LATENCY"})
+    properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[s.dtype], "PERFORMANCE_HINT": "LATENCY"}
+    if s.threads is not None:
+        properties["INFERENCE_NUM_THREADS"] = str(s.threads)
+    compiled = core.compile_model(graph, "CPU", properties)
     request = compiled.create_infer_request()
 
     def fn(x: Tensor) -> Tensor:

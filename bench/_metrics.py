@@ -19,12 +19,14 @@ Every row of the suite and ``tests/test_bench_accuracy.py`` call these functions
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from fastdeeplab.metrics import ConfusionMatrix
 
-__all__ = ["AccuracyMeter", "IGNORE_INDEX", "max_rel_logit_error", "pixel_agreement"]
+__all__ = ["AccuracyMeter", "IGNORE_INDEX", "accuracy_columns", "max_rel_logit_error", "pixel_agreement"]
 
 IGNORE_INDEX = 255
 
@@ -87,3 +89,27 @@ class AccuracyMeter:
             "pixel_agreement": self.agree / self.pixels if self.pixels else float("nan"),
             "miou_vs_reference": self.conf.compute()["mIoU"],
         }
+
+
+def accuracy_columns(outputs: Sequence[Tensor], ref_same_os: Sequence[Tensor], ref_os8: Sequence[Tensor],
+                     num_classes: int) -> dict[str, float]:
+    """The accuracy columns of one row, from per-batch logits ``[N, K, H, W]``.
+
+    Args:
+        outputs: the implementation's logits, one tensor per batch of photographs.
+        ref_same_os: float32 torchvision logits at the row's output stride, same batches.
+        ref_os8: float32 torchvision logits at output stride 8 (its argmax is the ground truth).
+    Returns:
+        ``max_rel_logit_error`` (vs ``ref_same_os``), ``pixel_agreement`` and ``miou_vs_reference`` (vs the
+        OS8 argmax), ``pixel_agreement_same_os`` (vs the ``ref_same_os`` argmax).
+    """
+    if not (len(outputs) == len(ref_same_os) == len(ref_os8)):
+        raise ValueError(f"{len(outputs)} outputs but {len(ref_same_os)} / {len(ref_os8)} reference batches")
+    vs_os8 = AccuracyMeter(num_classes)
+    vs_same = AccuracyMeter(num_classes)
+    for out, same, os8 in zip(outputs, ref_same_os, ref_os8, strict=True):
+        vs_os8.update(out, ref_same_os=same, ref_labels=os8.argmax(1))
+        vs_same.update(out, ref_same_os=None, ref_labels=same.argmax(1))
+    result = vs_os8.result()
+    result["pixel_agreement_same_os"] = vs_same.result()["pixel_agreement"]
+    return result

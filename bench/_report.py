@@ -78,6 +78,13 @@ def _err(value: float | None) -> str:
     return "inf" if math.isinf(value) else f"{value:.1e}"
 
 
+def _load_note(load: dict[str, Any] | None) -> str:
+    if not load or not load.get("at_start"):
+        return ""
+    end = load.get("at_end") or load["at_start"]
+    return f" | load average (1 min) {load['at_start'][0]:.1f} at start, {end[0]:.1f} at end"
+
+
 def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     """The plain-text summary: a header naming model, machine, weights and images, then one line per row."""
     s = meta["settings"]
@@ -88,7 +95,7 @@ def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"DeepLabv3-{s['backbone']} | {s['resolution']}x{s['resolution']} | batch {s['batch']} | "
         f"{s['device']} {s['dtype']} | {meta['created']}",
-        f"machine: {where}",
+        f"machine: {where}" + _load_note(m.get("load_average")),
         f"versions: {libs}",
         f"weights: {meta['weights']['description']}",
         f"images: {meta['images']['description']}",
@@ -148,15 +155,21 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     names = sorted({r["implementation"] for r in points}, key=[r["implementation"] for r in rows].index)
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     markers = {16: "o", 8: "s", 32: "^"}
+    placed: list[tuple[float, float]] = []
+    span = max(r["pixel_agreement"] for r in points) - min(r["pixel_agreement"] for r in points) or 1.0
     for r in points:
-        ax.scatter(r["latency_ms_median"], r["pixel_agreement"], s=60, color=colours[r["implementation"]],
-                   marker=markers.get(r["output_stride"], "D"), edgecolors="black", linewidths=0.5, zorder=3)
-        ax.annotate(f"{r['implementation']} OS{r['output_stride']}", (r["latency_ms_median"], r["pixel_agreement"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        x, y = r["latency_ms_median"], r["pixel_agreement"]
+        ax.scatter(x, y, s=60, color=colours[r["implementation"]], marker=markers.get(r["output_stride"], "D"),
+                   edgecolors="black", linewidths=0.5, zorder=3)
+        # stack the labels of points that sit close together instead of printing them on top of each other
+        near = sum(1 for px, py in placed if abs(math.log10(px / x)) < 0.25 and abs(py - y) < 0.04 * span)
+        placed.append((x, y))
+        ax.annotate(f"{r['implementation']} OS{r['output_stride']}", (x, y), textcoords="offset points",
+                    xytext=(7, 4 - 11 * near), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("latency per forward, median (ms, log scale)")
     ax.set_ylabel("pixel agreement with torchvision OS8 (float32)")
@@ -164,10 +177,10 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
     ax.set_title(f"DeepLabv3-{s['backbone']} {s['resolution']}x{s['resolution']} batch {s['batch']}, "
                  f"{s['device']} {s['dtype']}\nweights: {meta['weights']['description']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    for os_, marker in markers.items():
-        if any(r["output_stride"] == os_ for r in points):
-            ax.scatter([], [], marker=marker, color="grey", label=f"OS{os_}")
-    ax.legend(loc="lower right", fontsize=8)
+    handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[n], label=n) for n in names]
+    handles += [plt.Line2D([], [], linestyle="", marker=m, color="grey", label=f"OS{o}")
+                for o, m in markers.items() if any(r["output_stride"] == o for r in points)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

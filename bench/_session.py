@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from ._impls import Weights, count_gflop, resolve_weights, torchvision_reference
 from ._measure import library_versions, machine_info
 from ._report import COLUMNS, ROW_KEYS
 
-__all__ = ["BENCH_DIR", "BenchConfig", "BenchSession", "DTYPES"]
+__all__ = ["BENCH_DIR", "BenchConfig", "BenchSession", "DTYPES", "SESSION_KEY", "session_of"]
 
 BENCH_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,6 +51,7 @@ class BenchConfig:
     time_budget: float
     max_rounds: int
     seed: int
+    threads: int | None
     results_dir: Path
 
     @classmethod
@@ -73,6 +75,8 @@ class BenchConfig:
             raise pytest.UsageError(f"--resolution must be at least 33, got {resolution}")
         if opt("batch") < 1:
             raise pytest.UsageError("--batch must be >= 1")
+        if opt("threads") is not None and opt("threads") < 1:
+            raise pytest.UsageError("--threads must be >= 1")
         if opt("data") and not Path(opt("data")).is_dir():
             raise pytest.UsageError(f"--data {opt('data')} is not a directory")
         if opt("images") and not Path(opt("images")).is_dir():
@@ -85,7 +89,7 @@ class BenchConfig:
             accuracy_images=max(1, opt("accuracy_images") or (2 if quick else 3)), quick=quick,
             rounds=opt("rounds"), warmup=max(0, opt("warmup")),
             time_budget=opt("time_budget") if opt("time_budget") is not None else (1.0 if quick else 6.0),
-            max_rounds=10 if quick else 50, seed=opt("seed"),
+            max_rounds=10 if quick else 50, seed=opt("seed"), threads=opt("threads"),
             results_dir=Path(opt("results_dir")) if opt("results_dir") else BENCH_DIR / "results")
 
     @property
@@ -108,10 +112,11 @@ class BenchSession:
     _weights: Weights | None = None
     _references: dict[int, torch.nn.Module] = field(default_factory=dict)
     _ground_truth: dict[int, list[Tensor]] = field(default_factory=dict)
-    _labels: list[Tensor] | None = None
+    _eager: dict[int, torch.nn.Module] = field(default_factory=dict)
     _gflop: dict[int, float] = field(default_factory=dict)
     _batches: list[Tensor] | None = None
     image_names: list[str] = field(default_factory=list)
+    load_at_start: tuple[float, float, float] | None = None
 
     # -- shared inputs -------------------------------------------------------------------------
     @property
@@ -147,6 +152,15 @@ class BenchSession:
             self._references[output_stride] = model.to(self.cfg.torch_device)
         return self._references[output_stride]
 
+    def fastdeeplab_model(self, output_stride: int) -> torch.nn.Module:
+        """``fastdeeplab.from_torchvision`` of the reference, once per output stride (CPU, float32, eval);
+        implementations copy it rather than rebuild it."""
+        if output_stride not in self._eager:
+            import fastdeeplab
+
+            self._eager[output_stride] = fastdeeplab.from_torchvision(self.reference(output_stride)).cpu().eval()
+        return self._eager[output_stride]
+
     def ground_truth(self, output_stride: int) -> list[Tensor]:
         """float32 reference logits per accuracy batch (TF32 off on CUDA), on the device."""
         if output_stride not in self._ground_truth:
@@ -160,12 +174,6 @@ class BenchSession:
             finally:
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
         return self._ground_truth[output_stride]
-
-    def labels(self) -> list[Tensor]:
-        """The torchvision float32 OS8 argmax per batch ``[batch, R, R]``: the ground truth of every row."""
-        if self._labels is None:
-            self._labels = [logits.argmax(1) for logits in self.ground_truth(8)]
-        return self._labels
 
     def gflop(self, output_stride: int) -> float:
         if output_stride not in self._gflop:
@@ -189,6 +197,8 @@ class BenchSession:
         images = {"names": self.image_names, "folder": self.cfg.images,
                   "description": f"{len(self.image_names)} photographs from {where}: {', '.join(self.image_names)}"}
         settings = asdict(self.cfg)
+        load = {"at_start": self.load_at_start, "at_end": _loadavg(),
+                "note": "1/5/15-minute load averages; above the core count, timings are inflated"}
         settings["results_dir"] = str(self.cfg.results_dir)
         return {
             "schema": 1,
@@ -196,9 +206,24 @@ class BenchSession:
             "command": " ".join(sys.argv),
             "pytest_args": list(config.invocation_params.args),
             "settings": settings,
-            "machine": machine_info(self.cfg.torch_device),
+            "machine": {**machine_info(self.cfg.torch_device), "load_average": load},
             "versions": library_versions(),
             "weights": weights,
             "images": images,
             "columns": COLUMNS,
         }
+
+
+SESSION_KEY = pytest.StashKey[BenchSession]()
+
+
+def session_of(config: pytest.Config) -> BenchSession:
+    """The benchmark session that bench/conftest.py stored on ``config`` at configure time."""
+    return config.stash[SESSION_KEY]
+
+
+def _loadavg() -> tuple[float, float, float] | None:
+    try:
+        return tuple(round(v, 2) for v in os.getloadavg())  # type: ignore[return-value]
+    except OSError:
+        return None

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fastdeeplab.bench_cli import OPTIONS
 
 from ._report import add_speedups, format_kernel_table, format_table, write_json, write_plot
-from ._session import BenchConfig, BenchSession
+from ._session import SESSION_KEY as _SESSION
+from ._session import BenchConfig, BenchSession, _loadavg
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,14 +30,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(flag, **kwargs)
 
 
-_SESSION = pytest.StashKey[BenchSession]()
 _WRITTEN = pytest.StashKey[list[str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     cfg = BenchConfig.from_pytest(config)
     workdir = Path(tempfile.mkdtemp(prefix="fastdeeplab-bench-"))
-    config.stash[_SESSION] = BenchSession(cfg, workdir)
+    state = BenchSession(cfg, workdir)
+    state.load_at_start = _loadavg()
+    config.stash[_SESSION] = state
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     config.stash[_WRITTEN] = []
     default_columns = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]
     if getattr(config.option, "benchmark_columns", None) == default_columns:

@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 
 from ._impls import IMPLEMENTATIONS, Built, Setting, Unavailable
 from ._measure import peak_memory
-from ._metrics import AccuracyMeter
+from ._metrics import accuracy_columns
 from ._session import BenchSession
 
 # Largest acceptable max_rel_logit_error against float32 torchvision at the same output stride.
@@ -102,19 +102,6 @@ def _time_and_collect(benchmark: Any, bench: BenchSession, built: Built, row: di
     return [outputs[i] for i in range(len(inputs))]
 
 
-def _accuracy(bench: BenchSession, outputs: list[Tensor], output_stride: int) -> dict[str, float]:
-    """The accuracy columns for one row (shared metric code: bench/_metrics.py)."""
-    num_classes = bench.weights.num_classes
-    vs_os8 = AccuracyMeter(num_classes)
-    vs_same = AccuracyMeter(num_classes)
-    for out, ref, labels in zip(outputs, bench.ground_truth(output_stride), bench.labels(), strict=True):
-        vs_os8.update(out, ref_same_os=ref, ref_labels=labels)
-        vs_same.update(out, ref_same_os=None, ref_labels=ref.argmax(1))
-    result = vs_os8.result()
-    result["pixel_agreement_same_os"] = vs_same.result()["pixel_agreement"]
-    return result
-
-
 class _AsModule(nn.Module):
     """An implementation as the ``nn.Module`` that :func:`fastdeeplab.evaluate.evaluate` expects."""
 
@@ -146,8 +133,10 @@ def _run_row(benchmark: Any, bench: BenchSession, impl: str, output_stride: int,
     cfg = bench.cfg
     setting = Setting(output_stride=output_stride, device=cfg.torch_device, dtype=cfg.torch_dtype,
                       resolution=cfg.resolution, batch=cfg.batch, workdir=bench.workdir,
-                      explicit=cfg.explicit_impls and impl in cfg.impls, static_shape=not cfg.data)
+                      explicit=cfg.explicit_impls and impl in cfg.impls, static_shape=not cfg.data,
+                      threads=cfg.threads)
     reference = bench.reference(output_stride)
+    setting.eager = bench.fastdeeplab_model(output_stride)
     try:
         built = IMPLEMENTATIONS[impl].build(reference, setting)
     except Unavailable as exc:
@@ -161,7 +150,8 @@ def _run_row(benchmark: Any, bench: BenchSession, impl: str, output_stride: int,
     outputs = _time_and_collect(benchmark, bench, built, row)
     if row["latency_ms_median"]:
         row["gflops"] = row["gflop"] * cfg.batch / (row["latency_ms_median"] / 1e3)
-    row.update(_accuracy(bench, outputs, output_stride))
+    row.update(accuracy_columns(outputs, bench.ground_truth(output_stride), bench.ground_truth(8),
+                                bench.weights.num_classes))
     row["accuracy_images"] = len(bench.image_names)
     del outputs
 

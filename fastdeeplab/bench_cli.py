@@ -58,6 +58,9 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                       help="untimed calls before timing; the first one also measures peak memory (default 1)")),
     ("--time-budget", dict(type=float, default=None, metavar="S",
                            help="seconds of timed rounds per row when --rounds is not given (default 6; 1 with --quick)")),
+    ("--threads", dict(type=int, default=None, metavar="N",
+                       help="CPU threads for PyTorch, ONNX Runtime and OpenVINO (default: each library's own, "
+                            "all cores); 1 resists a busy shared machine far better")),
     ("--seed", dict(type=int, default=0, help="seed of the random weights (default 0)")),
     ("--results-dir", dict(default=None, metavar="DIR",
                            help="where latest.json, latest.png and timestamped copies go (default bench/results)")),

@@ -1,0 +1,48 @@
+"""``fastdeeplab bench`` translates its options into ``pytest bench/`` and the suite accepts them."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastdeeplab import bench_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_cli.configure_parser(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_translate_to_nothing() -> None:
+    assert bench_cli.pytest_arguments(_parse([])) == []
+
+
+def test_options_translate() -> None:
+    args = _parse(["--quick", "--impl", "torchvision,openvino", "--impl", "fastdeeplab", "--resolution", "257",
+                   "--output-strides", "16", "--", "-k", "os16"])
+    assert bench_cli.pytest_arguments(args) == [
+        "--resolution", "257", "--impl", "torchvision,openvino", "--impl", "fastdeeplab", "--output-strides", "16",
+        "--quick"]
+    assert args.pytest_args == ["-k", "os16"]
+
+
+def test_bench_dir_is_found_in_a_checkout() -> None:
+    assert bench_cli.find_bench_dir() == ROOT / "bench"
+
+
+@pytest.mark.skipif(not (ROOT / "bench" / "conftest.py").is_file(), reason="needs the source checkout")
+def test_suite_collects_the_grid() -> None:
+    """The suite registers the same options and parametrises OS x implementation (collection only)."""
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_latency_accuracy.py"), "--collect-only", "-q",
+           "--quick", "--impl", "torchvision,optimize_onnxruntime", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for test_id in ("os16-torchvision", "os16-optimize_onnxruntime", "os8-torchvision", "os8-optimize_onnxruntime"):
+        assert f"test_deeplab[{test_id}]" in done.stdout
