@@ -71,9 +71,10 @@ def test_pooled_branch_is_per_image():
     branches, pooled, weight, bias = _inputs(1, 16, 6, 7, 24, torch.float32)
     branches = [b.expand(3, -1, -1, -1).contiguous(memory_format=torch.channels_last) for b in branches]
     pooled = torch.randn(3, 16, device=DEV)
-    y = aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, relu=False, allow_tf32=False)
+    y = aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, relu=False, allow_tf32=False,
+                            out=_poisoned((3, 24, 6, 7), torch.float32))
     y_swapped = aspp_project_packed(branches, pooled.flip(0), pack_aspp_weight(weight), bias, relu=False,
-                                    allow_tf32=False)
+                                    allow_tf32=False, out=_poisoned((3, 24, 6, 7), torch.float32))
     assert_close_verbose(y, _reference64(branches, pooled, weight, bias, False), atol=1e-4, rtol=1e-4)
     assert_close_verbose(y_swapped, y.flip(0), atol=1e-5, rtol=1e-5, name="swapped pooled rows")
     w_pool = weight[:, 64:, 0, 0].double()
@@ -97,7 +98,8 @@ def test_every_gpu_autotune_config_is_correct(config_index):
 def test_no_bias_and_nchw_branches():
     branches, pooled, weight, _ = _inputs(2, 12, 5, 6, 20, torch.float32)
     branches = [b.contiguous() for b in branches]  # NCHW: copied to channels-last by the launcher
-    y = aspp_project(tuple(branches), pooled, weight, None, allow_tf32=False)
+    y = aspp_project(tuple(branches), pooled, weight, None, allow_tf32=False,
+                     out=_poisoned((2, 20, 5, 6), torch.float32))
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_close_verbose(y, aspp_project_reference([b.double() for b in branches], pooled.double(),
                                                    weight.double(), None), atol=1e-4, rtol=1e-4)
