@@ -374,17 +374,43 @@ def _io_signature(schema: Any) -> tuple:
     return [(i.name, i.option) for i in schema.inputs], [(o.name, o.option) for o in schema.outputs]
 
 
-def _relabel_opset(proto: onnx.ModelProto, target: int) -> None:
-    """Declare opset ``target`` where every node means the same there, dropping attributes that newer
-    versions added when they hold their default (``Reshape``'s ``allowzero=0``).
+def _drop_newer_attributes(node: onnx.NodeProto, old: Any, new: Any, target: int) -> None:
+    """Remove attributes that ``old`` (the schema at ``target``) lacks and that hold ``new``'s default."""
+    import onnx
 
-    ONNX's converter has no 15 → 14 adapter for ``Shape`` nor 14 → 13 for ``Relu``/``Add``, whose newer
-    versions only widen the types or add defaulted attributes; the full checker then confirms every tensor
-    type and attribute is legal at ``target``.
+    kept = []
+    for attr in node.attribute:
+        if attr.name not in old.attributes:
+            spec = new.attributes.get(attr.name)
+            default = None if spec is None or spec.default_value.type == 0 else spec.default_value
+            if default is None or onnx.helper.get_attribute_value(default) != onnx.helper.get_attribute_value(attr):
+                raise ValueError(f"node {node.name!r} ({node.op_type}) uses attribute {attr.name!r}, "
+                                 f"which opset {target} lacks")
+            continue
+        kept.append(attr)
+    if len(kept) != len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(kept)
+
+
+def _lower_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Convert the exporter's graph (opset 18+) down to ``target`` (13 or more).
+
+    ONNX's version converter does most of it, with three gaps filled here: ``Shape(start, end)`` is
+    rewritten as ``Shape`` + ``Slice`` below 15; the converter keeps attributes the older op lacks
+    (``ReduceMean``'s ``noop_with_empty_axes``), dropped when they hold their default; and it has no
+    adapter below 15 for ``Shape`` nor below 14 for ``Relu``/``Add``, whose newer versions only widen the
+    types or add defaulted attributes, so those opsets are declared once every node is checked to have the
+    same inputs and outputs there. The full checker then confirms every type and attribute is legal.
     """
     import onnx
 
-    current = _default_opset(proto)
+    source = _default_opset(proto)
+    if target >= source:
+        return proto
+    if target < 15:
+        _lower_shape_slices(proto)
+    proto = onnx.version_converter.convert_version(proto, max(target, 15))
     for node in proto.graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -392,27 +418,15 @@ def _relabel_opset(proto: onnx.ModelProto, target: int) -> None:
             old = onnx.defs.get_schema(node.op_type, target)
         except onnx.defs.SchemaError:
             raise ValueError(f"node {node.name!r} ({node.op_type}) does not exist at opset {target}") from None
-        new = onnx.defs.get_schema(node.op_type, current)
-        if old.since_version == new.since_version:
-            continue
-        if _io_signature(old) != _io_signature(new):
-            raise ValueError(f"node {node.name!r} ({node.op_type}) changed inputs between opset {target} and {current}")
-        kept = []
-        for attr in node.attribute:
-            if attr.name not in old.attributes:
-                default = new.attributes[attr.name].default_value
-                if default.type == 0 or (onnx.helper.get_attribute_value(default)
-                                         != onnx.helper.get_attribute_value(attr)):
-                    raise ValueError(f"node {node.name!r} ({node.op_type}) uses attribute {attr.name!r}, "
-                                     f"which opset {target} lacks")
-                continue
-            kept.append(attr)
-        del node.attribute[:]
-        node.attribute.extend(kept)
+        converted = onnx.defs.get_schema(node.op_type, max(target, 15))
+        if old.since_version != converted.since_version and _io_signature(old) != _io_signature(converted):
+            raise ValueError(f"node {node.name!r} ({node.op_type}) changed inputs between opset {target} and 15")
+        _drop_newer_attributes(node, old, onnx.defs.get_schema(node.op_type, source), target)
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = target
     onnx.checker.check_model(proto, full_check=True)
+    return proto
 
 
 def _tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
@@ -437,6 +451,24 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
+def _exporter_summary(exc: BaseException) -> str:
+    """The useful lines of a torch.onnx exporter error (its 'Exception summary'), not the advice around it."""
+    text = str(exc)
+    if "## Exception summary" in text:
+        lines = [ln.strip() for ln in text.split("## Exception summary", 1)[1].splitlines()]
+        lines = [ln for ln in lines if ln.startswith("<class")]
+        if lines:
+            return " <- ".join(lines[:2])
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _make_readable(path: str | os.PathLike) -> None:
+    """Give a freshly written temporary file the permissions the umask allows (``mkstemp`` makes it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | None, dynamic: bool, opset: int,
                   outputs: tuple[str, ...], argmax: bool, half: bool) -> onnx.ModelProto:
     """Deep-copy ``source`` (already in eval mode at the wanted stride), fold BN, export, rewrite."""
@@ -467,9 +499,14 @@ def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | Non
                            3: Dim("width", min=least, max=16384)},)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(training mode|torch.export|Dynamo|TracerWarning).*")
-        program = torch.onnx.export(wrapper, (example,), None, dynamo=True, opset_version=max(opset, _EXPORT_OPSET),
-                                    input_names=[INPUT_NAME], output_names=names, dynamic_shapes=dynamic_shapes,
-                                    optimize=True, verbose=False, external_data=False)
+        try:
+            program = torch.onnx.export(wrapper, (example,), None, dynamo=True,
+                                        opset_version=max(opset, _EXPORT_OPSET), input_names=[INPUT_NAME],
+                                        output_names=names, dynamic_shapes=dynamic_shapes, optimize=True,
+                                        verbose=False, external_data=False)
+        except Exception as exc:
+            raise RuntimeError(f"torch.onnx.export could not export {type(source).__name__}: "
+                               f"{_exporter_summary(exc)}") from exc
     proto = program.model_proto
 
     _rewrite_global_pool(proto, _tensor_ranks(proto))
@@ -477,12 +514,8 @@ def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | Non
         del node.metadata_props[:]  # stack traces with local paths: noise in a deployment artifact
     _drop_unused_initializers(proto)
     if opset < _default_opset(proto):
-        if opset < 15:
-            _lower_shape_slices(proto)
         try:
-            proto = onnx.version_converter.convert_version(proto, max(opset, 15))
-            if opset < 15:  # ONNX's converter cannot go below 15 for Shape nor 14 for Relu/Add
-                _relabel_opset(proto, opset)
+            proto = _lower_opset(proto, opset)
         except Exception as exc:
             raise RuntimeError(f"could not convert the exported graph (opset {_default_opset(proto)}) to opset "
                                f"{opset}: {exc}. Export with opset={_EXPORT_OPSET} instead.") from exc
@@ -778,6 +811,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequen
                               export_seconds=elapsed)
         with atomic_path(path) as tmp:
             onnx.save_model(proto, tmp)
+            _make_readable(tmp)
             if check:
                 _run_checks(report, proto, tmp, source, sizes=sizes, dynamic=dynamic, outputs=outputs,
                             argmax=argmax, half=half, threads=threads)
