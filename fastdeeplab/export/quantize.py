@@ -1,0 +1,200 @@
+"""Int8 ONNX for the CPU (and TensorRT's explicit quantization): static QDQ quantization with ONNX Runtime.
+
+:func:`quantize_onnx` calibrates an fp32 graph from :func:`fastdeeplab.export_onnx` on real photographs and
+writes a QDQ graph: ``QuantizeLinear``/``DequantizeLinear`` pairs around convolutions and int8 per-channel
+symmetric weights, in one of two flavours:
+
+* ``tensorrt_compatible=False`` (default, for ONNX Runtime on the CPU): uint8 asymmetric activations and
+  int32 biases, which ONNX Runtime fuses into ``QLinearConv`` (u8s8) kernels: about 2x faster than fp32 on
+  AVX2 CPUs.
+* ``tensorrt_compatible=True``: int8 activations with zero point 0 and float biases, the format TensorRT
+  takes for explicit quantization (checked with :func:`fastdeeplab.export.checks.check_tensorrt`).
+  ONNX Runtime cannot fuse float-bias convolutions, so this flavour is *slower* than fp32 on the CPU.
+
+Either way the graph stays QDQ: ``QLinearConv``/``ConvInteger`` graphs (QOperator format) are what TensorRT
+does not take.
+
+:func:`compare_quantized` measures what quantization costs and buys: the fraction of pixels whose class
+(argmax of ``out``) agrees with the fp32 graph, and the median latency of both on ONNX Runtime.
+
+>>> from fastdeeplab.export.quantize import quantize_onnx, compare_quantized          # doctest: +SKIP
+>>> quantize_onnx("deeplabv3.onnx", "deeplabv3.int8.onnx", "calibration/")            # doctest: +SKIP
+>>> print(compare_quantized("deeplabv3.onnx", "deeplabv3.int8.onnx", "val-images/"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._io import atomic_path, check_writable_dir
+
+__all__ = ["CALIBRATION_METHODS", "QuantizationReport", "calibration_tensor", "compare_quantized", "quantize_onnx"]
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Ops quantized: the convolutions and what sits between them. The final Resize/ArgMax stay in float.
+_QUANTIZED_OPS = ("Conv", "Add", "Concat", "MaxPool", "GlobalAveragePool")
+
+CalibrationSource = str | os.PathLike | Tensor | Sequence[Tensor] | None
+
+
+def calibration_tensor(source: CalibrationSource, size: Sequence[int] = (513, 513), *,
+                       max_images: int | None = None) -> Tensor:
+    """Normalised calibration images ``[M, 3, H, W]`` float32.
+
+    ``source``: a folder of images, a ``[M, 3, H, W]`` tensor, a sequence of ``[3, H, W]``/``[1, 3, H, W]``
+    tensors, or ``None`` for the photographs scikit-image ships (:func:`fastdeeplab.images.sample_images`).
+    Tensors are taken as already normalised; images from files are resized to ``size`` and normalised with
+    ImageNet statistics.
+    """
+    from ..images import sample_images
+
+    h, w = int(size[0]), int(size[1])
+    if source is None or isinstance(source, (str, os.PathLike)):
+        if source is not None and not Path(source).is_dir():
+            raise FileNotFoundError(f"calibration image folder not found: {source}")
+        _, batch = sample_images((h, w), count=None, folder=source)
+        return batch[:max_images]
+    if isinstance(source, Tensor):
+        tensors = [source] if source.dim() == 4 else [source.unsqueeze(0)]
+    else:
+        tensors = [t if t.dim() == 4 else t.unsqueeze(0) for t in source]
+    if not tensors or any(t.dim() != 4 or t.shape[1] != 3 for t in tensors):
+        raise ValueError("calibration tensors must be [M, 3, H, W] or [3, H, W] normalised images")
+    batch = torch.cat([t.detach().float().cpu() for t in tensors])
+    if batch.shape[0] == 0:
+        raise ValueError("no calibration images")
+    return batch[:max_images]
+
+
+def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
+                  calibration_images_or_tensors: CalibrationSource = None, *, per_channel: bool = True,
+                  method: str = "minmax", input_size: Sequence[int] = (513, 513), max_images: int | None = 64,
+                  tensorrt_compatible: bool = False) -> Path:
+    """Quantize an fp32 ONNX graph to int8 QDQ, calibrated on real photographs; returns ``out_path``.
+
+    Args:
+        fp32_path: an fp32 graph from :func:`fastdeeplab.export_onnx` (input ``[N, 3, H, W]``).
+        out_path: where to write the QDQ graph (atomically).
+        calibration_images_or_tensors: see :func:`calibration_tensor`; images are resized to ``input_size``.
+        per_channel: per-output-channel weight scales (recommended: BN folding spreads weight ranges).
+        method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` activation calibration.
+        max_images: cap on calibration images.
+        tensorrt_compatible: int8 activations with zero point 0 and float biases, what TensorRT requires
+            (slow on ONNX Runtime's CPU kernels). ``False``: uint8 activations and int32 biases, the fast
+            ONNX Runtime CPU form, which TensorRT rejects.
+    """
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+    except ImportError as exc:
+        raise ImportError("quantization needs onnxruntime: pip install 'fastdeeplab[onnx]'") from exc
+    from .onnx import INPUT_NAME, _make_readable
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    fp32_path = Path(fp32_path)
+    if not fp32_path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {fp32_path}")
+    check_writable_dir(out_path)
+    images = calibration_tensor(calibration_images_or_tensors, input_size, max_images=max_images)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._next = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._next >= images.shape[0]:
+                return None
+            self._next += 1
+            return {INPUT_NAME: images[self._next - 1: self._next].numpy()}
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    # MinMax keeps only per-tensor minima and maxima per image; entropy and percentile keep whole activations
+    # (large at OS8: cap max_images). ORT's CalibMaxIntermediateOutputs would discard data, so it is not used.
+    # TensorRT takes float biases (it folds them itself): an int32 bias DequantizeLinear fails its parser.
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": tensorrt_compatible,
+             "QuantizeBias": not tensorrt_compatible}
+    root = logging.getLogger()
+    level = root.level
+    with atomic_path(out_path) as tmp:
+        root.setLevel(max(level, logging.ERROR))  # ORT's "consider pre-processing" advice is noise here
+        try:
+            quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(_QUANTIZED_OPS), per_channel=per_channel,
+                            reduce_range=False,
+                            activation_type=QuantType.QInt8 if tensorrt_compatible else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=calibrate, extra_options=extra)
+        finally:
+            root.setLevel(level)
+        if tensorrt_compatible:
+            from .checks import check_tensorrt
+
+            check_tensorrt(str(tmp)).raise_if_failed()
+        _make_readable(tmp)
+    return Path(out_path)
+
+
+@dataclass
+class QuantizationReport:
+    """Pixel agreement of int8 with fp32 (argmax of ``out``) and median ONNX Runtime latencies (ms)."""
+
+    images: int
+    size: tuple[int, int]
+    pixel_agreement: float
+    fp32_ms: float
+    int8_ms: float
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.int8_ms
+
+    def __str__(self) -> str:
+        return (f"int8 vs fp32 on {self.images} image(s) at {self.size[0]}x{self.size[1]}: "
+                f"{100 * self.pixel_agreement:.2f}% of pixels agree; ONNX Runtime ({self.threads} threads) "
+                f"median {self.fp32_ms:.0f} ms fp32, {self.int8_ms:.0f} ms int8 ({self.speedup:.2f}x)")
+
+
+def compare_quantized(fp32_path: str | os.PathLike, int8_path: str | os.PathLike,
+                      images: CalibrationSource = None, *, size: Sequence[int] = (513, 513), runs: int = 5,
+                      threads: int | None = None) -> QuantizationReport:
+    """Agreement of the int8 graph's per-pixel classes with the fp32 graph's, and both graphs' median
+    latency over ``runs`` timed runs (after one warm-up) on the first image, batch 1."""
+    from .onnx import INPUT_NAME, ort_session, physical_cores
+
+    batch = calibration_tensor(images, size)
+    sessions = [ort_session(p, threads=threads) for p in (fp32_path, int8_path)]
+    agree = total = 0
+    for i in range(batch.shape[0]):
+        x = {INPUT_NAME: batch[i: i + 1].numpy()}
+        a, b = (s.run(["out"], x)[0].argmax(axis=1) for s in sessions)
+        agree += int((a == b).sum())
+        total += a.size
+    medians = []
+    x = {INPUT_NAME: batch[:1].numpy()}
+    for s in sessions:
+        s.run(["out"], x)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            s.run(["out"], x)
+            times.append(1e3 * (time.perf_counter() - start))
+        medians.append(statistics.median(times))
+    return QuantizationReport(batch.shape[0], (int(batch.shape[2]), int(batch.shape[3])), agree / total,
+                              medians[0], medians[1], threads or physical_cores())
