@@ -49,6 +49,7 @@ class BenchConfig:
     rounds: int | None
     warmup: int
     time_budget: float
+    min_rounds: int
     max_rounds: int
     seed: int
     threads: int | None
@@ -83,13 +84,13 @@ class BenchConfig:
             raise pytest.UsageError(f"--images {opt('images')} is not a directory")
         return cls(
             resolution=resolution, batch=opt("batch"), backbone=opt("backbone"), device=device,
-            dtype=opt("dtype"), impls=list(dict.fromkeys(impls)) or list(IMPL_NAMES), explicit_impls=bool(impls),
+            dtype=opt("dtype"), impls=[n for n in IMPL_NAMES if n in impls] or list(IMPL_NAMES), explicit_impls=bool(impls),
             output_strides=list(dict.fromkeys(strides)), weights=opt("weights"), data=opt("data"),
             max_images=opt("max_images"), images=opt("images"),
             accuracy_images=max(1, opt("accuracy_images") or (2 if quick else 3)), quick=quick,
             rounds=opt("rounds"), warmup=max(0, opt("warmup")),
-            time_budget=opt("time_budget") if opt("time_budget") is not None else (1.0 if quick else 6.0),
-            max_rounds=10 if quick else 50, seed=opt("seed"), threads=opt("threads"),
+            time_budget=opt("time_budget") if opt("time_budget") is not None else (1.0 if quick else 10.0),
+            min_rounds=3 if quick else 5, max_rounds=10 if quick else 50, seed=opt("seed"), threads=opt("threads"),
             results_dir=Path(opt("results_dir")) if opt("results_dir") else BENCH_DIR / "results")
 
     @property

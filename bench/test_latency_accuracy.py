@@ -4,7 +4,7 @@ One test per (output stride, implementation). Each one:
 
 1. builds the implementation from the shared torchvision reference (same state dict for every row);
 2. runs it once on the first photograph batch, measuring peak memory (that call is the first warmup);
-3. times ``--rounds`` rounds (default: as many as fit ``--time-budget``, at least 3) with pytest-benchmark's
+3. times ``--rounds`` rounds (default: as many as fit ``--time-budget``, at least 5; 3 with ``--quick``) with pytest-benchmark's
    pedantic mode, cycling through the accuracy photographs; each round is one forward of ``--batch`` images;
 4. compares the outputs on those photographs with the float32 torchvision model: logit error at the same
    output stride, argmax agreement and mIoU against the OS8 prediction (see ``bench/_metrics.py``);
@@ -51,7 +51,7 @@ def _rounds(bench: BenchSession, first_call_s: float) -> int:
     cfg = bench.cfg
     if cfg.rounds is not None:
         return max(1, cfg.rounds)
-    return int(min(cfg.max_rounds, max(3, math.ceil(cfg.time_budget / max(first_call_s, 1e-6)))))
+    return int(min(cfg.max_rounds, max(cfg.min_rounds, math.ceil(cfg.time_budget / max(first_call_s, 1e-6)))))
 
 
 def _time_and_collect(benchmark: Any, bench: BenchSession, built: Built, row: dict[str, Any]) -> list[Tensor]:

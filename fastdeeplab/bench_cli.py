@@ -53,11 +53,11 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--quick", dict(action="store_true", default=False,
                      help="CI smoke test: resolution 129, short time budget, few rounds")),
     ("--rounds", dict(type=int, default=None, metavar="N",
-                      help="timed rounds per row (default: as many as fit --time-budget, at least 3)")),
+                      help="timed rounds per row (default: as many as fit --time-budget, at least 5; 3 with --quick)")),
     ("--warmup", dict(type=int, default=1, metavar="N",
                       help="untimed calls before timing; the first one also measures peak memory (default 1)")),
     ("--time-budget", dict(type=float, default=None, metavar="S",
-                           help="seconds of timed rounds per row when --rounds is not given (default 6; 1 with --quick)")),
+                           help="seconds of timed rounds per row when --rounds is not given (default 10; 1 with --quick)")),
     ("--threads", dict(type=int, default=None, metavar="N",
                        help="CPU threads for PyTorch, ONNX Runtime and OpenVINO (default: each library's own, "
                             "all cores); 1 resists a busy shared machine far better")),

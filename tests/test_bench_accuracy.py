@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,17 @@ def _perturb_one_conv(model: nn.Module) -> nn.Module:
     return broken
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny inputs: one thread is as fast, and immune to the OpenMP stalls of a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def setup() -> dict[str, object]:
+def setup(one_thread: None) -> dict[str, object]:
     """Seeded random weights as the suite makes them, both torchvision references, and their outputs."""
     calibration = sample_images(SIZE, count=6)[1]
     state = random_state_dict(50, NUM_CLASSES, seed=0, calibration=calibration)
