@@ -44,6 +44,18 @@ def _onednn_fused_conv_available() -> bool:
 _ONEDNN = _onednn_fused_conv_available()
 
 
+def _interpreter_config(x: Tensor, *, spatial: bool = True):
+    """On CPU tensors (only possible under ``TRITON_INTERPRET=1``) whole models run with large tiles: the
+    interpreter's cost is per block iteration, and ResNet's 2048-channel layers would otherwise take minutes.
+    The kernel tests cover the small, partial tiles. On CUDA: ``None``, i.e. autotune."""
+    if x.device.type != "cpu":
+        return None
+    import triton
+
+    tile = {"BLOCK_OH": 8, "BLOCK_OW": 8} if spatial else {"BLOCK_M": 64}
+    return triton.Config({**tile, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=1)
+
+
 def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown layer backend {backend!r}; expected one of {BACKENDS}")
@@ -134,7 +146,8 @@ class FusedConvBNReLU(nn.Module):
             self._packed = pack_weight(self.weight)
         fuse_relu = self.relu and residual is None
         y = conv_bn_relu_packed(x, self._packed, self.bias, kernel_size=self.kernel_size, stride=self.stride,
-                                padding=self.padding, dilation=self.dilation, relu=fuse_relu)
+                                padding=self.padding, dilation=self.dilation, relu=fuse_relu,
+                                config=_interpreter_config(x))
         if residual is not None:
             y = y.add_(residual)
             if self.relu:
@@ -236,7 +249,8 @@ class FusedASPP(nn.Module):
 
             if self._packed is None:
                 self._packed = pack_aspp_weight(self.weight)
-            return aspp_project_packed(branches, pooled, self._packed, self.bias, relu=self.relu)
+            return aspp_project_packed(branches, pooled, self._packed, self.bias, relu=self.relu,
+                                       config=_interpreter_config(x, spatial=False))
         per_image = F.linear(pooled, self.pooled_weight, self.bias)  # [N, Cout]: c(n)
         y = F.conv2d(torch.cat(branches, dim=1), self.spatial_weight)
         y = y.add_(per_image[:, :, None, None])
