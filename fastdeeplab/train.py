@@ -28,8 +28,8 @@ the stream. ``out_dir/model_final.pt`` holds the trained weights and the model's
 
 Distributed: under ``torchrun --nproc_per_node=N`` each process trains on its shard
 (``DistributedSampler``, ``drop_last``) with ``batch_size`` images, under ``DistributedDataParallel``
-(NCCL on GPUs, Gloo on CPUs); batch norm is synchronised across processes (:class:`SyncBatchNorm`, which
-also works on CPU). Progress bars, logs and checkpoints come from rank 0.
+(NCCL on GPUs, Gloo on CPUs); batch norm is synchronised across processes (``torch.nn.SyncBatchNorm`` on
+GPUs, :class:`SyncBatchNorm` on CPUs, where PyTorch's does not run). Progress bars, logs and checkpoints come from rank 0.
 
 >>> import fastdeeplab
 >>> result = fastdeeplab.train("configs/voc_resnet50_paper.yaml", data_root="VOCdevkit")   # doctest: +SKIP
@@ -261,22 +261,34 @@ def _world_size(group: Any) -> int:
     return dist.get_world_size(group or dist.group.WORLD)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` that also synchronises CPU tensors (Gloo).
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm synchronised across processes, on any device (used on CPU, with Gloo).
 
-    PyTorch's kernel runs on GPUs only and is used there. On CPU, in training mode with more than one
-    process, the batch statistics are computed from per-channel sums all-reduced across processes (one
-    collective per layer, differentiable, shifted by the running mean for accuracy), so every process
-    normalises with the statistics of the global batch and running statistics stay identical everywhere.
-    Parameter and buffer names are those of ``BatchNorm2d``: checkpoints are interchangeable.
+    ``torch.nn.SyncBatchNorm`` runs on GPUs only (and ``DistributedDataParallel`` refuses it on CPU), so
+    :func:`convert_sync_batchnorm` uses PyTorch's class on CUDA and this one elsewhere. In training mode with
+    more than one process, the batch statistics come from per-channel sums all-reduced across processes
+    (one collective per layer, differentiable, shifted by the running mean for accuracy): every process
+    normalises with the statistics of the global batch, and running statistics stay identical everywhere.
+    Otherwise it is a plain ``BatchNorm``. Parameter and buffer names are those of ``BatchNorm2d``, so
+    checkpoints are interchangeable.
     """
 
-    def forward(self, input: Tensor) -> Tensor:
-        if input.is_cuda or not self.training or _world_size(self.process_group) == 1:
-            return super().forward(input)
-        return self._forward_cpu_sync(input)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
 
-    def _forward_cpu_sync(self, x: Tensor) -> Tensor:
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or _world_size(self.process_group) == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        return self._forward_sync(input)
+
+    def _forward_sync(self, x: Tensor) -> Tensor:
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shift = (self.running_mean if self.running_mean is not None else x.new_zeros(c)).detach()
@@ -301,10 +313,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace every BN layer of ``module`` by :class:`SyncBatchNorm`, sharing its parameters and buffers."""
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None,
+                           device: torch.device | str | None = None) -> nn.Module:
+    """Replace every BN layer by a synchronised one sharing its parameters and buffers.
+
+    On CUDA (``device``), PyTorch's ``torch.nn.SyncBatchNorm``; elsewhere :class:`SyncBatchNorm`.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+    if isinstance(module, _BatchNorm) and not isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group)
         if module.affine:
@@ -592,7 +610,7 @@ def _train(cfg: TrainConfig, ctx: _Context) -> TrainResult:
         if isinstance(m, _BatchNorm):
             m.momentum = cfg.bn_momentum
     if ctx.world_size > 1:
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device=ctx.device)
     model.to(ctx.device)
     torch.manual_seed(_derive_seed(cfg.seed, 1, ctx.rank))  # dropout etc. differ across processes
 
