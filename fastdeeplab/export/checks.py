@@ -350,7 +350,7 @@ def _check_graph(graph: onnx.GraphProto, table: Mapping[str, OpSupport], types: 
             issue("op is not in TensorRT's ONNX op list")
             continue
         if not support.supported:
-            note = f" ({support.restriction})" if support.restriction else ""
+            note = f" ({support.restriction.strip('()')})" if support.restriction else ""
             hint = " Quantize in QDQ format (QuantizeLinear/DequantizeLinear) instead." if "Integer" in node.op_type \
                 or node.op_type.startswith(("QLinear", "DynamicQuantize")) else ""
             issue(f"op is marked unsupported (N) in TensorRT's ONNX op list{note}.{hint}")
