@@ -1,0 +1,122 @@
+"""Int8 QDQ quantization with ONNX Runtime: the graph format, both flavours, and agreement with fp32."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from PIL import Image
+from torch import nn
+
+from fastdeeplab.export.checks import check_tensorrt
+from fastdeeplab.export.onnx import export_onnx, ort_session
+from fastdeeplab.export.quantize import (
+    QuantizationReport,
+    calibration_tensor,
+    compare_quantized,
+    quantize_onnx,
+)
+from fastdeeplab.model import ASPP
+
+SIZE = (48, 64)
+
+
+class SmallSeg(nn.Module):
+    """Conv-BN-ReLU stem and an ASPP head: DeepLab's op mix (Conv, Relu, Concat, GlobalAveragePool, Resize)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Sequential(ASPP(32, (1, 2, 3), out_channels=16), nn.Conv2d(16, classes, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": F.interpolate(self.head(self.stem(x)), size=x.shape[-2:], mode="bilinear",
+                                     align_corners=False)}
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    pytest.importorskip("skimage", reason="sample photographs come from scikit-image (fastdeeplab[bench])")
+    return calibration_tensor(None, SIZE)
+
+
+@pytest.fixture(scope="module")
+def fp32_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SmallSeg().eval()
+    with torch.no_grad():
+        model.head[1].bias.zero_()  # a random bias alone would pick one class everywhere: agreement trivial
+    path = tmp_path_factory.mktemp("q") / "fp32.onnx"
+    export_onnx(model, path, input_size=SIZE)
+    return path
+
+
+def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[2]] for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
+
+
+@pytest.mark.parametrize("tensorrt_compatible", [False, True], ids=["cpu-u8s8", "tensorrt-s8s8"])
+def test_qdq_graph(fp32_path, photos, tmp_path, tensorrt_compatible):
+    out = quantize_onnx(fp32_path, tmp_path / "int8.onnx", photos, input_size=SIZE,
+                        tensorrt_compatible=tensorrt_compatible)
+    model = onnx.load(str(out))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    assert ops["Conv"] == Counter(n.op_type for n in onnx.load(str(fp32_path)).graph.node)["Conv"]
+    assert not {"QLinearConv", "ConvInteger", "DynamicQuantizeLinear"} & set(ops)  # QDQ, not QOperator
+    zero_points = _zero_points(model)
+    if tensorrt_compatible:  # int8, zero point 0, float biases: what TensorRT's parser takes
+        assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+        result = check_tensorrt(model)
+        assert result.ok, str(result)
+    else:  # uint8 activations: ONNX Runtime's fast CPU path, which TensorRT rejects
+        assert any(z.dtype == np.uint8 for z in zero_points)
+        assert any("UINT8" in i.message for i in check_tensorrt(model).issues)
+    x = photos[:2].numpy()
+    assert ort_session(out).run(["out"], {"input": x})[0].shape == (2, 4, *SIZE)
+
+
+def test_int8_agrees_with_fp32_on_photographs(fp32_path, photos, tmp_path):
+    out = quantize_onnx(fp32_path, tmp_path / "int8.onnx", photos, input_size=SIZE)
+    report = compare_quantized(fp32_path, out, photos, size=SIZE, runs=2, threads=1)
+    assert isinstance(report, QuantizationReport)
+    assert report.images == photos.shape[0] and report.size == SIZE and report.threads == 1
+    labels = ort_session(fp32_path).run(["out"], {"input": photos.numpy()})[0].argmax(1)
+    shares = np.bincount(labels.ravel(), minlength=4) / labels.size
+    assert shares.max() < 0.9, f"fp32 predicts one class almost everywhere ({shares}): the test would be trivial"
+    assert report.pixel_agreement > 0.95, str(report)
+    assert report.fp32_ms > 0 and report.int8_ms > 0 and "pixels agree" in str(report)
+
+
+def test_calibration_sources(tmp_path):
+    batch = torch.randn(3, 3, 8, 8)
+    assert torch.equal(calibration_tensor(batch), batch)
+    assert calibration_tensor([batch[0], batch[1:]]).shape == (3, 3, 8, 8)
+    assert calibration_tensor(batch, max_images=2).shape[0] == 2
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    assert calibration_tensor(tmp_path, (16, 24)).shape == (1, 3, 16, 24)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        calibration_tensor(tmp_path / "nope")
+    with pytest.raises(ValueError, match="calibration tensors"):
+        calibration_tensor(torch.randn(2, 1, 8, 8))
+
+
+def test_quantize_argument_errors(fp32_path, tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_onnx(fp32_path, tmp_path / "q.onnx", torch.randn(1, 3, *SIZE), method="kl")
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        quantize_onnx(tmp_path / "missing.onnx", tmp_path / "q.onnx", torch.randn(1, 3, *SIZE))
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot create output directory"):
+        quantize_onnx(fp32_path, blocker / "q.onnx", torch.randn(1, 3, *SIZE))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
