@@ -783,8 +783,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # The overfit demo: proof that the loop learns
 # --------------------------------------------------------------------------------------------------
 OVERFIT_STAGES = (
-    Stage(iterations=120, lr=0.02, output_stride=16, freeze_bn=False),
-    Stage(iterations=40, lr=0.005, output_stride=8, freeze_bn=True),
+    Stage(iterations=100, lr=0.02, output_stride=16, freeze_bn=False),
+    Stage(iterations=60, lr=0.005, output_stride=8, freeze_bn=True),
 )
 
 
