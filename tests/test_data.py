@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from _voc import NUM_CLASSES, make_voc
 from PIL import Image
 
 from fastdeeplab.data import (
@@ -23,8 +24,6 @@ from fastdeeplab.data import (
 )
 from fastdeeplab.data.transforms import RandomScale
 from fastdeeplab.images import IMAGENET_MEAN, IMAGENET_STD
-
-from _voc import NUM_CLASSES, make_voc
 
 
 # --------------------------------------------------------------------------------------------------
