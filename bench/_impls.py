@@ -284,6 +284,8 @@ def _build_fastdeeplab(reference: nn.Module, s: Setting) -> Built:
 def _build_optimize(backend: str) -> Callable[[nn.Module, Setting], Built]:
     def build(reference: nn.Module, s: Setting) -> Built:
         if backend == "onnxruntime":
+            if s.device.type != "cpu":
+                raise Unavailable("optimize(backend='onnxruntime') runs on the CPU; use --device cpu to include it")
             _require("onnxruntime", "onnx")
         if backend == "triton":
             if s.device.type != "cuda":
@@ -355,12 +357,14 @@ def _build_openvino(reference: nn.Module, s: Setting) -> Built:
                   f"INFERENCE_PRECISION_HINT={_OV_PRECISION[s.dtype]}"])
 
 
-_TRT_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRT_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
 def _build_tensorrt(reference: nn.Module, s: Setting) -> Built:
     if s.device.type != "cuda":
         raise Unavailable("TensorRT needs CUDA (device is cpu)")
+    if s.dtype not in _TRT_PRECISION:
+        raise Unavailable(f"build_tensorrt_engine offers {'/'.join(_TRT_PRECISION.values())}, not {s.dtype}")
     _require("tensorrt", "tensorrt")
     try:
         trt = importlib.import_module("fastdeeplab.export.tensorrt")
@@ -368,15 +372,20 @@ def _build_tensorrt(reference: nn.Module, s: Setting) -> Built:
         raise Unavailable(f"fastdeeplab.export.tensorrt is not importable: {exc}") from exc
     start = time.perf_counter()
     onnx_path = _export(reference, s, "tensorrt")
-    engine = s.workdir / f"tensorrt-os{s.output_stride}-{s.resolution}-{_TRT_PRECISION[s.dtype]}.engine"
-    trt.build_tensorrt_engine(onnx_path, engine, precision=_TRT_PRECISION[s.dtype])
-    model = trt.TensorRTModel(engine)
-
-    def fn(x: Tensor) -> Tensor:
-        return _logits(model(x.float()))
-
-    return Built(fn, torch.float32, time.perf_counter() - start,
-                 [f"TensorRT engine ({_TRT_PRECISION[s.dtype]}) from the exported ONNX graph"])
+    precision = _TRT_PRECISION[s.dtype]
+    engine = s.workdir / f"tensorrt-os{s.output_stride}-{s.resolution}-{precision}.engine"
+    shape = (s.batch, 3, s.resolution, s.resolution)
+    if s.static_shape:  # the one shape timed: TensorRT tunes for exactly it
+        profile = {"min_shape": shape, "opt_shape": shape, "max_shape": shape}
+    else:  # --data: every image at its own size (VOC images are at most 500 px)
+        side = max(s.resolution, 513)
+        profile = {"min_shape": (1, 3, 4 * s.output_stride + 1, 4 * s.output_stride + 1), "opt_shape": shape,
+                   "max_shape": (s.batch, 3, side, side)}
+    trt.build_tensorrt_engine(onnx_path, engine, precision=precision, timing_cache=s.workdir / "tensorrt.cache",
+                              **profile)
+    model = trt.TensorRTModel(engine, device=s.device)
+    return Built(_module_fn(model), torch.float32, time.perf_counter() - start,
+                 [f"TensorRT engine ({precision}) from the exported ONNX graph, profile {profile['opt_shape']}"])
 
 
 def _build_torch_compile(reference: nn.Module, s: Setting) -> Built:

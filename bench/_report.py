@@ -95,7 +95,8 @@ def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"DeepLabv3-{s['backbone']} | {s['resolution']}x{s['resolution']} | batch {s['batch']} | "
         f"{s['device']} {s['dtype']} | {meta['created']}",
-        f"machine: {where}" + _load_note(m.get("load_average")),
+        f"machine: {where}" + _load_note(m.get("load_average"))
+        + (f" | OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else ""),
         f"versions: {libs}",
         f"weights: {meta['weights']['description']}",
         f"images: {meta['images']['description']}",

@@ -118,6 +118,7 @@ class BenchSession:
     _batches: list[Tensor] | None = None
     image_names: list[str] = field(default_factory=list)
     load_at_start: tuple[float, float, float] | None = None
+    omp_wait_policy: str = ""
 
     # -- shared inputs -------------------------------------------------------------------------
     @property
@@ -204,10 +205,11 @@ class BenchSession:
         return {
             "schema": 1,
             "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-            "pytest_args": list(config.invocation_params.args),
+            "command": "pytest " + " ".join(config.invocation_params.args),
+            "argv": list(sys.argv),
             "settings": settings,
-            "machine": {**machine_info(self.cfg.torch_device), "load_average": load},
+            "machine": {**machine_info(self.cfg.torch_device), "load_average": load,
+                        "omp_wait_policy": self.omp_wait_policy},
             "versions": library_versions(),
             "weights": weights,
             "images": images,

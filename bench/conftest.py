@@ -8,20 +8,31 @@ summary table is printed and ``bench/results/latest.json`` (+ a timestamped copy
 
 from __future__ import annotations
 
-import datetime as _dt
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any
+import os
+import sys
 
-import pytest
-import torch
+# OpenMP threads that wait by sleeping instead of spinning. On a busy machine (more runnable threads than
+# cores) spinning PyTorch/oneDNN threads steal the cores they wait for and eager latency triples or worse;
+# on an idle one the difference is within noise for convolutions this large. libgomp reads the variable
+# when it loads, so it must be set before torch is imported: `pytest bench/` imports this file first, and
+# `fastdeeplab bench` runs pytest in a fresh process. An OMP_WAIT_POLICY already in the environment wins.
+TORCH_PRELOADED = "torch" in sys.modules
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastdeeplab.bench_cli import OPTIONS
+import datetime as _dt  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from ._report import add_speedups, format_kernel_table, format_table, write_json, write_plot
-from ._session import SESSION_KEY as _SESSION
-from ._session import BenchConfig, BenchSession, _loadavg
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastdeeplab.bench_cli import OPTIONS  # noqa: E402
+
+from ._report import add_speedups, format_kernel_table, format_table, write_json, write_plot  # noqa: E402
+from ._session import SESSION_KEY as _SESSION  # noqa: E402
+from ._session import BenchConfig, BenchSession, _loadavg  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,6 +49,8 @@ def pytest_configure(config: pytest.Config) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fastdeeplab-bench-"))
     state = BenchSession(cfg, workdir)
     state.load_at_start = _loadavg()
+    state.omp_wait_policy = os.environ.get("OMP_WAIT_POLICY", "") + (
+        " (set after torch loaded: no effect)" if TORCH_PRELOADED else "")
     config.stash[_SESSION] = state
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

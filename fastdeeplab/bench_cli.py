@@ -13,6 +13,7 @@ suite's ``bench/conftest.py`` registers them with pytest and this module registe
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,14 +106,14 @@ def pytest_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``pytest <checkout>/bench <translated options> <extra pytest args>``; returns pytest's exit code."""
-    try:
-        import pytest
-        import pytest_benchmark  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"the benchmark suite needs pytest and pytest-benchmark ({exc.name} is missing): "
-                          "pip install 'fastdeeplab[bench]'") from exc
+    """Run ``python -m pytest <checkout>/bench <translated options> <extra pytest args>`` in a fresh process
+    (so that the suite sets up threading before torch loads); returns pytest's exit code."""
+    import importlib.util
+
+    for module, name in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark")):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"the benchmark suite needs {name}: pip install 'fastdeeplab[bench]'")
     bench = find_bench_dir()
     argv = [str(bench), "--rootdir", str(bench.parent), *pytest_arguments(args), *(args.pytest_args or [])]
-    print(f"fastdeeplab bench: pytest {' '.join(argv)}", file=sys.stderr)
-    return int(pytest.main(argv))
+    print(f"fastdeeplab bench: pytest {' '.join(argv)}", file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=bench.parent).returncode
