@@ -156,3 +156,14 @@ def test_eval_command_rebuilds_the_trained_architecture(tmp_path, mixed_sizes, c
     assert saved["confusion"] == expected["confusion"].tolist()
     assert saved["mIoU"] == pytest.approx(expected["mIoU"])
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_optimized_model_evaluates_like_the_original(model, mixed_sizes):
+    """Any model with the ``{"out": logits}`` contract works, e.g. the BN-folded inference model."""
+    optimize = pytest.importorskip("fastdeeplab.optimize").optimize
+    fast = optimize(model, backend="torch")
+    ds = VOCSegmentation(mixed_sizes, "val")
+    a = fastdeeplab.evaluate(model, ds, scales=(0.75, 1.0), flip=True, progress=False)
+    b = fastdeeplab.evaluate(fast, ds, scales=(0.75, 1.0), flip=True, progress=False)
+    assert int(a["confusion"].sum()) == int(b["confusion"].sum())
+    assert b["mIoU"] == pytest.approx(a["mIoU"], abs=0.01)
