@@ -15,7 +15,7 @@ from typing import Any
 
 from fastdeeplab._io import atomic_path
 
-__all__ = ["COLUMNS", "ROW_KEYS", "add_speedups", "format_kernel_table", "format_table", "write_json", "write_plot"]
+__all__ = ["COLUMNS", "ROW_KEYS", "add_kernel_speedups", "add_speedups", "format_kernel_table", "format_table", "write_json", "write_plot"]
 
 # Keys of every row, in order; rows that did not run keep None in the measured ones.
 ROW_KEYS = (
@@ -62,6 +62,15 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         r["speedup_vs_reference"] = tv[8] / lat if 8 in tv else None
         same = tv.get(r["output_stride"])
         r["speedup_vs_torchvision_same_os"] = same / lat if same else None
+
+
+def add_kernel_speedups(rows: list[dict[str, Any]]) -> None:
+    """Fill ``speedup_vs_cudnn`` (cuDNN time / row time) on kernel rows whose case and dtype have a cuDNN row."""
+    cudnn = {(r["case"], r["dtype"]): r.get("time_us_median") for r in rows if r.get("provider") == "cudnn"}
+    for r in rows:
+        base = cudnn.get((r["case"], r["dtype"]))
+        if base and r.get("time_us_median"):
+            r["speedup_vs_cudnn"] = base / r["time_us_median"]
 
 
 def _f(value: Any, fmt: str, none: str = "-") -> str:
@@ -125,12 +134,19 @@ def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
 
 def format_kernel_table(rows: Sequence[dict[str, Any]]) -> str:
     """Kernel micro-benchmark rows: shape, dtype, provider, time, TFLOP/s, % of the device's peak."""
-    header = (f"{'case':<34}{'dtype':>9} {'provider':>9} {'median us':>10} {'TFLOP/s':>8} {'% peak':>7}  status")
-    lines = [header, "-" * len(header)]
+    gpu = next((r["gpu"] for r in rows if r.get("gpu")), None)
+    header = (f"{'case':<34}{'dtype':>9} {'provider':>9} {'median us':>10} {'TFLOP/s':>8} {'% peak':>7} "
+              f"{'x cuDNN':>8}  status")
+    peak = next((r["peak_tflops"] for r in rows if r.get("peak_tflops")), None)
+    lines = [f"GPU: {gpu}; dense fp16/bf16 peak {_f(peak, '.0f', 'unknown')} TFLOP/s" if gpu else "", header,
+             "-" * len(header)]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}"
         lines.append(f"{r['case']:<34}{r['dtype']:>9} {r['provider']:>9} {_f(r.get('time_us_median'), '10.1f'):>10} "
-                     f"{_f(r.get('tflops'), '8.1f'):>8} {_f(r.get('percent_of_peak'), '7.1f'):>7}  {status}")
+                     f"{_f(r.get('tflops'), '8.1f'):>8} {_f(r.get('percent_of_peak'), '7.1f'):>7} "
+                     f"{_f(r.get('speedup_vs_cudnn'), '7.2f') + ('x' if r.get('speedup_vs_cudnn') else ''):>8}  {status}")
+    if not gpu:
+        lines = lines[1:]
     return "\n".join(lines)
 
 

@@ -30,7 +30,14 @@ import torch  # noqa: E402
 
 from fastdeeplab.bench_cli import OPTIONS  # noqa: E402
 
-from ._report import add_speedups, format_kernel_table, format_table, write_json, write_plot  # noqa: E402
+from ._report import (  # noqa: E402
+    add_kernel_speedups,
+    add_speedups,
+    format_kernel_table,
+    format_table,
+    write_json,
+    write_plot,
+)
 from ._session import SESSION_KEY as _SESSION  # noqa: E402
 from ._session import BenchConfig, BenchSession, _loadavg  # noqa: E402
 
@@ -83,6 +90,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not state.rows and not state.kernel_rows:
         return
     add_speedups(state.rows)
+    add_kernel_speedups(state.kernel_rows)
     meta = state.metadata(session.config)
     payload = {**meta, "rows": state.rows, "kernels": state.kernel_rows}
     stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
