@@ -14,6 +14,10 @@ from importlib import import_module
 from typing import Any
 
 from . import analysis
+
+# Functions named like their modules are bound eagerly: a later `import fastdeeplab.train` finds the
+# module already loaded and leaves the package attribute (the function) alone.
+from .evaluate import evaluate
 from .hub import (
     deeplabv3_cascade_resnet50,
     deeplabv3_cascade_resnet101,
@@ -25,7 +29,8 @@ from .hub import (
     load_checkpoint,
 )
 from .model import DeepLabV3, atrous_plan
-from .optimize import optimize  # a function named like its module: bound eagerly so it always wins
+from .optimize import optimize
+from .train import train
 
 __version__ = "0.1.0"
 
@@ -35,8 +40,6 @@ _LAZY = {
     "ExportReport": "fastdeeplab.export.onnx",
     "build_tensorrt_engine": "fastdeeplab.export.tensorrt",
     "TensorRTModel": "fastdeeplab.export.tensorrt",
-    "evaluate": "fastdeeplab.evaluate",
-    "train": "fastdeeplab.train",
 }
 
 __all__ = [
@@ -51,7 +54,9 @@ __all__ = [
     "get_model",
     "list_models",
     "load_checkpoint",
+    "evaluate",
     "optimize",
+    "train",
     *_LAZY,
 ]
 

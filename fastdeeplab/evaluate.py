@@ -18,7 +18,6 @@ import json
 import math
 import sys
 import time
-import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -290,17 +289,6 @@ def run(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """``fastdeeplab.evaluate`` names both this module and its function: importing the submodule (which
-    ``fastdeeplab.predict`` and ``fastdeeplab.train`` do) rebinds the package attribute to the module, so the
-    module forwards calls to :func:`evaluate` and ``fastdeeplab.evaluate(model, dataset)`` always works."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":  # pragma: no cover
     from .cli import main

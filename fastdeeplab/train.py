@@ -46,7 +46,6 @@ import math
 import os
 import sys
 import time
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -928,17 +927,6 @@ def run(args: argparse.Namespace) -> int:
                           "final_weights": str(result.final_weights) if result.final_weights else None}))
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """``fastdeeplab.train`` names both this module and its function: once the submodule is imported (the
-    command line does it), the package attribute is the module, so the module forwards calls to
-    :func:`train` and ``fastdeeplab.train(...)`` always works."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":  # pragma: no cover
     from .cli import main

@@ -6,12 +6,12 @@ import importlib.util
 
 import pytest
 import torch
+from fastdeeplab.kernels.reference import conv_bn_relu_module_reference
 from test_model import randomize_bn, rel_err
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50 as tv_deeplabv3_resnet50
 
 import fastdeeplab
-from fastdeeplab.kernels.reference import conv_bn_relu_module_reference
 from fastdeeplab.layers import FusedASPP, FusedConvBNReLU
 from fastdeeplab.model import ASPP
 from fastdeeplab.optimize import OptimizedDeepLabV3, fused_module_counts
