@@ -35,7 +35,7 @@ from ._session import BenchSession
 # float16/bfloat16 rows are reported, not judged: their error depends on the weights (seeded random weights
 # have noise-like logits with tiny margins, so bfloat16 torchvision itself lands near 0.6).
 TOLERANCE = {
-    ("cpu", "float32"): 1e-3,
+    ("cpu", "float32"): 5e-3,
     ("cuda", "float32"): 2e-2,
 }
 
