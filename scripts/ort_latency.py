@@ -6,7 +6,8 @@ layer3 and halving the ASPP rates, as the paper does), export it with :func:`fas
 so that machine noise hits both alike: eager torchvision (``torch.inference_mode``) and ONNX Runtime
 (:func:`fastdeeplab.export.onnx.ort_session`), same thread count, batch 1. Medians of ``--runs`` runs after
 one warm-up each. ``--int8`` adds the int8 QDQ graph (:func:`fastdeeplab.export.quantize.quantize_onnx`,
-calibrated on scikit-image's photographs) with its pixel agreement against fp32.
+calibrated on scikit-image's photographs, timed in the same interleaved loop) and the fraction of
+pixels whose class agrees with the fp32 graph on those photographs.
 
     python scripts/ort_latency.py --depth 50 --strides 16 8 --size 513 513 --runs 5 --int8
 """
@@ -31,7 +32,7 @@ from torchvision.models.segmentation import deeplabv3 as tv_deeplabv3
 
 import fastdeeplab
 from fastdeeplab.export.onnx import export_onnx, ort_session, physical_cores
-from fastdeeplab.export.quantize import compare_quantized, quantize_onnx
+from fastdeeplab.export.quantize import calibration_tensor, pixel_agreement, quantize_onnx
 
 
 def torchvision_deeplabv3(depth: int, output_stride: int, num_classes: int = 21) -> nn.Module:
@@ -77,6 +78,7 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {threads} threads; torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"deeplabv3_resnet{args.depth}, batch 1, {h}x{w}, medians of {args.runs} runs")
+    photos = calibration_tensor(None, (h, w)) if args.int8 else None  # scikit-image's photographs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for stride in args.strides:
@@ -84,31 +86,37 @@ def main() -> None:
             path = Path(tmp) / f"os{stride}.onnx"
             report = export_onnx(fastdeeplab.from_torchvision(tv), path, input_size=(h, w), threads=threads)
             print(report)
-            session = ort_session(path, threads=threads)
+            sessions = {"ort_fp32": ort_session(path, threads=threads)}
+            agreement = None
+            if args.int8:
+                int8 = quantize_onnx(path, Path(tmp) / f"os{stride}.int8.onnx", photos, input_size=(h, w))
+                sessions["ort_int8"] = ort_session(int8, threads=threads)
+                agreement = pixel_agreement(sessions["ort_fp32"], sessions["ort_int8"], photos)
             x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(stride))
             feed = {"input": x.numpy()}
             flops = gflop(tv, x)
-            eager, ort = [], []
+            times: dict[str, list[float]] = {"eager": [], **{k: [] for k in sessions}}
             with torch.inference_mode():
                 tv(x)
-                session.run(["out"], feed)
-                for _ in range(args.runs):  # interleaved: noise on a shared machine hits both alike
+                for session in sessions.values():
+                    session.run(["out"], feed)
+                for _ in range(args.runs):  # interleaved: noise on a shared machine hits all alike
                     start = time.perf_counter()
                     tv(x)
-                    eager.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    session.run(["out"], feed)
-                    ort.append(time.perf_counter() - start)
-            row = {"output_stride": stride, "gflop": flops, "torchvision_eager_ms": median_ms(eager),
-                   "ort_fp32_ms": median_ms(ort), "speedup": median_ms(eager) / median_ms(ort),
-                   "eager_all_ms": [round(t * 1e3) for t in eager], "ort_all_ms": [round(t * 1e3) for t in ort],
+                    times["eager"].append(time.perf_counter() - start)
+                    for key, session in sessions.items():
+                        start = time.perf_counter()
+                        session.run(["out"], feed)
+                        times[key].append(time.perf_counter() - start)
+            row = {"output_stride": stride, "gflop": flops, "torchvision_eager_ms": median_ms(times["eager"]),
+                   "ort_fp32_ms": median_ms(times["ort_fp32"]),
+                   "speedup": median_ms(times["eager"]) / median_ms(times["ort_fp32"]),
+                   "all_ms": {k: [round(t * 1e3) for t in v] for k, v in times.items()},
                    "ort_max_rel_err": max(e[1] for v in report.errors.values() for e in v.values())}
             if args.int8:
-                int8 = quantize_onnx(path, Path(tmp) / f"os{stride}.int8.onnx", None, input_size=(h, w))
-                q = compare_quantized(path, int8, None, size=(h, w), runs=args.runs, threads=threads)
-                print(q)
-                row.update(int8_ms=q.int8_ms, int8_fp32_ms=q.fp32_ms, int8_speedup=q.speedup,
-                           int8_pixel_agreement=q.pixel_agreement)
+                row.update(int8_ms=median_ms(times["ort_int8"]),
+                           int8_speedup=median_ms(times["ort_fp32"]) / median_ms(times["ort_int8"]),
+                           int8_pixel_agreement=agreement)
             rows.append(row)
             print(json.dumps(row))
 

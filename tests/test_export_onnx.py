@@ -244,7 +244,11 @@ def test_ort_session_settings(tiny, tmp_path):
     path = tmp_path / "m.onnx"
     export_onnx(tiny, path, input_size=(33, 47), check=False)
     session = ort_session(path, threads=1, optimization_level="basic")
-    assert session.get_session_options().intra_op_num_threads == 1
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = ort_session(path, spinning=True).get_session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert ort_session(path.read_bytes()).get_session_options().intra_op_num_threads == physical_cores()
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
     with pytest.raises(ValueError, match="optimization_level"):

@@ -586,13 +586,18 @@ _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike | bytes, *, threads: int | None = None,
-                optimization_level: str = "all",
+                optimization_level: str = "all", spinning: bool = False,
                 providers: Sequence[str] | None = None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session with good CPU settings.
 
     ``threads`` intra-op threads (default: physical cores), one inter-op thread, sequential execution, graph
     optimizations ``optimization_level`` (``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``),
     ``providers`` (default CPU). ``model`` is a ``ModelProto``, a path or serialized bytes.
+
+    ``spinning=False`` (default) lets idle worker threads sleep instead of busy-waiting for the next run:
+    spinning threads steal the cores from whatever runs next in the process (PyTorch, pre-processing) and
+    from other processes. On a 2-core machine a spinning session made the next eager PyTorch call up to
+    80x slower and was itself slower under contention; turn it on only for a dedicated inference loop.
     """
     ort = _require_ort()
     if optimization_level not in _OPT_LEVELS:
@@ -610,6 +615,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike | bytes, *, threads: 
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization_level]
     options.log_severity_level = 3  # errors only: unused-initializer notes are noise
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if isinstance(model, bytes):
         source: bytes | str = model
     elif isinstance(model, (str, os.PathLike)):

@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,14 @@ from torch import Tensor
 
 from .._io import atomic_path, check_writable_dir
 
-__all__ = ["CALIBRATION_METHODS", "QuantizationReport", "calibration_tensor", "compare_quantized", "quantize_onnx"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "QuantizationReport",
+    "calibration_tensor",
+    "compare_quantized",
+    "pixel_agreement",
+    "quantize_onnx",
+]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Ops quantized: the convolutions and what sits between them. The final Resize/ArgMax stay in float.
@@ -180,12 +188,7 @@ def compare_quantized(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
 
     batch = calibration_tensor(images, size)
     sessions = [ort_session(p, threads=threads) for p in (fp32_path, int8_path)]
-    agree = total = 0
-    for i in range(batch.shape[0]):
-        x = {INPUT_NAME: batch[i: i + 1].numpy()}
-        a, b = (s.run(["out"], x)[0].argmax(axis=1) for s in sessions)
-        agree += int((a == b).sum())
-        total += a.size
+    agreement = pixel_agreement(*sessions, batch)
     medians = []
     x = {INPUT_NAME: batch[:1].numpy()}
     for s in sessions:
@@ -196,5 +199,20 @@ def compare_quantized(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
             s.run(["out"], x)
             times.append(1e3 * (time.perf_counter() - start))
         medians.append(statistics.median(times))
-    return QuantizationReport(batch.shape[0], (int(batch.shape[2]), int(batch.shape[3])), agree / total,
+    return QuantizationReport(batch.shape[0], (int(batch.shape[2]), int(batch.shape[3])), agreement,
                               medians[0], medians[1], threads or physical_cores())
+
+
+def pixel_agreement(reference: Any, candidate: Any, images: Tensor) -> float:
+    """Fraction of pixels whose class (argmax of ``out``) is the same from two ONNX Runtime sessions (or
+    paths), over ``images`` ``[M, 3, H, W]`` run one at a time."""
+    from .onnx import INPUT_NAME, ort_session
+
+    sessions = [s if hasattr(s, "run") else ort_session(s) for s in (reference, candidate)]
+    agree = total = 0
+    for i in range(images.shape[0]):
+        x = {INPUT_NAME: images[i: i + 1].numpy()}
+        a, b = (s.run(["out"], x)[0].argmax(axis=1) for s in sessions)
+        agree += int((a == b).sum())
+        total += a.size
+    return agree / total
