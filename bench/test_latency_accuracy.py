@@ -4,8 +4,9 @@ One test per (output stride, implementation). Each one:
 
 1. builds the implementation from the shared torchvision reference (same state dict for every row);
 2. runs it once on the first photograph batch, measuring peak memory (that call is the first warmup);
-3. times ``--rounds`` rounds (default: as many as fit ``--time-budget``, at least 5; 3 with ``--quick``) with pytest-benchmark's
-   pedantic mode, cycling through the accuracy photographs; each round is one forward of ``--batch`` images;
+3. after ``--warmup`` - 1 more untimed calls, times ``--rounds`` rounds (default: as many as fit
+   ``--time-budget``, at least 5; 3 with ``--quick``) with pytest-benchmark's pedantic mode, cycling through
+   the accuracy photographs; each round is one forward of ``--batch`` images;
 4. compares the outputs on those photographs with the float32 torchvision model: logit error at the same
    output stride, argmax agreement and mIoU against the OS8 prediction (see ``bench/_metrics.py``);
 5. with ``--data`` and real weights, measures mIoU on the VOC val split with ``fastdeeplab.evaluate``.
