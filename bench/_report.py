@@ -176,18 +176,31 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
     names = sorted({r["implementation"] for r in points}, key=[r["implementation"] for r in rows].index)
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     markers = {16: "o", 8: "s", 32: "^"}
+    xs = [r["latency_ms_median"] for r in points]
+    ys = [r["pixel_agreement"] for r in points]
+    xlim = (min(xs) / 1.25, max(xs) * 1.9)  # room on the right for the labels
+    ypad = 0.15 * max(max(ys) - min(ys), 0.05)
+    ylim = (min(ys) - ypad, max(ys) + ypad)
+    log_span = math.log10(xlim[1] / xlim[0])
+    offsets = (4, -12, 16, -24, 28, -36)
     placed: list[tuple[float, float]] = []
-    span = max(r["pixel_agreement"] for r in points) - min(r["pixel_agreement"] for r in points) or 1.0
-    for r in points:
-        x, y = r["latency_ms_median"], r["pixel_agreement"]
+    for r, x, y in zip(points, xs, ys, strict=True):
         ax.scatter(x, y, s=60, color=colours[r["implementation"]], marker=markers.get(r["output_stride"], "D"),
                    edgecolors="black", linewidths=0.5, zorder=3)
-        # stack the labels of points that sit close together instead of printing them on top of each other
-        near = sum(1 for px, py in placed if abs(math.log10(px / x)) < 0.25 and abs(py - y) < 0.04 * span)
+        # points whose labels would collide get their labels stacked above and below
+        near = sum(1 for px, py in placed if abs(math.log10(px / x)) < 0.2 * log_span
+                   and abs(py - y) < 0.06 * (ylim[1] - ylim[0]))
         placed.append((x, y))
         ax.annotate(f"{r['implementation']} OS{r['output_stride']}", (x, y), textcoords="offset points",
-                    xytext=(7, 4 - 11 * near), fontsize=8)
+                    xytext=(7, offsets[near % len(offsets)]), fontsize=8)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency per forward, median (ms, log scale)")
     ax.set_ylabel("pixel agreement with torchvision OS8 (float32)")
     s = meta["settings"]
