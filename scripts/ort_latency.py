@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -77,7 +78,8 @@ def main() -> None:
     h, w = args.size
     print(f"# {platform.processor() or platform.machine()}, {threads} threads; torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}; "
-          f"deeplabv3_resnet{args.depth}, batch 1, {h}x{w}, medians of {args.runs} runs")
+          f"deeplabv3_resnet{args.depth}, batch 1, {h}x{w}, medians of {args.runs} runs; "
+          f"load average {os.getloadavg()[0]:.2f} (the machine is shared: >~0.5 means other work competed)")
     photos = calibration_tensor(None, (h, w)) if args.int8 else None  # scikit-image's photographs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +114,8 @@ def main() -> None:
                    "ort_fp32_ms": median_ms(times["ort_fp32"]),
                    "speedup": median_ms(times["eager"]) / median_ms(times["ort_fp32"]),
                    "all_ms": {k: [round(t * 1e3) for t in v] for k, v in times.items()},
-                   "ort_max_rel_err": max(e[1] for v in report.errors.values() for e in v.values())}
+                   "ort_max_rel_err": max(e[1] for v in report.errors.values() for e in v.values()),
+                   "load_average_1min": os.getloadavg()[0]}
             if args.int8:
                 row.update(int8_ms=median_ms(times["ort_int8"]),
                            int8_speedup=median_ms(times["ort_fp32"]) / median_ms(times["ort_int8"]),
@@ -120,11 +123,11 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
 
-    print("\n| OS | GFLOP | torchvision eager (ms) | ORT fp32 (ms) | ORT / eager speed-up | ORT GFLOP/s |"
+    print("\n| OS | load | GFLOP | torchvision eager (ms) | ORT fp32 (ms) | ORT / eager speed-up | ORT GFLOP/s |"
           + (" ORT int8 (ms) | int8 vs fp32 | pixels agree |" if args.int8 else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|---|" if args.int8 else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if args.int8 else ""))
     for r in rows:
-        line = (f"| {r['output_stride']} | {r['gflop']:.0f} | {r['torchvision_eager_ms']:.0f} | "
+        line = (f"| {r['output_stride']} | {r['load_average_1min']:.1f} | {r['gflop']:.0f} | {r['torchvision_eager_ms']:.0f} | "
                 f"{r['ort_fp32_ms']:.0f} | {r['speedup']:.2f}x | {r['gflop'] / r['ort_fp32_ms'] * 1e3:.0f} |")
         if args.int8:
             line += (f" {r['int8_ms']:.0f} | {r['int8_speedup']:.2f}x | {100 * r['int8_pixel_agreement']:.2f}% |")
