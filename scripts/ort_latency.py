@@ -38,6 +38,7 @@ from fastdeeplab.export.quantize import calibration_tensor, pixel_agreement, qua
 
 def torchvision_deeplabv3(depth: int, output_stride: int, num_classes: int = 21) -> nn.Module:
     """torchvision's DeepLabV3 at output stride 8 (as shipped) or 16 (layer3 undilated, ASPP rates halved)."""
+    torch.manual_seed(0)  # the same random weights every run (no pretrained weights offline)
     backbone = (resnet50 if depth == 50 else resnet101)(
         weights=None, replace_stride_with_dilation=[False, output_stride == 8, True])
     model = tv_deeplabv3._deeplabv3_resnet(backbone, num_classes, aux=False)
