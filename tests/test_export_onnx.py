@@ -257,6 +257,36 @@ def test_ort_session_settings(tiny, tmp_path):
         ort_session(tmp_path / "missing.onnx")
 
 
+class ReshapedWeight(nn.Module):
+    """A conv weight kept 2-D and reshaped in forward (as fused modules do): must still be an initializer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": F.conv2d(x, self.w[:, :, None, None])}
+
+
+def test_layout_ops_on_weights_are_folded(tmp_path):
+    report = export_onnx(ReshapedWeight().eval(), tmp_path / "m.onnx", input_size=(9, 11))
+    assert report.checks["tensorrt_ops"].passed and dict(report.op_counts) == {"Conv": 1}
+    conv = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert conv.node[0].input[1] in {t.name for t in conv.initializer}
+
+
+def test_optimized_model_exports(tmp_path):
+    """optimize()'s fused modules export as standard ops and match the unoptimized model."""
+    model = randomize_bn(fastdeeplab.deeplabv3_resnet50(num_classes=CLASSES, output_stride=16)).eval()
+    fast = fastdeeplab.optimize(model, backend="torch")
+    report = export_onnx(fast, tmp_path / "fast.onnx", input_size=(33, 49), argmax=True)
+    assert report.passed and "BatchNormalization" not in report.op_counts
+    x = torch.randn(1, 3, 41, 57)
+    got = ort_session(tmp_path / "fast.onnx").run(["out"], {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert_close_to_scale(got, model(x)["out"].numpy(), FP32_TOL, "optimized export vs eager model")
+
+
 # --------------------------------------------------------------------------------------------------
 # Failures: named, and nothing left behind
 # --------------------------------------------------------------------------------------------------

@@ -336,6 +336,40 @@ def _rewrite_global_pool(proto: onnx.ModelProto, ranks: dict[str, int]) -> int:
     return rewritten
 
 
+# Data-movement ops whose result is exact: folded when every input is an initializer.
+_FOLDABLE = ("Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Transpose", "Slice", "Cast")
+
+
+def _fold_constant_layout_ops(proto: onnx.ModelProto) -> int:
+    """Replace layout ops on initializers (``weight[:, :, None, None]`` → ``Unsqueeze(weight)``) by their
+    result, so a Conv's weight is an initializer as TensorRT requires; returns how many were folded."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    initializers = {t.name: t for t in proto.graph.initializer}
+    graph_outputs = {o.name for o in proto.graph.output}
+    folded, kept = 0, []
+    for node in proto.graph.node:
+        inputs = [i for i in node.input if i]
+        if (node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and inputs
+                and all(i in initializers for i in inputs) and not set(node.output) & graph_outputs):
+            outputs = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", [], outputs, initializer=[initializers[i] for i in inputs]),
+                opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+            for name, value in zip(node.output, ReferenceEvaluator(single).run(None, {}), strict=True):
+                initializers[name] = numpy_helper.from_array(np.asarray(value), name)
+                proto.graph.initializer.append(initializers[name])
+            folded += 1
+            continue
+        kept.append(node)
+    if folded:
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+    return folded
+
+
 def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
     used = {name for node in proto.graph.node for name in node.input}
     used |= {o.name for o in proto.graph.output}
@@ -480,7 +514,8 @@ def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | Non
     if not _MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset must be between {_MIN_OPSET} and {onnx.defs.onnx_opset_version()}, got {opset}")
 
-    model = copy.deepcopy(source).cpu().float().eval()
+    # contiguous (NCHW) weights: channels-last ones trace into as_strided/Gather nodes
+    model = copy.deepcopy(source).cpu().float().to(memory_format=torch.contiguous_format).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     fold_batchnorm_(model)
@@ -509,6 +544,7 @@ def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | Non
                                f"{_exporter_summary(exc)}") from exc
     proto = program.model_proto
 
+    _fold_constant_layout_ops(proto)
     _rewrite_global_pool(proto, _tensor_ranks(proto))
     for node in proto.graph.node:
         del node.metadata_props[:]  # stack traces with local paths: noise in a deployment artifact
