@@ -17,10 +17,12 @@ Backends (``backend=``):
 * ``"torch"`` — plain PyTorch, anywhere; on CPU it calls oneDNN's fused conv + bias + add + ReLU.
 * ``"onnxruntime"`` — CPU: an ONNX Runtime session built from the project's ONNX export of the fused model
   (dynamic height, width and batch: built once, rebuilt only when the output stride changes).
-* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU: ``"torch"``.
-  On this project's reference CPU (2 AVX-512 cores, fp32, 513×513) the oneDNN-fused torch path measured
-  faster than ONNX Runtime on the same fused graph at both output strides (``bench/RESULTS.md``), and it
-  needs no optional package.
+* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU, float32:
+  ``"onnxruntime"`` when onnx and onnxruntime import, else ``"torch"``. Why: on this project's reference CPU
+  (2 AVX-512 cores, fp32, 513×513, batch 1, same process) ONNX Runtime on the fused graph measured 3–8%
+  faster than the oneDNN-fused torch path at both output strides (653 vs 671 ms at OS8, 201 vs 218 ms at
+  OS16; ``bench/RESULTS.md``); both run the convolutions at about 500 GFLOP/s, near the CPU's FMA limit.
+  CPU bfloat16 uses ``"torch"`` (oneDNN's AVX-512 BF16 kernels).
 """
 
 from __future__ import annotations
@@ -51,13 +53,21 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend ``optimize`` uses for ``backend`` on ``device`` (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if _triton_available() else "torch"
+        if dtype in (None, torch.float32) and _onnxruntime_available():
+            return "onnxruntime"
         return "torch"
     if backend == "triton":
         if device.type != "cuda" and not _interpreting():
@@ -154,13 +164,14 @@ class OptimizedDeepLabV3(DeepLabV3):
         return super().train(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not torch.jit.is_tracing():
-            check_input(x, self.output_stride)
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return super().forward(x)  # graphs carry no layout or dtype conversions
+        check_input(x, self.output_stride)
         in_dtype = x.dtype
         x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+        with torch.inference_mode():
             out = super().forward(x)
         return {k: v.to(in_dtype) for k, v in out.items()}
 
@@ -256,7 +267,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    concrete = resolve_backend(backend, device)
+    concrete = resolve_backend(backend, device, dtype)
     if dtype is None:
         dtype = torch.float16 if (concrete == "triton" and device.type == "cuda") else torch.float32
     if not dtype.is_floating_point:

@@ -169,10 +169,14 @@ def test_optimize_errors(model, monkeypatch):
 
 
 def test_auto_backend_on_cpu(model):
-    from fastdeeplab.optimize import resolve_backend
+    from fastdeeplab.optimize import OnnxRuntimeDeepLabV3, resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert fastdeeplab.optimize(model).backend == "torch"
+    expected = "onnxruntime" if HAS_ORT else "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == expected
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+    fast = fastdeeplab.optimize(model)
+    assert isinstance(fast, OnnxRuntimeDeepLabV3) if HAS_ORT else fast.backend == "torch"
+    assert fastdeeplab.optimize(model, dtype=torch.bfloat16).backend == "torch"
 
 
 # ------------------------------------------------------------------------------------------------
