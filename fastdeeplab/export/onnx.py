@@ -496,13 +496,6 @@ def _exporter_summary(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def _make_readable(path: str | os.PathLike) -> None:
-    """Give a freshly written temporary file the permissions the umask allows (``mkstemp`` makes it 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | None, dynamic: bool, opset: int,
                   outputs: tuple[str, ...], argmax: bool, half: bool) -> onnx.ModelProto:
     """Deep-copy ``source`` (already in eval mode at the wanted stride), fold BN, export, rewrite."""
@@ -853,7 +846,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequen
                               export_seconds=elapsed)
         with atomic_path(path) as tmp:
             onnx.save_model(proto, tmp)
-            _make_readable(tmp)
             if check:
                 _run_checks(report, proto, tmp, source, sizes=sizes, dynamic=dynamic, outputs=outputs,
                             argmax=argmax, half=half, threads=threads)

@@ -111,7 +111,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         )
     except ImportError as exc:
         raise ImportError("quantization needs onnxruntime: pip install 'fastdeeplab[onnx]'") from exc
-    from .onnx import INPUT_NAME, _make_readable
+    from .onnx import INPUT_NAME
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
@@ -154,7 +154,6 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
             from .checks import check_tensorrt
 
             check_tensorrt(str(tmp)).raise_if_failed()
-        _make_readable(tmp)
     return Path(out_path)
 
 

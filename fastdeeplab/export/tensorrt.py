@@ -366,12 +366,10 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; set logging to DEBUG for "
                            "the builder's messages (logging.getLogger('fastdeeplab.export.tensorrt'))")
-    from .onnx import _make_readable
 
     with atomic_path(engine_path) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(serialized))
-        _make_readable(tmp)
     if timing_cache is not None:
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
