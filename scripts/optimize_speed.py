@@ -1,0 +1,82 @@
+"""optimize() against torchvision's eager DeepLabV3 on this machine: same weights, same process, interleaved.
+
+    python scripts/optimize_speed.py [--resolution 513] [--rounds 9] [--backends auto torch onnxruntime]
+
+Every implementation runs once per round, in turn, so a load spike from another tenant hits all of them alike;
+the table gives medians and each one's speed-up over torchvision eager at output stride 8, plus the largest
+logit error relative to the output's scale against the reference at the same output stride.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torchvision.models.segmentation import deeplabv3_resnet50  # noqa: E402
+
+import fastdeeplab  # noqa: E402
+from fastdeeplab.images import sample_images  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=513)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--backends", nargs="+", default=["auto", "torch", "onnxruntime"])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    reference8 = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21).eval()
+    model = fastdeeplab.from_torchvision(reference8)  # same weights
+    x = sample_images(args.resolution, count=1)[1]
+
+    runs: dict[str, Callable[[], torch.Tensor]] = {"torchvision eager OS8": lambda: reference8(x)["out"]}
+    expected: dict[str, torch.Tensor] = {}
+    for os_ in (16, 8):
+        eager = fastdeeplab.from_torchvision(reference8).set_output_stride(os_)
+        with torch.inference_mode():
+            expected[f"OS{os_}"] = eager(x)["out"]
+        if os_ == 16:
+            runs["fastdeeplab eager OS16"] = lambda m=eager: m(x)["out"]
+        for backend in args.backends:
+            fast = fastdeeplab.optimize(model.set_output_stride(os_), backend=backend)
+            label = f"optimize({backend!r}) OS{os_}"
+            if backend == "auto":
+                label += f" [{type(fast).__name__}]"
+            runs[label] = lambda m=fast: m(x)["out"]
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    errors: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, fn in runs.items():  # warm-up; ONNX Runtime sessions are built here
+            out = fn()
+            ref = expected["OS8" if "OS8" in name else "OS16"]
+            errors[name] = ((out - ref).abs().max() / ref.abs().max()).item()
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+
+    base = statistics.median(times["torchvision eager OS8"])
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.resolution}x{args.resolution}, batch 1, fp32, "
+          f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.2f}")
+    print(f"| implementation | median ms | min ms | speed-up vs torchvision OS8 | max rel. error |")
+    print("|---|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {1000 * med:.0f} | {1000 * min(ts):.0f} | {base / med:.2f}x | {errors[name]:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
