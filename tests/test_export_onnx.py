@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import randomize_bn
 from onnx import helper
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50 as tv_deeplabv3_resnet50
@@ -36,18 +37,6 @@ from fastdeeplab.model import ASPP
 
 SIZES = ((65, 65), (97, 131))  # export size, then an odd, non-square size checked with batch 2
 FP32_TOL = 1e-4  # max |ort - torch| <= FP32_TOL * max |torch|
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters: the defaults (0 and 1) hide folding bugs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def assert_close_to_scale(actual: np.ndarray, expected: np.ndarray, tol: float, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import randomize_bn, rel_err
 from torch import nn
 from torchvision.models import resnet50, resnet101
 from torchvision.models._utils import IntermediateLayerGetter
@@ -16,23 +17,6 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as TvDeepLabV3
 import fastdeeplab
 from fastdeeplab.analysis import live_offsets, valid_tap_fraction, valid_weight_distribution
 from fastdeeplab.model import atrous_plan
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters: the defaults (0 and 1) hide folding bugs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
 
 TV_BUILDERS = {50: tv_deeplabv3_resnet50, 101: tv_deeplabv3_resnet101}
 OURS = {50: fastdeeplab.deeplabv3_resnet50, 101: fastdeeplab.deeplabv3_resnet101}

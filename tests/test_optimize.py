@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 import torch
+from _models import randomize_bn, rel_err
 from fastdeeplab.kernels.reference import conv_bn_relu_module_reference
-from test_model import randomize_bn, rel_err
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50 as tv_deeplabv3_resnet50
 
