@@ -41,6 +41,7 @@ from ._utils import (
     interpreting,
     resolve_input_precision,
 )
+from .conv_bn_relu import grouped_tile
 
 __all__ = ["NUM_BRANCHES", "aspp_project", "aspp_project_packed", "get_autotune_configs",
            "get_interpreter_config", "pack_aspp_weight"]
@@ -101,13 +102,7 @@ def _aspp_project_kernel(
     # ---- program -> (image, pixel tile, channel tile), grouped along M for L2 reuse of the weight
     pid = tl.program_id(0)
     tiles_img = tl.cdiv(HW, BLOCK_M)
-    num_pid_m = N * tiles_img
-    num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
-    pids_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
-    pid_n = (pid % pids_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, N * tiles_img, tl.cdiv(C_OUT, BLOCK_N), GROUP_M)
     img = pid_m // tiles_img
     p = (pid_m % tiles_img) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = p < HW

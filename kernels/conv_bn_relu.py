@@ -92,6 +92,18 @@ def get_interpreter_config() -> triton.Config:
 
 
 @triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id → (M tile, N tile), walking GROUP_M M-tiles down each N column before moving right, so a
+    group of programs shares its weight tiles in L2 (the ordering of Triton's matmul tutorial)."""
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
+    pid_n = (pid % pids_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _conv_bn_relu_kernel(
     x_ptr,  # *T input [N, C_IN, H, W] channels-last: (n, c, h, w) at n*stride_xn + h*stride_xh + w*stride_xw + c
     w_ptr,  # *T packed weight [KH*KW*C_IN, C_OUT] row-major: row (kh*KW + kw)*C_IN + c, see pack_weight
@@ -121,13 +133,8 @@ def _conv_bn_relu_kernel(
     tiles_oh = tl.cdiv(OH, BLOCK_OH)
     tiles_ow = tl.cdiv(OW, BLOCK_OW)
     tiles_img = tiles_oh * tiles_ow
-    num_pid_m = N * tiles_img
     num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
-    pids_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
-    pid_n = (pid % pids_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, N * tiles_img, num_pid_n, GROUP_M)
 
     img = pid_m // tiles_img
     t = pid_m % tiles_img

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from _assert import assert_close_verbose  # noqa: E402
+from _assert import KERNEL_DTYPES, assert_close_verbose  # noqa: E402
 from fastdeeplab.kernels import aspp_project, aspp_project_packed, pack_aspp_weight  # noqa: E402
 from fastdeeplab.kernels.aspp import get_autotune_configs  # noqa: E402
 from fastdeeplab.kernels.reference import aspp_project_reference  # noqa: E402
@@ -18,12 +18,7 @@ from fastdeeplab.kernels.reference import aspp_project_reference  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 
-DTYPES = [
-    pytest.param(torch.float32, False, 1e-4, 1e-4, id="fp32-ieee"),
-    pytest.param(torch.float32, True, 1e-2, 1e-2, id="fp32-tf32"),
-    pytest.param(torch.float16, None, 2e-3, 2e-3, id="fp16"),
-    pytest.param(torch.bfloat16, None, 1.6e-2, 1.6e-2, id="bf16"),
-]
+DTYPES = KERNEL_DTYPES
 
 # Interpreter config: BLOCK_M=32 pixels, BLOCK_N=32, BLOCK_K=16. H*W, Cb and Cout are chosen off those.
 CASES = [

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from _assert import assert_close_verbose  # noqa: E402
+from _assert import KERNEL_DTYPES, assert_close_verbose  # noqa: E402
 from fastdeeplab.kernels import conv_bn_relu, conv_bn_relu_packed, fold_bn, pack_weight  # noqa: E402
 from fastdeeplab.kernels.conv_bn_relu import get_autotune_configs  # noqa: E402
 from fastdeeplab.kernels.reference import conv_bn_relu_module_reference, conv_bn_relu_reference  # noqa: E402
@@ -29,14 +29,7 @@ from fastdeeplab.analysis import tile_live_taps, tile_tap_fraction, valid_tap_fr
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 
-# Both sides start from the same dtype-rounded inputs; the reference runs in float64. What remains is
-# float32 accumulation order (and TF32 rounding) plus the final rounding to the output dtype.
-DTYPES = [
-    pytest.param(torch.float32, False, 1e-4, 1e-4, id="fp32-ieee"),
-    pytest.param(torch.float32, True, 1e-2, 1e-2, id="fp32-tf32"),
-    pytest.param(torch.float16, None, 2e-3, 2e-3, id="fp16"),
-    pytest.param(torch.bfloat16, None, 1.6e-2, 1.6e-2, id="bf16"),
-]
+DTYPES = KERNEL_DTYPES  # tolerances per dtype, against a float64 reference (see tests/_assert.py)
 
 
 def _case(n, cin, h, w, cout, k=3, stride=1, dilation=1, padding=None, relu=True):
