@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .kernels._utils import interpreting, triton_available
 from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
 from .model import ASPP, Backbone, DeepLabV3, check_input
 
@@ -43,14 +44,6 @@ BACKENDS = ("auto", "torch", "triton", "onnxruntime")
 _TRAIN_ERROR = ("this model was built by fastdeeplab.optimize() for inference only: its BatchNorms are folded "
                 "into the convolutions and it has no trainable parameters. Train the original model and "
                 "optimize it again.")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _onnxruntime_available() -> bool:
@@ -65,25 +58,19 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
-            return "triton" if _triton_available() else "torch"
+            return "triton" if triton_available() else "torch"
         if dtype in (None, torch.float32) and _onnxruntime_available():
             return "onnxruntime"
         return "torch"
     if backend == "triton":
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise ValueError("backend='triton' needs a CUDA model (move it with .cuda() first); on CPU use "
                              "backend='torch' or 'onnxruntime' (Triton runs on CPU only under TRITON_INTERPRET=1)")
-        if not _triton_available():
+        if not triton_available():
             raise ImportError("backend='triton' needs triton: pip install 'fastdeeplab[triton]'")
     if backend == "onnxruntime" and device.type != "cpu":
         raise ValueError("backend='onnxruntime' runs on the CPU; move the model with .cpu() first")
     return backend
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------------
