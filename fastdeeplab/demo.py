@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     x = normalize(load_image(path), args.resolution)[None].to(args.device)
     torch.manual_seed(0)
     model = fastdeeplab.get_model(args.model, weights=args.weights).eval().to(args.device)
-    print(f"{args.model} on {path.name if hasattr(path, 'name') else path} at {args.resolution}x{args.resolution}, "
+    print(f"{args.model} on {Path(path).name} at {args.resolution}x{args.resolution}, "
           f"{args.device}, weights: {args.weights or 'random (seed 0)'}")
     preds = {}
     for os_ in (16, 8):

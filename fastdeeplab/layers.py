@@ -27,14 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels.reference import fold_bn
+from .model import capturing_graph
 
 __all__ = ["BACKENDS", "FusedASPP", "FusedBottleneck", "FusedConvBNReLU"]
 
 BACKENDS = ("torch", "triton")
-
-
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 def _onednn_fused_conv_available() -> bool:
@@ -119,7 +116,7 @@ class FusedConvBNReLU(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if _exporting():
+        if capturing_graph():
             return self._forward_plain(x, residual)
         if self.backend == "triton":
             return self._forward_triton(x, residual)
@@ -227,16 +224,20 @@ class FusedASPP(nn.Module):
         self.register_buffer("pool_bias", pool_b)  # [Cb]
         proj_w, proj_b = fold_bn(aspp.project[0], aspp.project[1])
         cb = pool_w.shape[0]
-        self.register_buffer("weight", proj_w)  # [Cout, 5*Cb, 1, 1], the pooled branch's Cb inputs last
         self.register_buffer("spatial_weight", proj_w[:, : 4 * cb].contiguous())  # [Cout, 4*Cb, 1, 1]
         self.register_buffer("pooled_weight", proj_w[:, 4 * cb:].flatten(1).contiguous())  # [Cout, Cb]
         self.register_buffer("bias", proj_b)  # [Cout]
-        self.relu = not (len(aspp.project) > 2 and not isinstance(aspp.project[2], nn.ReLU))
+        self.relu = any(isinstance(m, nn.ReLU) for m in aspp.project)
         self._packed: Tensor | None = None
 
     def _apply(self, fn, recurse: bool = True):
         self._packed = None
         return super()._apply(fn, recurse)
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole projection ``[Cout, 5*Cb, 1, 1]``, the pooled branch's ``Cb`` inputs last."""
+        return torch.cat([self.spatial_weight, self.pooled_weight[:, :, None, None]], dim=1)
 
     @property
     def rates(self) -> tuple[int, ...]:
@@ -255,7 +256,7 @@ class FusedASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         branches = [branch(x) for branch in self.branches]
-        if _exporting():
+        if capturing_graph():
             # GlobalAveragePool → Conv → Relu → Conv, broadcast-added: no Resize of a 1×1 map.
             pooled = F.relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), self.pool_weight[:, :, None, None],
                                      self.pool_bias))

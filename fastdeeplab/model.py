@@ -34,6 +34,7 @@ __all__ = [
     "FCNHead",
     "PaperHead",
     "atrous_plan",
+    "capturing_graph",
     "check_input",
 ]
 
@@ -314,6 +315,13 @@ class FCNHead(nn.Sequential):
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
+def capturing_graph() -> bool:
+    """Whether the forward pass is being traced, scripted, compiled or exported to ONNX rather than run:
+    input checks, layout conversions and backend-specific kernels then step aside for plain ops."""
+    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch.compiler.is_compiling())
+
+
 def check_input(x: Tensor, output_stride: int, in_channels: int = 3) -> None:
     """Raise a ``ValueError``/``TypeError`` that names the problem with an input batch ``[N, 3, H, W]``."""
     if not isinstance(x, Tensor):
@@ -378,7 +386,7 @@ class DeepLabV3(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()):
+        if not capturing_graph():
             check_input(x, self.output_stride)
         size = x.shape[-2:]
         features = self.backbone(x)

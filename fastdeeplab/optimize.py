@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .kernels._utils import interpreting, triton_available
 from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
-from .model import ASPP, Backbone, DeepLabV3, check_input
+from .model import ASPP, Backbone, DeepLabV3, capturing_graph, check_input
 
 __all__ = ["OnnxRuntimeDeepLabV3", "OptimizedDeepLabV3", "optimize", "resolve_backend"]
 
@@ -151,7 +151,7 @@ class OptimizedDeepLabV3(DeepLabV3):
         return super().train(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if capturing_graph():
             return super().forward(x)  # graphs carry no layout or dtype conversions
         check_input(x, self.output_stride)
         in_dtype = x.dtype

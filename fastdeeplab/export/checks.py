@@ -313,8 +313,7 @@ def _restriction_issues(node: onnx.NodeProto, support: OpSupport, g: _Graph, ops
     if match:
         understood = True
         allowed_coords = {m.strip() for m in match.group(1).split(",")}
-        coord = attrs.get("coordinate_transformation_mode", b"half_pixel")
-        coord = coord.decode() if isinstance(coord, bytes) else str(coord)
+        coord = _text(attrs.get("coordinate_transformation_mode", b"half_pixel"))
         if coord not in allowed_coords:
             yield (f"coordinate_transformation_mode {coord!r} is not supported "
                    f"(allowed: {', '.join(sorted(allowed_coords))})")
@@ -322,12 +321,16 @@ def _restriction_issues(node: onnx.NodeProto, support: OpSupport, g: _Graph, ops
     if match:
         understood = True
         allowed_modes = {m.strip() for m in match.group(1).split(",")}
-        mode = attrs.get("mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        mode = _text(attrs.get("mode", b"nearest"))
         if mode not in allowed_modes:
             yield f"mode {mode!r} is not supported (allowed: {', '.join(sorted(allowed_modes))})"
     if not understood:
         yield f"?{node.op_type}: {text}"
+
+
+def _text(value: object) -> str:
+    """A string attribute as text (ONNX stores them as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _check_graph(graph: onnx.GraphProto, table: Mapping[str, OpSupport], types: Mapping[str, tuple[int, int | None]],
