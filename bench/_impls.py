@@ -283,17 +283,19 @@ def _build_fastdeeplab(reference: nn.Module, s: Setting) -> Built:
 
 def _build_optimize(backend: str) -> Callable[[nn.Module, Setting], Built]:
     def build(reference: nn.Module, s: Setting) -> Built:
-        if backend == "onnxruntime":
+        exported = backend in ("onnxruntime", "openvino")  # a session over the ONNX export (CPU)
+        if exported:
             if s.device.type != "cpu":
-                raise Unavailable("optimize(backend='onnxruntime') runs on the CPU; use --device cpu to include it")
-            _require("onnxruntime", "onnx")
+                raise Unavailable(f"optimize(backend={backend!r}) runs on the CPU; use --device cpu to include it")
+            _require("onnx", "onnx")
+            _require(backend, "onnx" if backend == "onnxruntime" else "openvino")
         if backend == "triton":
             if s.device.type != "cuda":
                 raise Unavailable("Triton kernels need CUDA (device is cpu)")
             _require("triton", "triton")
         optimize = _fastdeeplab_api("optimize")
         model = _fastdeeplab_model(reference, s)
-        if backend != "onnxruntime":
+        if not exported:
             model = model.to(s.device)  # optimize() works on the device the model is on
         start = time.perf_counter()
         try:
@@ -301,14 +303,14 @@ def _build_optimize(backend: str) -> Callable[[nn.Module, Setting], Built]:
         except (NotImplementedError, ValueError) as exc:  # refused settings, e.g. a dtype the backend lacks
             raise Unavailable(f"optimize(backend={backend!r}): {exc}") from exc
         notes = [f"fastdeeplab.optimize(backend={backend!r}, channels_last=True)"]
-        if backend == "onnxruntime":
+        if exported:
             if s.threads is not None and hasattr(fast, "threads"):
                 fast.threads = s.threads
             # The ONNX export and the session are made on the first call (dynamic axes): do it now, on a
             # small input, so that neither lands in the latency or in the first call's peak memory.
             side = 4 * s.output_stride + 1
             _module_fn(fast)(torch.zeros(1, 3, side, side, dtype=s.dtype))
-            notes.append("session built at build time (export + ONNX Runtime session)")
+            notes.append(f"session built at build time (export + {backend} compile)")
         return Built(_module_fn(fast), s.dtype, time.perf_counter() - start, notes)
     return build
 
@@ -409,6 +411,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
     Implementation("fastdeeplab", "fastdeeplab eager (from_torchvision)", _build_fastdeeplab),
     Implementation("optimize_torch", "optimize(backend='torch')", _build_optimize("torch")),
     Implementation("optimize_onnxruntime", "optimize(backend='onnxruntime')", _build_optimize("onnxruntime")),
+    Implementation("optimize_openvino", "optimize(backend='openvino')", _build_optimize("openvino")),
     Implementation("openvino", "OpenVINO on the exported ONNX graph", _build_openvino),
     Implementation("triton", "optimize(backend='triton')", _build_optimize("triton")),
     Implementation("tensorrt", "TensorRT engine from the exported ONNX graph", _build_tensorrt),

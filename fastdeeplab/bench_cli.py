@@ -21,8 +21,8 @@ from typing import Any
 __all__ = ["OPTIONS", "IMPLEMENTATIONS", "find_bench_dir", "pytest_arguments", "configure_parser", "run"]
 
 # Every implementation the suite knows, in table order. ``torchvision`` is the reference.
-IMPLEMENTATIONS = ("torchvision", "fastdeeplab", "optimize_torch", "optimize_onnxruntime", "openvino",
-                   "triton", "tensorrt", "torch_compile")
+IMPLEMENTATIONS = ("torchvision", "fastdeeplab", "optimize_torch", "optimize_onnxruntime", "optimize_openvino",
+                   "openvino", "triton", "tensorrt", "torch_compile")
 
 # (flag, keyword arguments accepted by both argparse's add_argument and pytest's parser.addoption)
 OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (

@@ -17,12 +17,13 @@ Backends (``backend=``):
 * ``"torch"`` — plain PyTorch, anywhere; on CPU it calls oneDNN's fused conv + bias + add + ReLU.
 * ``"onnxruntime"`` — CPU: an ONNX Runtime session built from the project's ONNX export of the fused model
   (dynamic height, width and batch: built once, rebuilt only when the output stride changes).
-* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU, float32:
-  ``"onnxruntime"`` when onnx and onnxruntime import, else ``"torch"``. Why: on this project's reference CPU
-  (2 AVX-512 cores, fp32, 513×513, batch 1, same process) ONNX Runtime on the fused graph measured 3–8%
-  faster than the oneDNN-fused torch path at both output strides (653 vs 671 ms at OS8, 201 vs 218 ms at
-  OS16; ``bench/RESULTS.md``); both run the convolutions at about 500 GFLOP/s, near the CPU's FMA limit.
-  CPU bfloat16 uses ``"torch"`` (oneDNN's AVX-512 BF16 kernels).
+* ``"openvino"`` — CPU: the same export compiled by OpenVINO (float32 pinned), built and rebuilt the same way.
+* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU, float32: the first of
+  ``"openvino"``, ``"onnxruntime"``, ``"torch"`` whose packages import. Why: on this project's reference CPU
+  (2 AVX-512 cores, fp32, 513×513, batch 1, one process, interleaved rounds) OpenVINO ran the fused graph in
+  595 ms at OS8 and 202 ms at OS16, ONNX Runtime in 641 and 213 ms, the oneDNN-fused torch path in 644 and
+  220 ms (``bench/RESULTS.md``). All three run the convolutions near the CPU's FMA limit; what separates
+  them is everything around the convolutions. CPU bfloat16 uses ``"torch"`` (oneDNN's AVX-512 BF16 kernels).
 """
 
 from __future__ import annotations
@@ -38,18 +39,22 @@ from .kernels._utils import interpreting, triton_available
 from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
 from .model import ASPP, Backbone, DeepLabV3, capturing_graph, check_input
 
-__all__ = ["OnnxRuntimeDeepLabV3", "OptimizedDeepLabV3", "optimize", "resolve_backend"]
+__all__ = ["OnnxRuntimeDeepLabV3", "OpenVINODeepLabV3", "OptimizedDeepLabV3", "optimize", "resolve_backend"]
 
-BACKENDS = ("auto", "torch", "triton", "onnxruntime")
+BACKENDS = ("auto", "torch", "triton", "onnxruntime", "openvino")
+_EXPORTED = ("openvino", "onnxruntime")  # run the ONNX export on the CPU; auto's order of preference
 _TRAIN_ERROR = ("this model was built by fastdeeplab.optimize() for inference only: its BatchNorms are folded "
                 "into the convolutions and it has no trainable parameters. Train the original model and "
                 "optimize it again.")
 
 
-def _onnxruntime_available() -> bool:
+def _importable(*modules: str) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+_RUNTIME_PACKAGES = {runtime: ("onnx", "onnxscript", runtime) for runtime in _EXPORTED}
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -59,8 +64,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
-        if dtype in (None, torch.float32) and _onnxruntime_available():
-            return "onnxruntime"
+        if dtype in (None, torch.float32):
+            for runtime in _EXPORTED:
+                if _importable(*_RUNTIME_PACKAGES[runtime]):
+                    return runtime
         return "torch"
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
@@ -68,8 +75,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                              "backend='torch' or 'onnxruntime' (Triton runs on CPU only under TRITON_INTERPRET=1)")
         if not triton_available():
             raise ImportError("backend='triton' needs triton: pip install 'fastdeeplab[triton]'")
-    if backend == "onnxruntime" and device.type != "cpu":
-        raise ValueError("backend='onnxruntime' runs on the CPU; move the model with .cpu() first")
+    if backend in _EXPORTED and device.type != "cpu":
+        raise ValueError(f"backend={backend!r} runs on the CPU; move the model with .cpu() first")
     return backend
 
 
@@ -167,17 +174,15 @@ class OptimizedDeepLabV3(DeepLabV3):
                 f"channels_last={self.channels_last}")
 
 
-class OnnxRuntimeDeepLabV3(nn.Module):
-    """An ONNX Runtime session behind the :class:`DeepLabV3` interface (CPU).
+class _ExportedDeepLabV3(nn.Module):
+    """A runtime session over the project's ONNX export of the fused model, behind the :class:`DeepLabV3`
+    interface (CPU). The graph has dynamic batch, height and width: it is exported and compiled on the first
+    call and rebuilt only when ``set_output_stride`` changes it. Subclasses say how to compile and run it."""
 
-    The session runs the project's ONNX export of the fused model (``fastdeeplab.export.onnx``), with
-    dynamic batch, height and width; it is rebuilt only when ``set_output_stride`` changes the graph.
-    """
+    backend = ""
 
     def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
         super().__init__()
-        from .export.onnx import ort_session  # noqa: F401  (fail now, with the extra's name, if missing)
-
         self.model = fused
         self.threads = threads
         self._session: Any = None
@@ -191,38 +196,88 @@ class OnnxRuntimeDeepLabV3(nn.Module):
     def aux_classifier(self) -> nn.Module | None:
         return self.model.aux_classifier
 
-    def set_output_stride(self, output_stride: int) -> OnnxRuntimeDeepLabV3:
+    def set_output_stride(self, output_stride: int) -> _ExportedDeepLabV3:
         self.model.set_output_stride(output_stride)
         self._session = None
         return self
 
-    def train(self, mode: bool = True) -> OnnxRuntimeDeepLabV3:
+    def train(self, mode: bool = True) -> _ExportedDeepLabV3:
         if mode:
             raise RuntimeError(_TRAIN_ERROR)
         return super().train(False)
 
     def session(self, size: tuple[int, int]) -> Any:
-        """The ONNX Runtime session, exported at ``size`` (dynamic axes) the first time it is needed."""
+        """The compiled session, exported at ``size`` (dynamic axes) the first time it is needed."""
         if self._session is None:
-            from .export.onnx import onnx_model_proto, ort_session
+            from .export.onnx import onnx_model_proto
 
             outputs = ("out", "aux") if self.model.aux_classifier is not None else ("out",)
             proto = onnx_model_proto(self.model, input_size=size, dynamic=True, outputs=outputs)
-            self._session = ort_session(proto, threads=self.threads)
-            self._outputs = [o.name for o in self._session.get_outputs()]
+            self._session = self._compile(proto)
+            self._outputs = list(outputs)
         return self._session
+
+    def _compile(self, proto: Any) -> Any:
+        raise NotImplementedError
+
+    def _run(self, session: Any, x: Any) -> list[Any]:
+        """Run ``session`` on the float32 NCHW numpy array ``x``; one numpy array per name in ``_outputs``,
+        owned by the caller."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         check_input(x, self.output_stride)
         if x.device.type != "cpu":
-            raise ValueError(f"the onnxruntime backend runs on the CPU; got an input on {x.device}")
+            raise ValueError(f"the {self.backend} backend runs on the CPU; got an input on {x.device}")
         session = self.session(tuple(x.shape[-2:]))
-        feed = {session.get_inputs()[0].name: x.detach().float().contiguous().numpy()}
-        results = session.run(self._outputs, feed)
+        results = self._run(session, x.detach().float().contiguous().numpy())
         return {name: torch.from_numpy(r).to(x.dtype) for name, r in zip(self._outputs, results)}
 
     def extra_repr(self) -> str:
-        return f"output_stride={self.output_stride}, backend='onnxruntime', threads={self.threads}"
+        return f"output_stride={self.output_stride}, backend={self.backend!r}, threads={self.threads}"
+
+
+class OnnxRuntimeDeepLabV3(_ExportedDeepLabV3):
+    """An ONNX Runtime session (``fastdeeplab.export.onnx.ort_session``) behind the DeepLabV3 interface."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
+        from .export.onnx import ort_session  # noqa: F401  (fail now, with the extra's name, if missing)
+
+        super().__init__(fused, threads=threads)
+
+    def _compile(self, proto: Any) -> Any:
+        from .export.onnx import ort_session
+
+        return ort_session(proto, threads=self.threads)
+
+    def _run(self, session: Any, x: Any) -> list[Any]:
+        return session.run(self._outputs, {session.get_inputs()[0].name: x})
+
+
+class OpenVINODeepLabV3(_ExportedDeepLabV3):
+    """An OpenVINO CPU model (``fastdeeplab.export.openvino``, float32 pinned) behind the DeepLabV3
+    interface."""
+
+    backend = "openvino"
+
+    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
+        from .export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
+        from .export.openvino import _require_openvino
+
+        _require_openvino()
+        super().__init__(fused, threads=threads)
+
+    def _compile(self, proto: Any) -> Any:
+        from .export.openvino import openvino_compiled_model
+
+        compiled = openvino_compiled_model(proto, threads=self.threads, precision="f32")
+        return compiled.create_infer_request()
+
+    def _run(self, session: Any, x: Any) -> list[Any]:
+        results = session.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs: fresh copies
+        return [results[name] for name in self._outputs]
 
 
 def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None,
@@ -231,7 +286,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
 
     Args:
         model: a fastdeeplab :class:`DeepLabV3` or a torchvision ``DeepLabV3`` (ResNet backbone).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"onnxruntime"`` (see the module docstring).
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"onnxruntime"`` or ``"openvino"`` (see the module
+            docstring).
         dtype: compute dtype; default float32 on CPU, float16 on CUDA with Triton. bfloat16 runs on CPUs
             with oneDNN support; float16 needs CUDA.
         channels_last: run in channels-last memory format (the fast layout for every backend here).
@@ -244,7 +300,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
 
     from .hub import from_torchvision
 
-    if isinstance(model, (OptimizedDeepLabV3, OnnxRuntimeDeepLabV3)):
+    if isinstance(model, (OptimizedDeepLabV3, _ExportedDeepLabV3)):
         raise TypeError("this model is already optimized; optimize the original model instead")
     if isinstance(model, TvDeepLabV3):
         model = from_torchvision(model)
@@ -261,13 +317,15 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if dtype == torch.float16 and device.type == "cpu" and concrete != "triton":
         raise ValueError("float16 needs CUDA; on CPU use float32 or bfloat16")
-    if concrete == "onnxruntime" and dtype != torch.float32:
-        raise ValueError("the onnxruntime backend runs float32 here; use backend='torch' for bfloat16")
+    if concrete in _EXPORTED and dtype != torch.float32:
+        raise ValueError(f"the {concrete} backend runs float32 here; use backend='torch' for bfloat16")
     source = copy.deepcopy(model).eval()
     layer_backend = "triton" if concrete == "triton" else "torch"
     fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=dtype, channels_last=channels_last)
     if concrete == "onnxruntime":
         return OnnxRuntimeDeepLabV3(fused)
+    if concrete == "openvino":
+        return OpenVINODeepLabV3(fused)
     return fused
 
 

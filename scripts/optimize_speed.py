@@ -1,6 +1,6 @@
 """optimize() against torchvision's eager DeepLabV3 on this machine: same weights, same process, interleaved.
 
-    python scripts/optimize_speed.py [--resolution 513] [--rounds 9] [--backends auto torch onnxruntime]
+    python scripts/optimize_speed.py [--resolution 513] [--rounds 9] [--backends auto torch onnxruntime openvino]
 
 Every implementation runs once per round, in turn, so a load spike from another tenant hits all of them alike;
 the table gives medians and each one's speed-up over torchvision eager at output stride 8, plus the largest
@@ -26,11 +26,20 @@ import fastdeeplab  # noqa: E402
 from fastdeeplab.images import sample_images  # noqa: E402
 
 
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=513)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--backends", nargs="+", default=["auto", "torch", "onnxruntime"])
+    parser.add_argument("--backends", nargs="+", default=["auto", "torch", "onnxruntime", "openvino"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -69,8 +78,9 @@ def main() -> int:
     base = statistics.median(times["torchvision eager OS8"])
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.resolution}x{args.resolution}, batch 1, fp32, "
-          f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.2f}")
-    print(f"| implementation | median ms | min ms | speed-up vs torchvision OS8 | max rel. error |")
+          f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.2f}, "
+          + ", ".join(f"{m} {_version(m)}" for m in ("onnxruntime", "openvino")))
+    print("| implementation | median ms | min ms | speed-up vs torchvision OS8 | max rel. error |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -16,7 +16,9 @@ from fastdeeplab.layers import FusedASPP, FusedConvBNReLU
 from fastdeeplab.model import ASPP
 from fastdeeplab.optimize import OptimizedDeepLabV3, fused_module_counts
 
-HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
+HAS_ORT = HAS_ONNX and importlib.util.find_spec("onnxruntime") is not None
+HAS_OV = HAS_ONNX and importlib.util.find_spec("openvino") is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -169,41 +171,85 @@ def test_optimize_errors(model, monkeypatch):
 
 
 def test_auto_backend_on_cpu(model):
-    from fastdeeplab.optimize import OnnxRuntimeDeepLabV3, resolve_backend
+    from fastdeeplab.optimize import OnnxRuntimeDeepLabV3, OpenVINODeepLabV3, resolve_backend
 
-    expected = "onnxruntime" if HAS_ORT else "torch"
+    expected = "openvino" if HAS_OV else "onnxruntime" if HAS_ORT else "torch"
     assert resolve_backend("auto", torch.device("cpu")) == expected
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
     fast = fastdeeplab.optimize(model)
-    assert isinstance(fast, OnnxRuntimeDeepLabV3) if HAS_ORT else fast.backend == "torch"
+    kind = {"openvino": OpenVINODeepLabV3, "onnxruntime": OnnxRuntimeDeepLabV3}.get(expected, OptimizedDeepLabV3)
+    assert type(fast) is kind and fast.backend == expected
     assert fastdeeplab.optimize(model, dtype=torch.bfloat16).backend == "torch"
+
+
+def test_auto_backend_falls_back_when_runtimes_are_missing(monkeypatch):
+    import importlib
+
+    opt = importlib.import_module("fastdeeplab.optimize")  # the module (the package binds the function)
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(opt, "_importable", lambda *modules: "openvino" not in modules)
+    assert opt.resolve_backend("auto", cpu) == "onnxruntime"
+    monkeypatch.setattr(opt, "_importable", lambda *modules: False)
+    assert opt.resolve_backend("auto", cpu) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_backends_refuse_what_they_cannot_run(model, backend):
+    with pytest.raises(ValueError, match=f"the {backend} backend runs float32"):
+        fastdeeplab.optimize(model, backend=backend, dtype=torch.bfloat16)
+
+
+def test_missing_openvino_names_the_extra(model, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # blocked: `import openvino` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fastdeeplab\[openvino\]'"):
+        fastdeeplab.optimize(model, backend="openvino")
 
 
 # ------------------------------------------------------------------------------------------------
 # optimize(): onnxruntime and triton backends
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed: pip install 'fastdeeplab[onnx]'")
+_RUNTIMES = [
+    pytest.param("onnxruntime", marks=pytest.mark.skipif(
+        not HAS_ORT, reason="onnxruntime not installed: pip install 'fastdeeplab[onnx]'")),
+    pytest.param("openvino", marks=pytest.mark.skipif(
+        not HAS_OV, reason="openvino not installed: pip install 'fastdeeplab[openvino]'")),
+]
+
+
+@pytest.mark.parametrize("backend", _RUNTIMES)
 @pytest.mark.parametrize("source", ["fastdeeplab", "torchvision"])
 @torch.no_grad()
-def test_onnxruntime_backend_equals_original(model, tv_model, source):
+def test_exported_backend_equals_original(model, tv_model, source, backend):
+    """ONNX Runtime and OpenVINO run the fused export: same outputs as the original at OS16 and OS8, at two
+    input sizes through one session (dynamic axes), rebuilt when the output stride changes."""
     original = model if source == "fastdeeplab" else fastdeeplab.from_torchvision(tv_model)
     original.set_output_stride(16)
-    fast = fastdeeplab.optimize(original if source == "fastdeeplab" else tv_model, backend="onnxruntime")
+    fast = fastdeeplab.optimize(original if source == "fastdeeplab" else tv_model, backend=backend)
+    assert fast.backend == backend and backend in repr(fast)
     fast.set_output_stride(16)
     for size in [(65, 65), (49, 81)]:  # a second size runs through the same session (dynamic axes)
         x = torch.randn(2, 3, *size)
         expected, got = original(x), fast(x)
         assert set(got) == set(expected)
         for key in expected:
+            assert got[key].shape == expected[key].shape
             assert rel_err(got[key], expected[key]) < 1e-4, (key, size)
     session = fast._session
     fast.set_output_stride(8)
     original.set_output_stride(8)
     x = torch.randn(1, 3, 65, 65)
-    assert rel_err(fast(x)["out"], original(x)["out"]) < 1e-4
+    first = fast(x)["out"]
+    assert rel_err(first, original(x)["out"]) < 1e-4
     assert fast._session is not session, "the session is rebuilt when the output stride changes"
+    second = fast(x + 1)["out"]
+    assert not torch.equal(first, second), "outputs are the caller's own, not a buffer the next call reuses"
     with pytest.raises(RuntimeError, match="inference only"):
         fast.train()
+    with pytest.raises(ValueError, match="3 input channels"):
+        fast(torch.randn(1, 1, 33, 33))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed: pip install 'fastdeeplab[triton]'")

@@ -1,0 +1,57 @@
+"""OpenVINO on the project's ONNX export (CPU): :func:`openvino_compiled_model`.
+
+OpenVINO reads the ONNX graph that :func:`fastdeeplab.export.onnx.onnx_model_proto` makes (BatchNorm folded,
+ASPP pooling as one bias per image) and compiles it for the CPU. On this project's reference CPU it was the
+fastest runtime for the fused graph (``bench/RESULTS.md``), which is why ``optimize(backend="auto")`` picks it
+there when it is installed (``pip install 'fastdeeplab[openvino]'``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRECISIONS", "openvino_compiled_model"]
+
+_INSTALL_HINT = "pip install 'fastdeeplab[openvino]'"
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+def _require_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ImportError(f"the OpenVINO runtime needs the openvino package: {_INSTALL_HINT}") from exc
+    return openvino
+
+
+def openvino_compiled_model(model: Any, *, threads: int | None = None, precision: str = "f32",
+                            device: str = "CPU") -> Any:
+    """Compile an ONNX model (``onnx.ModelProto``, serialized bytes or a path) with OpenVINO.
+
+    ``precision`` is pinned (``INFERENCE_PRECISION_HINT``): OpenVINO's CPU plugin otherwise runs bfloat16 on
+    CPUs that support it, which does not give float32's outputs. ``threads`` defaults to OpenVINO's choice
+    (the physical cores); the performance hint is ``LATENCY`` (one stream, batch 1 first).
+    """
+    ov = _require_openvino()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        source: Any = str(path)
+    elif isinstance(model, bytes):
+        source = model
+    elif hasattr(model, "SerializeToString"):
+        source = model.SerializeToString()
+    else:
+        raise TypeError(f"expected an onnx.ModelProto, bytes or a path, got {type(model).__name__}")
+    core = ov.Core()
+    properties = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:
+        properties["INFERENCE_NUM_THREADS"] = int(threads)
+    return core.compile_model(core.read_model(source), device, properties)
