@@ -4,8 +4,8 @@
 >>> model = fastdeeplab.deeplabv3_resnet50(output_stride=16)          # same names as torchvision's
 >>> fast = fastdeeplab.optimize(model.eval())                         # folded BN, fused ASPP, best backend
 
-Heavy or optional dependencies (triton, onnx, onnxruntime, tensorrt) are imported lazily: ``import
-fastdeeplab`` needs only torch, torchvision and numpy.
+Heavy or optional dependencies (triton, onnx, onnxruntime, openvino, tensorrt) are imported lazily:
+``import fastdeeplab`` needs only torch, torchvision and numpy.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Deployment: checked ONNX export, TensorRT engines, int8 quantization, and TensorRT op-support checks.
 
 * :func:`export_onnx` / :func:`onnx_model_proto` / :func:`ort_session` — :mod:`fastdeeplab.export.onnx`
+* :func:`openvino_compiled_model` — :mod:`fastdeeplab.export.openvino`
 * :func:`build_tensorrt_engine` / :class:`TensorRTModel` — :mod:`fastdeeplab.export.tensorrt`
 * :func:`quantize_onnx` / :func:`compare_quantized` — :mod:`fastdeeplab.export.quantize`
 * :func:`check_tensorrt` — :mod:`fastdeeplab.export.checks`
 
-Names are imported on first use; onnx, onnxruntime and tensorrt only when a function needs them
-(``pip install 'fastdeeplab[onnx]'``, ``pip install 'fastdeeplab[tensorrt]'``).
+Names are imported on first use; onnx, onnxruntime, openvino and tensorrt only when a function needs them
+(``pip install 'fastdeeplab[onnx]'``, ``'fastdeeplab[openvino]'``, ``'fastdeeplab[tensorrt]'``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _LAZY = {
     "export_onnx": "onnx",
     "onnx_model_proto": "onnx",
     "ort_session": "onnx",
+    "openvino_compiled_model": "openvino",
     "TensorRTModel": "tensorrt",
     "build_tensorrt_engine": "tensorrt",
     "QuantizationReport": "quantize",

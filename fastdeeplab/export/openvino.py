@@ -44,14 +44,19 @@ def openvino_compiled_model(model: Any, *, threads: int | None = None, precision
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")
         source: Any = str(path)
+        what = str(path)
     elif isinstance(model, bytes):
-        source = model
+        source, what = model, "the given bytes"
     elif hasattr(model, "SerializeToString"):
-        source = model.SerializeToString()
+        source, what = model.SerializeToString(), "the given ModelProto"
     else:
         raise TypeError(f"expected an onnx.ModelProto, bytes or a path, got {type(model).__name__}")
     core = ov.Core()
     properties = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         properties["INFERENCE_NUM_THREADS"] = int(threads)
-    return core.compile_model(core.read_model(source), device, properties)
+    try:
+        graph = core.read_model(source)
+    except RuntimeError as exc:  # OpenVINO reports unreadable or corrupt models as RuntimeError
+        raise ValueError(f"OpenVINO could not read an ONNX model from {what}: {exc}") from exc
+    return core.compile_model(graph, device, properties)
