@@ -23,7 +23,8 @@ Backends (``backend=``):
   (2 AVX-512 cores, fp32, 513×513, batch 1, one process, interleaved rounds) OpenVINO ran the fused graph in
   595 ms at OS8 and 202 ms at OS16, ONNX Runtime in 641 and 213 ms, the oneDNN-fused torch path in 644 and
   220 ms (``bench/RESULTS.md``). All three run the convolutions near the CPU's FMA limit; what separates
-  them is everything around the convolutions. CPU bfloat16 uses ``"torch"`` (oneDNN's AVX-512 BF16 kernels).
+  them is everything around the convolutions. CPU bfloat16: ``"openvino"`` when installed, else ``"torch"``
+  (oneDNN's AVX-512 BF16 kernels); OpenVINO measured 292 ms against 324 ms at OS8.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _importable(*modules: str) -> bool:
 
 
 _RUNTIME_PACKAGES = {runtime: ("onnx", "onnxscript", runtime) for runtime in _EXPORTED}
+_RUNTIME_DTYPES = {"openvino": (torch.float32, torch.bfloat16), "onnxruntime": (torch.float32,)}
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -64,10 +66,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
-        if dtype in (None, torch.float32):
-            for runtime in _EXPORTED:
-                if _importable(*_RUNTIME_PACKAGES[runtime]):
-                    return runtime
+        for runtime in _EXPORTED:
+            if (dtype or torch.float32) in _RUNTIME_DTYPES[runtime] and _importable(*_RUNTIME_PACKAGES[runtime]):
+                return runtime
         return "torch"
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
@@ -181,10 +182,12 @@ class _ExportedDeepLabV3(nn.Module):
 
     backend = ""
 
-    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
+    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.model = fused
+        self.model = fused  # float32: the graph is exported in float32; the runtime runs it in ``dtype``
         self.threads = threads
+        self.dtype = dtype
         self._session: Any = None
         self._outputs: list[str] = []
 
@@ -234,7 +237,8 @@ class _ExportedDeepLabV3(nn.Module):
         return {name: torch.from_numpy(r).to(x.dtype) for name, r in zip(self._outputs, results)}
 
     def extra_repr(self) -> str:
-        return f"output_stride={self.output_stride}, backend={self.backend!r}, threads={self.threads}"
+        return (f"output_stride={self.output_stride}, backend={self.backend!r}, dtype={self.dtype}, "
+                f"threads={self.threads}")
 
 
 class OnnxRuntimeDeepLabV3(_ExportedDeepLabV3):
@@ -242,10 +246,11 @@ class OnnxRuntimeDeepLabV3(_ExportedDeepLabV3):
 
     backend = "onnxruntime"
 
-    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
+    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         from .export.onnx import ort_session  # noqa: F401  (fail now, with the extra's name, if missing)
 
-        super().__init__(fused, threads=threads)
+        super().__init__(fused, threads=threads, dtype=dtype)
 
     def _compile(self, proto: Any) -> Any:
         from .export.onnx import ort_session
@@ -257,22 +262,25 @@ class OnnxRuntimeDeepLabV3(_ExportedDeepLabV3):
 
 
 class OpenVINODeepLabV3(_ExportedDeepLabV3):
-    """An OpenVINO CPU model (``fastdeeplab.export.openvino``, float32 pinned) behind the DeepLabV3
-    interface."""
+    """An OpenVINO CPU model (``fastdeeplab.export.openvino``) behind the DeepLabV3 interface; it runs in
+    ``dtype`` (float32, or bfloat16 on CPUs with AVX512-BF16 or AMX), pinned so that OpenVINO never picks a
+    lower precision by itself."""
 
     backend = "openvino"
 
-    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None) -> None:
+    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         from .export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
         from .export.openvino import _require_openvino
 
         _require_openvino()
-        super().__init__(fused, threads=threads)
+        super().__init__(fused, threads=threads, dtype=dtype)
 
     def _compile(self, proto: Any) -> Any:
         from .export.openvino import openvino_compiled_model
 
-        compiled = openvino_compiled_model(proto, threads=self.threads, precision="f32")
+        precision = {torch.float32: "f32", torch.bfloat16: "bf16"}[self.dtype]
+        compiled = openvino_compiled_model(proto, threads=self.threads, precision=precision)
         return compiled.create_infer_request()
 
     def _run(self, session: Any, x: Any) -> list[Any]:
@@ -289,7 +297,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"onnxruntime"`` or ``"openvino"`` (see the module
             docstring).
         dtype: compute dtype; default float32 on CPU, float16 on CUDA with Triton. bfloat16 runs on CPUs
-            with oneDNN support; float16 needs CUDA.
+            with the torch and openvino backends; float16 needs CUDA.
         channels_last: run in channels-last memory format (the fast layout for every backend here).
 
     Returns:
@@ -317,15 +325,18 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if dtype == torch.float16 and device.type == "cpu" and concrete != "triton":
         raise ValueError("float16 needs CUDA; on CPU use float32 or bfloat16")
-    if concrete in _EXPORTED and dtype != torch.float32:
-        raise ValueError(f"the {concrete} backend runs float32 here; use backend='torch' for bfloat16")
+    if concrete in _EXPORTED and dtype not in _RUNTIME_DTYPES[concrete]:
+        raise ValueError(f"the {concrete} backend runs {' or '.join(map(str, _RUNTIME_DTYPES[concrete]))}, not "
+                         f"{dtype}; use backend='torch'")
     source = copy.deepcopy(model).eval()
     layer_backend = "triton" if concrete == "triton" else "torch"
-    fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=dtype, channels_last=channels_last)
+    exported = concrete in _EXPORTED  # the graph is exported from a float32 model; the runtime takes dtype
+    fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=torch.float32 if exported else dtype,
+                               channels_last=channels_last)
     if concrete == "onnxruntime":
-        return OnnxRuntimeDeepLabV3(fused)
+        return OnnxRuntimeDeepLabV3(fused, dtype=dtype)
     if concrete == "openvino":
-        return OpenVINODeepLabV3(fused)
+        return OpenVINODeepLabV3(fused, dtype=dtype)
     return fused
 
 

@@ -137,9 +137,12 @@ def test_optimize_leaves_the_original_untouched(model):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("openvino", marks=pytest.mark.skipif(
+    not HAS_OV, reason="openvino not installed: pip install 'fastdeeplab[openvino]'"))])
 @torch.no_grad()
-def test_bfloat16_on_cpu_runs_close(model):
-    fast = fastdeeplab.optimize(model, backend="torch", dtype=torch.bfloat16)
+def test_bfloat16_on_cpu_runs_close(model, backend):
+    fast = fastdeeplab.optimize(model, backend=backend, dtype=torch.bfloat16)
+    assert "bfloat16" in repr(fast)
     x = torch.randn(1, 3, 65, 65)
     got, expected = fast(x)["out"], model(x)["out"]
     assert got.dtype == torch.float32  # returned in the input's dtype
@@ -175,11 +178,12 @@ def test_auto_backend_on_cpu(model):
 
     expected = "openvino" if HAS_OV else "onnxruntime" if HAS_ORT else "torch"
     assert resolve_backend("auto", torch.device("cpu")) == expected
-    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+    expected_bf16 = "openvino" if HAS_OV else "torch"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == expected_bf16
     fast = fastdeeplab.optimize(model)
     kind = {"openvino": OpenVINODeepLabV3, "onnxruntime": OnnxRuntimeDeepLabV3}.get(expected, OptimizedDeepLabV3)
     assert type(fast) is kind and fast.backend == expected
-    assert fastdeeplab.optimize(model, dtype=torch.bfloat16).backend == "torch"
+    assert fastdeeplab.optimize(model, dtype=torch.bfloat16).backend == expected_bf16
 
 
 def test_auto_backend_falls_back_when_runtimes_are_missing(monkeypatch):
@@ -194,10 +198,11 @@ def test_auto_backend_falls_back_when_runtimes_are_missing(monkeypatch):
     assert opt.resolve_backend("auto", cpu) == "torch"
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_exported_backends_refuse_what_they_cannot_run(model, backend):
-    with pytest.raises(ValueError, match=f"the {backend} backend runs float32"):
-        fastdeeplab.optimize(model, backend=backend, dtype=torch.bfloat16)
+def test_exported_backends_refuse_what_they_cannot_run(model):
+    with pytest.raises(ValueError, match="the onnxruntime backend runs torch.float32, not torch.bfloat16"):
+        fastdeeplab.optimize(model, backend="onnxruntime", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float16 needs CUDA"):
+        fastdeeplab.optimize(model, backend="openvino", dtype=torch.float16)
 
 
 def test_missing_openvino_names_the_extra(model, monkeypatch):
@@ -217,6 +222,12 @@ _RUNTIMES = [
     pytest.param("openvino", marks=pytest.mark.skipif(
         not HAS_OV, reason="openvino not installed: pip install 'fastdeeplab[openvino]'")),
 ]
+
+
+@pytest.mark.parametrize("backend", _RUNTIMES)
+def test_exported_backend_refuses_non_cpu_inputs(model, backend):
+    with pytest.raises(ValueError, match=f"the {backend} backend runs on the CPU; got an input on meta"):
+        fastdeeplab.optimize(model, backend=backend)(torch.empty(1, 3, 33, 33, device="meta"))
 
 
 @pytest.mark.parametrize("backend", _RUNTIMES)
