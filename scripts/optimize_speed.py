@@ -1,10 +1,12 @@
 """optimize() against torchvision's eager DeepLabV3 on this machine: same weights, same process, interleaved.
 
     python scripts/optimize_speed.py [--resolution 513] [--rounds 9] [--backends auto torch onnxruntime openvino]
+                                     [--dtypes float32 bfloat16]
 
 Every implementation runs once per round, in turn, so a load spike from another tenant hits all of them alike;
 the table gives medians and each one's speed-up over torchvision eager at output stride 8, plus the largest
-logit error relative to the output's scale against the reference at the same output stride.
+logit error relative to the output's scale, and the share of pixels whose argmax agrees, against the eager
+reference at the same output stride.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=513)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--backends", nargs="+", default=["auto", "torch", "onnxruntime", "openvino"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="compute dtypes to time (bfloat16 rows run only on backends that accept it)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -56,19 +60,27 @@ def main() -> int:
         if os_ == 16:
             runs["fastdeeplab eager OS16"] = lambda m=eager: m(x)["out"]
         for backend in args.backends:
-            fast = fastdeeplab.optimize(model.set_output_stride(os_), backend=backend)
-            label = f"optimize({backend!r}) OS{os_}"
-            if backend == "auto":
-                label += f" [{type(fast).__name__}]"
-            runs[label] = lambda m=fast: m(x)["out"]
+            for dtype_name in args.dtypes:
+                dtype = getattr(torch, dtype_name)
+                try:
+                    fast = fastdeeplab.optimize(model.set_output_stride(os_), backend=backend, dtype=dtype)
+                except ValueError as exc:  # a dtype this backend does not run
+                    print(f"skipped optimize({backend!r}, {dtype_name}): {exc}")
+                    continue
+                label = f"optimize({backend!r}{'' if dtype_name == 'float32' else ', ' + dtype_name}) OS{os_}"
+                if backend == "auto":
+                    label += f" [{type(fast).__name__}]"
+                runs[label] = lambda m=fast: m(x)["out"]
 
     times: dict[str, list[float]] = {k: [] for k in runs}
     errors: dict[str, float] = {}
+    agreement: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in runs.items():  # warm-up; ONNX Runtime sessions are built here
             out = fn()
             ref = expected["OS8" if "OS8" in name else "OS16"]
             errors[name] = ((out - ref).abs().max() / ref.abs().max()).item()
+            agreement[name] = (out.argmax(1) == ref.argmax(1)).float().mean().item()
         for _ in range(args.rounds):
             for name, fn in runs.items():
                 start = time.perf_counter()
@@ -77,14 +89,15 @@ def main() -> int:
 
     base = statistics.median(times["torchvision eager OS8"])
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.resolution}x{args.resolution}, batch 1, fp32, "
+          f"{torch.get_num_threads()} threads, {args.resolution}x{args.resolution}, batch 1, "
           f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.2f}, "
           + ", ".join(f"{m} {_version(m)}" for m in ("onnxruntime", "openvino")))
-    print("| implementation | median ms | min ms | speed-up vs torchvision OS8 | max rel. error |")
-    print("|---|---|---|---|---|")
+    print("| implementation | median ms | min ms | speed-up vs torchvision OS8 | max rel. error | pixels agreeing |")
+    print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name} | {1000 * med:.0f} | {1000 * min(ts):.0f} | {base / med:.2f}x | {errors[name]:.1e} |")
+        print(f"| {name} | {1000 * med:.0f} | {1000 * min(ts):.0f} | {base / med:.2f}x | {errors[name]:.1e} | "
+              f"{100 * agreement[name]:.2f}% |")
     return 0
 
 
