@@ -17,14 +17,15 @@ Backends (``backend=``):
 * ``"torch"`` — plain PyTorch, anywhere; on CPU it calls oneDNN's fused conv + bias + add + ReLU.
 * ``"onnxruntime"`` — CPU: an ONNX Runtime session built from the project's ONNX export of the fused model
   (dynamic height, width and batch: built once, rebuilt only when the output stride changes).
-* ``"openvino"`` — CPU: the same export compiled by OpenVINO (float32 pinned), built and rebuilt the same way.
+* ``"openvino"`` — CPU: the same export compiled by OpenVINO (float32 or bfloat16, pinned), built and rebuilt
+  the same way.
 * ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU, float32: the first of
   ``"openvino"``, ``"onnxruntime"``, ``"torch"`` whose packages import. Why: on this project's reference CPU
   (2 AVX-512 cores, fp32, 513×513, batch 1, one process, interleaved rounds) OpenVINO ran the fused graph in
-  595 ms at OS8 and 202 ms at OS16, ONNX Runtime in 641 and 213 ms, the oneDNN-fused torch path in 644 and
-  220 ms (``bench/RESULTS.md``). All three run the convolutions near the CPU's FMA limit; what separates
-  them is everything around the convolutions. CPU bfloat16: ``"openvino"`` when installed, else ``"torch"``
-  (oneDNN's AVX-512 BF16 kernels); OpenVINO measured 292 ms against 324 ms at OS8.
+  582 ms at OS8 and 185 ms at OS16, ONNX Runtime in 641 and 209 ms, the oneDNN-fused torch path in 639 and
+  198 ms (``bench/RESULTS.md``), and it was the fastest in every run. All three run the convolutions near
+  the CPU's FMA limit. CPU bfloat16: ``"openvino"`` when installed, else ``"torch"`` (oneDNN's AVX-512 BF16
+  kernels); OpenVINO measured 286 ms against 299 ms at OS8.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError("backend='triton' needs a CUDA model (move it with .cuda() first); on CPU use "
-                             "backend='torch' or 'onnxruntime' (Triton runs on CPU only under TRITON_INTERPRET=1)")
+                             "backend='torch', 'onnxruntime' or 'openvino' (Triton runs on CPU only under "
+                             "TRITON_INTERPRET=1)")
         if not triton_available():
             raise ImportError("backend='triton' needs triton: pip install 'fastdeeplab[triton]'")
     if backend in _EXPORTED and device.type != "cpu":
