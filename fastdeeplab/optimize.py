@@ -44,7 +44,6 @@ from .model import ASPP, Backbone, DeepLabV3, capturing_graph, check_input
 __all__ = ["OnnxRuntimeDeepLabV3", "OpenVINODeepLabV3", "OptimizedDeepLabV3", "optimize", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton", "onnxruntime", "openvino")
-_EXPORTED = ("openvino", "onnxruntime")  # run the ONNX export on the CPU; auto's order of preference
 _TRAIN_ERROR = ("this model was built by fastdeeplab.optimize() for inference only: its BatchNorms are folded "
                 "into the convolutions and it has no trainable parameters. Train the original model and "
                 "optimize it again.")
@@ -56,10 +55,6 @@ def _importable(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-_RUNTIME_PACKAGES = {runtime: ("onnx", "onnxscript", runtime) for runtime in _EXPORTED}
-_RUNTIME_DTYPES = {"openvino": (torch.float32, torch.bfloat16), "onnxruntime": (torch.float32,)}
-
-
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend ``optimize`` uses for ``backend`` on ``device`` (see the module docstring)."""
     if backend not in BACKENDS:
@@ -67,9 +62,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
-        for runtime in _EXPORTED:
-            if (dtype or torch.float32) in _RUNTIME_DTYPES[runtime] and _importable(*_RUNTIME_PACKAGES[runtime]):
-                return runtime
+        for name, runtime in _RUNTIMES.items():  # in auto's order of preference (defined below the classes)
+            if (dtype or torch.float32) in runtime.dtypes and _importable(*runtime.packages):
+                return name
         return "torch"
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
@@ -78,7 +73,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                              "TRITON_INTERPRET=1)")
         if not triton_available():
             raise ImportError("backend='triton' needs triton: pip install 'fastdeeplab[triton]'")
-    if backend in _EXPORTED and device.type != "cpu":
+    if backend in _RUNTIMES and device.type != "cpu":
         raise ValueError(f"backend={backend!r} runs on the CPU; move the model with .cpu() first")
     return backend
 
@@ -183,6 +178,8 @@ class _ExportedDeepLabV3(nn.Module):
     call and rebuilt only when ``set_output_stride`` changes it. Subclasses say how to compile and run it."""
 
     backend = ""
+    packages: tuple[str, ...] = ()  # what must import for this backend (the export needs onnx, onnxscript)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # what the runtime can run the float32 graph in
 
     def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -247,12 +244,12 @@ class OnnxRuntimeDeepLabV3(_ExportedDeepLabV3):
     """An ONNX Runtime session (``fastdeeplab.export.onnx.ort_session``) behind the DeepLabV3 interface."""
 
     backend = "onnxruntime"
+    packages = ("onnx", "onnxscript", "onnxruntime")
 
-    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, fused: OptimizedDeepLabV3, **kwargs: Any) -> None:
         from .export.onnx import ort_session  # noqa: F401  (fail now, with the extra's name, if missing)
 
-        super().__init__(fused, threads=threads, dtype=dtype)
+        super().__init__(fused, **kwargs)
 
     def _compile(self, proto: Any) -> Any:
         from .export.onnx import ort_session
@@ -269,25 +266,33 @@ class OpenVINODeepLabV3(_ExportedDeepLabV3):
     lower precision by itself."""
 
     backend = "openvino"
+    packages = ("onnx", "onnxscript", "openvino")
+    dtypes = (torch.float32, torch.bfloat16)
+    _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}  # OpenVINO's names for ``dtypes``
 
-    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, fused: OptimizedDeepLabV3, **kwargs: Any) -> None:
         from .export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
         from .export.openvino import _require_openvino
 
         _require_openvino()
-        super().__init__(fused, threads=threads, dtype=dtype)
+        super().__init__(fused, **kwargs)
 
     def _compile(self, proto: Any) -> Any:
         from .export.openvino import openvino_compiled_model
 
-        precision = {torch.float32: "f32", torch.bfloat16: "bf16"}[self.dtype]
-        compiled = openvino_compiled_model(proto, threads=self.threads, precision=precision)
+        compiled = openvino_compiled_model(proto, threads=self.threads, precision=self._PRECISION[self.dtype])
         return compiled.create_infer_request()
 
     def _run(self, session: Any, x: Any) -> list[Any]:
         results = session.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs: fresh copies
         return [results[name] for name in self._outputs]
+
+
+# The backends that run the ONNX export on the CPU, in auto's order of preference (module docstring).
+_RUNTIMES: dict[str, type[_ExportedDeepLabV3]] = {
+    "openvino": OpenVINODeepLabV3,
+    "onnxruntime": OnnxRuntimeDeepLabV3,
+}
 
 
 def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None,
@@ -327,19 +332,16 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if dtype == torch.float16 and device.type == "cpu" and concrete != "triton":
         raise ValueError("float16 needs CUDA; on CPU use float32 or bfloat16")
-    if concrete in _EXPORTED and dtype not in _RUNTIME_DTYPES[concrete]:
-        raise ValueError(f"the {concrete} backend runs {' or '.join(map(str, _RUNTIME_DTYPES[concrete]))}, not "
+    runtime = _RUNTIMES.get(concrete)
+    if runtime is not None and dtype not in runtime.dtypes:  # refuse before the deep copy and the fusion
+        raise ValueError(f"the {concrete} backend runs {' or '.join(map(str, runtime.dtypes))}, not "
                          f"{dtype}; use backend='torch'")
     source = copy.deepcopy(model).eval()
     layer_backend = "triton" if concrete == "triton" else "torch"
-    exported = concrete in _EXPORTED  # the graph is exported from a float32 model; the runtime takes dtype
-    fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=torch.float32 if exported else dtype,
+    # A runtime gets the float32 fused model (its graph is exported in float32) and runs it in ``dtype``.
+    fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=torch.float32 if runtime else dtype,
                                channels_last=channels_last)
-    if concrete == "onnxruntime":
-        return OnnxRuntimeDeepLabV3(fused, dtype=dtype)
-    if concrete == "openvino":
-        return OpenVINODeepLabV3(fused, dtype=dtype)
-    return fused
+    return runtime(fused, dtype=dtype) if runtime else fused
 
 
 def fused_module_counts(model: nn.Module) -> Mapping[str, int]:
