@@ -239,6 +239,8 @@ _SPATIAL_RE = re.compile(r"(\d)D or (\d)D only")
 _RANK_RE = re.compile(r"rank (\d+) to (\d+)")
 _COORD_RE = re.compile(r"coordinate modes ([\w, ]+)")
 _MODES_RE = re.compile(r"(?:^|; )modes ([\w, ]+)")
+# (the table's phrase, the string attribute it restricts, the attribute's ONNX default)
+_STRING_RULES = ((_COORD_RE, "coordinate_transformation_mode", b"half_pixel"), (_MODES_RE, "mode", b"nearest"))
 
 
 def _input_index(op: str, formal: str, opset: int) -> int | None:
@@ -309,21 +311,14 @@ def _restriction_issues(node: onnx.NodeProto, support: OpSupport, g: _Graph, ops
         understood = True
         if "..." in str(attrs.get("equation", b""), "utf-8"):
             yield "an ellipsis in the equation is not supported"
-    match = _COORD_RE.search(text)
-    if match:
-        understood = True
-        allowed_coords = {m.strip() for m in match.group(1).split(",")}
-        coord = _text(attrs.get("coordinate_transformation_mode", b"half_pixel"))
-        if coord not in allowed_coords:
-            yield (f"coordinate_transformation_mode {coord!r} is not supported "
-                   f"(allowed: {', '.join(sorted(allowed_coords))})")
-    match = _MODES_RE.search(text)
-    if match:
-        understood = True
-        allowed_modes = {m.strip() for m in match.group(1).split(",")}
-        mode = _text(attrs.get("mode", b"nearest"))
-        if mode not in allowed_modes:
-            yield f"mode {mode!r} is not supported (allowed: {', '.join(sorted(allowed_modes))})"
+    for pattern, attribute, default in _STRING_RULES:  # "<attribute> <value> is not supported" rules
+        match = pattern.search(text)
+        if match:
+            understood = True
+            allowed = {m.strip() for m in match.group(1).split(",")}
+            value = _text(attrs.get(attribute, default))
+            if value not in allowed:
+                yield f"{attribute} {value!r} is not supported (allowed: {', '.join(sorted(allowed))})"
     if not understood:
         yield f"?{node.op_type}: {text}"
 
