@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastdeeplab.metrics import logits_of
+
 __all__ = [
     "Built",
     "IMPLEMENTATIONS",
@@ -243,21 +245,13 @@ def _fastdeeplab_api(name: str) -> Any:
         raise Unavailable(f"fastdeeplab.{name} is not available: {type(exc).__name__}: {exc}") from exc
 
 
-def _logits(output: Any) -> Tensor:
-    """The ``"out"`` logits from a model's output (dict, tensor, sequence or NumPy array)."""
-    if isinstance(output, Mapping):
-        output = output["out"]
-    if isinstance(output, (list, tuple)):
-        output = output[0]
-    if isinstance(output, np.ndarray):
-        output = torch.from_numpy(output)
-    return output
+
 
 
 def _module_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:
     def fn(x: Tensor) -> Tensor:
         with torch.inference_mode():
-            return _logits(module(x))
+            return logits_of(module(x))
     return fn
 
 

@@ -117,7 +117,7 @@ def _val_miou(bench: BenchSession, built: Built, output_stride: int) -> tuple[fl
     """Real mIoU on the VOC val split (first ``--max-images``), single scale, each image at its own size,
     through ``fastdeeplab.evaluate`` — the same scoring as ``fastdeeplab eval``."""
     from fastdeeplab.data import VOCSegmentation
-    from fastdeeplab.evaluate import evaluate
+    from fastdeeplab.evaluation import evaluate
 
     cfg = bench.cfg
     dataset = VOCSegmentation(cfg.data, "val")

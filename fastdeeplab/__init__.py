@@ -17,7 +17,7 @@ from . import analysis
 
 # Functions named like their modules are bound eagerly: a later `import fastdeeplab.train` finds the
 # module already loaded and leaves the package attribute (the function) alone.
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .hub import (
     deeplabv3_cascade_resnet50,
     deeplabv3_cascade_resnet101,
@@ -29,8 +29,8 @@ from .hub import (
     load_checkpoint,
 )
 from .model import DeepLabV3, atrous_plan
-from .optimize import optimize
-from .train import train
+from .optimization import optimize
+from .training import train
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ _LAZY = {
     "export_onnx": "fastdeeplab.export.onnx",
     "ExportReport": "fastdeeplab.export.onnx",
     "build_tensorrt_engine": "fastdeeplab.export.tensorrt",
-    "TensorRTModel": "fastdeeplab.export.tensorrt",
+    "TensorRTModel": "fastdeeplab.runtime.tensorrt",
 }
 
 __all__ = [

@@ -19,8 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fastdeeplab.bench_cli", "benchmark latency and accuracy at OS16 and OS8 against torchvision"),
     "demo": ("fastdeeplab.demo", "run a real photograph through the model at OS16 and OS8"),
     "export": ("fastdeeplab.export.cli", "export to ONNX (checked) or build a TensorRT engine"),
-    "eval": ("fastdeeplab.evaluate", "mIoU on PASCAL VOC or Cityscapes, single- or multi-scale + flip"),
-    "train": ("fastdeeplab.train", "train with the paper's protocol (two stages, poly LR), torchrun-ready"),
+    "eval": ("fastdeeplab.evaluation", "mIoU on PASCAL VOC or Cityscapes, single- or multi-scale + flip"),
+    "train": ("fastdeeplab.training.core", "train with the paper's protocol (two stages, poly LR), torchrun-ready"),
     "predict": ("fastdeeplab.predict", "segment images and write class-map and overlay PNGs"),
 }
 

@@ -156,7 +156,7 @@ class FusedConvBNReLU(nn.Module):
         return state
 
     def _forward_triton(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        from .kernels.conv_bn_relu import conv_bn_relu_packed, pack_weight
+        from .kernels.conv import conv_bn_relu_packed, pack_weight
 
         if self._packed is None:
             self._packed = pack_weight(self.weight)

@@ -1,4 +1,7 @@
-"""Confusion matrices and the scores derived from them: per-class IoU, mIoU, pixel accuracy.
+"""The one home for the project's numerics: confusion matrices and the scores derived from them (per-class
+IoU, mIoU, pixel accuracy), and the comparisons of one output with another (:func:`max_rel_error`,
+:func:`pixel_agreement`, :func:`logits_of`). Tests, the bench, export checks and scripts all call these.
+BatchNorm folding lives with the kernels' reference twins (:func:`fastdeeplab.kernels.reference.fold_bn`).
 
 Convention: ``confusion[t, p]`` counts pixels of ground-truth class ``t`` predicted as ``p`` (rows are the
 truth). Pixels whose target equals ``ignore_index`` (255 in VOC and Cityscapes) are not counted.
@@ -19,15 +22,74 @@ prediction against another:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ConfusionMatrix", "confusion_matrix", "iou_per_class", "miou", "scores_from_confusion"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ConfusionMatrix",
+    "confusion_matrix",
+    "iou_per_class",
+    "logits_of",
+    "max_rel_error",
+    "miou",
+    "pixel_agreement",
+    "scores_from_confusion",
+]
+
+IGNORE_INDEX = 255
+"""The label of pixels that are not scored (object boundaries in VOC, void in Cityscapes)."""
 
 
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = 255) -> Tensor:
+def logits_of(output: Any) -> Tensor:
+    """The ``[N, K, H, W]`` logits in a model's output: the ``"out"`` entry of a dict (torchvision's contract),
+    the first element of a tuple or list, a NumPy array (runtime sessions), or the tensor itself."""
+    if isinstance(output, Mapping):
+        output = output["out"]
+    elif isinstance(output, (tuple, list)):
+        output = output[0]
+    if isinstance(output, np.ndarray):
+        output = torch.from_numpy(output)
+    if not isinstance(output, Tensor) or output.dim() != 4:
+        raise TypeError(f"expected [N, K, H, W] logits or {{'out': logits}}, got {type(output).__name__}"
+                        + (f" of shape {tuple(output.shape)}" if isinstance(output, Tensor) else ""))
+    return output
+
+
+def max_rel_error(out: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:
+    """``max|out - ref| / max|ref|`` over all elements, computed in float64 (``max|out - ref|`` when the
+    reference is all zeros). ``inf`` when ``out`` has NaN/inf where ``ref`` is finite."""
+    out = torch.as_tensor(out).detach().cpu().double()
+    ref = torch.as_tensor(ref).detach().cpu().double()
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
+    if out.numel() == 0:
+        return 0.0
+    if not torch.isfinite(out[torch.isfinite(ref)]).all():
+        return float("inf")
+    finite = torch.isfinite(ref)
+    scale = ref[finite].abs().max().item() if finite.any() else 0.0
+    err = (out - ref)[finite].abs().max().item() if finite.any() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def pixel_agreement(pred: Tensor | np.ndarray, target: Tensor | np.ndarray,
+                    ignore_index: int | None = IGNORE_INDEX) -> float:
+    """Fraction of pixels where the class maps ``pred`` and ``target`` (``[N, H, W]`` ints) agree, pixels
+    labelled ``ignore_index`` in ``target`` left out (``NaN`` when none is left)."""
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from the target's {tuple(target.shape)}")
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    total = int(valid.sum())
+    return float(((pred == target) & valid).sum()) / total if total else float("nan")
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX) -> Tensor:
     """``[K, K]`` int64 confusion matrix of integer class maps of the same shape (any shape, e.g. ``[N, H, W]``).
 
     Rows are ground truth, columns prediction. Target pixels equal to ``ignore_index`` are skipped; any
@@ -87,7 +149,7 @@ def scores_from_confusion(confusion: Tensor) -> dict[str, Any]:
     }
 
 
-def miou(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = 255) -> float:
+def miou(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX) -> float:
     """Mean IoU of class map ``pred`` against ``target`` (same shape); NaN if no pixel is scored."""
     return scores_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))["mIoU"]
 
@@ -102,7 +164,7 @@ class ConfusionMatrix:
     >>> cm.compute()["mIoU"]                          # doctest: +SKIP
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX) -> None:
         self.num_classes = int(num_classes)
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .data.palette import CITYSCAPES_PALETTE, colorize, overlay, voc_palette
-from .evaluate import _add_model_arguments, _device, build_inference_model, segment
+from .evaluation import _add_model_arguments, _device, build_inference_model, segment
 from .images import load_image, normalize
 
 __all__ = ["PALETTES", "configure_parser", "predict_mask", "run", "write_prediction"]

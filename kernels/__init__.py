@@ -12,15 +12,13 @@ stubs that raise ``ImportError`` (naming ``pip install 'fastdeeplab[triton]'``) 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from ._utils import TRITON_EXTRA_HINT, triton_available
 
 if TYPE_CHECKING:  # pragma: no cover
     from .aspp import aspp_project, aspp_project_packed, pack_aspp_weight
-    from .conv_bn_relu import TapCounts, conv_bn_relu, conv_bn_relu_packed, pack_weight
+    from .conv import TapCounts, conv_bn_relu, conv_bn_relu_packed, pack_weight
     from .reference import (
         aspp_project_reference,
         conv_bn_relu_module_reference,
@@ -30,10 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _REFERENCE = ("fold_bn", "conv_bn_relu_reference", "conv_bn_relu_module_reference", "aspp_project_reference")
 _TRITON = {
-    "conv_bn_relu": "conv_bn_relu",
-    "conv_bn_relu_packed": "conv_bn_relu",
-    "pack_weight": "conv_bn_relu",
-    "TapCounts": "conv_bn_relu",
+    "conv_bn_relu": "conv",
+    "conv_bn_relu_packed": "conv",
+    "pack_weight": "conv",
+    "TapCounts": "conv",
     "aspp_project": "aspp",
     "aspp_project_packed": "aspp",
     "pack_aspp_weight": "aspp",
@@ -80,21 +78,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-class _KernelsPackage(types.ModuleType):
-    """Keep ``fastdeeplab.kernels.conv_bn_relu`` the *function*.
-
-    The submodule ``conv_bn_relu.py`` shares the function's name, and importing a submodule makes the import
-    system set it as an attribute of the package, which would shadow the function for every later
-    ``from fastdeeplab.kernels import conv_bn_relu``. The module stays reachable through ``sys.modules``:
-    ``from fastdeeplab.kernels.conv_bn_relu import pack_weight`` works as usual.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _TRITON and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage

@@ -59,7 +59,7 @@ class KernelSpec:
 
 
 _CONV_COMMON = dict(
-    module="conv_bn_relu", fn="_conv_bn_relu_kernel",
+    module="conv", fn="_conv_bn_relu_kernel",
     data_ptrs=("x_ptr", "w_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",), i32_ptrs=("taps_ptr",),
     aligned_ints=("C_IN", "C_OUT", "stride_xn", "stride_xh", "stride_xw", "stride_on", "stride_oh", "stride_ow"),
 )

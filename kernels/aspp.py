@@ -41,7 +41,7 @@ from ._utils import (
     interpreting,
     resolve_input_precision,
 )
-from .conv_bn_relu import grouped_tile
+from .conv import grouped_tile
 
 __all__ = ["NUM_BRANCHES", "aspp_project", "aspp_project_packed", "get_autotune_configs",
            "get_interpreter_config", "pack_aspp_weight"]

@@ -12,7 +12,7 @@ from _voc import NUM_CLASSES, make_voc, single_thread  # noqa: F401  (fixture)
 import fastdeeplab
 from fastdeeplab import cli
 from fastdeeplab.data import VOCSegmentation
-from fastdeeplab.evaluate import build_inference_model, segment
+from fastdeeplab.evaluation import build_inference_model, segment
 from fastdeeplab.metrics import ConfusionMatrix, confusion_matrix, miou, scores_from_confusion
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -160,7 +160,7 @@ def test_eval_command_rebuilds_the_trained_architecture(tmp_path, mixed_sizes, c
 
 def test_optimized_model_evaluates_like_the_original(model, mixed_sizes):
     """Any model with the ``{"out": logits}`` contract works, e.g. the BN-folded inference model."""
-    optimize = pytest.importorskip("fastdeeplab.optimize").optimize
+    optimize = pytest.importorskip("fastdeeplab.optimization").optimize
     fast = optimize(model, backend="torch")
     ds = VOCSegmentation(mixed_sizes, "val")
     a = fastdeeplab.evaluate(model, ds, scales=(0.75, 1.0), flip=True, progress=False)

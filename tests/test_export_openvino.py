@@ -1,4 +1,4 @@
-"""fastdeeplab.export.openvino: OpenVINO compiles the project's ONNX export and matches PyTorch."""
+"""fastdeeplab.runtime.openvino: OpenVINO compiles the project's ONNX export and matches PyTorch."""
 
 from __future__ import annotations
 

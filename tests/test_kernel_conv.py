@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from _assert import KERNEL_DTYPES, assert_close_verbose  # noqa: E402
 from fastdeeplab.kernels import conv_bn_relu, conv_bn_relu_packed, fold_bn, pack_weight  # noqa: E402
-from fastdeeplab.kernels.conv_bn_relu import get_autotune_configs  # noqa: E402
+from fastdeeplab.kernels.conv import get_autotune_configs  # noqa: E402
 from fastdeeplab.kernels.reference import conv_bn_relu_module_reference, conv_bn_relu_reference  # noqa: E402
 
 from fastdeeplab.analysis import tile_live_taps, tile_tap_fraction, valid_tap_fraction  # noqa: E402

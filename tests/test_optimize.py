@@ -14,7 +14,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50 as tv_deeplabv3_r
 import fastdeeplab
 from fastdeeplab.layers import FusedASPP, FusedConvBNReLU
 from fastdeeplab.model import ASPP
-from fastdeeplab.optimize import OptimizedDeepLabV3, fused_module_counts
+from fastdeeplab.optimization import OptimizedDeepLabV3, fused_module_counts
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
 HAS_ORT = HAS_ONNX and importlib.util.find_spec("onnxruntime") is not None
@@ -174,7 +174,7 @@ def test_optimize_errors(model, monkeypatch):
 
 
 def test_auto_backend_on_cpu(model):
-    from fastdeeplab.optimize import OnnxRuntimeDeepLabV3, OpenVINODeepLabV3, resolve_backend
+    from fastdeeplab.optimization import OnnxRuntimeDeepLabV3, OpenVINODeepLabV3, resolve_backend
 
     expected = "openvino" if HAS_OV else "onnxruntime" if HAS_ORT else "torch"
     assert resolve_backend("auto", torch.device("cpu")) == expected
@@ -189,7 +189,7 @@ def test_auto_backend_on_cpu(model):
 def test_auto_backend_falls_back_when_runtimes_are_missing(monkeypatch):
     import importlib
 
-    opt = importlib.import_module("fastdeeplab.optimize")  # the module (the package binds the function)
+    opt = importlib.import_module("fastdeeplab.optimization")
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(opt, "_importable", lambda *modules: "openvino" not in modules)

@@ -26,13 +26,12 @@ from fastdeeplab.export.checks import (
 )
 from fastdeeplab.export.tensorrt import (
     CalibrationBatches,
-    TensorRTModel,
-    _check_in_profile,
     build_tensorrt_engine,
     check_profile,
     parse_shape,
 )
 from fastdeeplab.images import normalize
+from fastdeeplab.runtime.tensorrt import TensorRTModel, _check_in_profile
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(not HAS_TENSORRT, reason="tensorrt is not installed (pip install "

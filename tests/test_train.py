@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import fastdeeplab
 from fastdeeplab import cli
 from fastdeeplab.data import VOCSegmentation
-from fastdeeplab.train import (
+from fastdeeplab.training import (
     ResumableBatchSampler,
     TrainConfig,
     bootstrap_indices,
@@ -188,7 +188,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(voc, tmp_path):
 _DDP_SCRIPT = '''
 import json, os, sys
 import torch, torch.distributed as dist
-from fastdeeplab.train import SyncBatchNorm, train
+from fastdeeplab.training import SyncBatchNorm, train
 
 config, out = json.loads(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo")

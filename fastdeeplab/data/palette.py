@@ -17,7 +17,7 @@ __all__ = [
     "voc_palette",
 ]
 
-IGNORE_INDEX = 255
+from ..metrics import IGNORE_INDEX  # noqa: E402  (the one home of the ignore label)
 """Label value of pixels that are not scored (object boundaries in VOC, void classes in Cityscapes)."""
 
 VOC_CLASSES = (

@@ -1,8 +1,9 @@
 """Deployment: checked ONNX export, TensorRT engines, int8 quantization, and TensorRT op-support checks.
 
-* :func:`export_onnx` / :func:`onnx_model_proto` / :func:`ort_session` — :mod:`fastdeeplab.export.onnx`
-* :func:`openvino_compiled_model` — :mod:`fastdeeplab.export.openvino`
-* :func:`build_tensorrt_engine` / :class:`TensorRTModel` — :mod:`fastdeeplab.export.tensorrt`
+* :func:`export_onnx` / :func:`onnx_model_proto` — :mod:`fastdeeplab.export.onnx`
+* :func:`build_tensorrt_engine` — :mod:`fastdeeplab.export.tensorrt`
+* re-exported from :mod:`fastdeeplab.runtime`: :func:`ort_session`, :func:`openvino_compiled_model`,
+  :class:`TensorRTModel`
 * :func:`quantize_onnx` / :func:`compare_quantized` — :mod:`fastdeeplab.export.quantize`
 * :func:`check_tensorrt` — :mod:`fastdeeplab.export.checks`
 
@@ -20,9 +21,9 @@ _LAZY = {
     "ExportReport": "onnx",
     "export_onnx": "onnx",
     "onnx_model_proto": "onnx",
-    "ort_session": "onnx",
-    "openvino_compiled_model": "openvino",
-    "TensorRTModel": "tensorrt",
+    "ort_session": "..runtime.onnxruntime",
+    "openvino_compiled_model": "..runtime.openvino",
+    "TensorRTModel": "..runtime.tensorrt",
     "build_tensorrt_engine": "tensorrt",
     "QuantizationReport": "quantize",
     "compare_quantized": "quantize",
@@ -36,7 +37,9 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+        target = _LAZY[name]
+        module = import_module(target, __package__) if target.startswith(".") else import_module(f"{__name__}.{target}")
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""OpenVINO on the project's ONNX export (CPU): :func:`openvino_compiled_model`.
+"""OpenVINO on the project's ONNX export (CPU): :func:`openvino_compiled_model` and :class:`OpenVINODeepLabV3`.
 
 OpenVINO reads the ONNX graph that :func:`fastdeeplab.export.onnx.onnx_model_proto` makes (BatchNorm folded,
 ASPP pooling as one bias per image) and compiles it for the CPU. On this project's reference CPU it was the
@@ -12,13 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRECISIONS", "openvino_compiled_model"]
+import torch
+from torch import nn
+
+from .exported import ExportedDeepLabV3
+
+__all__ = ["PRECISIONS", "OpenVINODeepLabV3", "openvino_compiled_model", "require_openvino"]
 
 _INSTALL_HINT = "pip install 'fastdeeplab[openvino]'"
 PRECISIONS = ("f32", "bf16", "f16")
 
 
-def _require_openvino() -> Any:
+def require_openvino() -> Any:
     try:
         import openvino
     except ImportError as exc:
@@ -34,7 +39,7 @@ def openvino_compiled_model(model: Any, *, threads: int | None = None, precision
     CPUs that support it, which does not give float32's outputs. ``threads`` defaults to OpenVINO's choice
     (the physical cores); the performance hint is ``LATENCY`` (one stream, batch 1 first).
     """
-    ov = _require_openvino()
+    ov = require_openvino()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if threads is not None and int(threads) < 1:
@@ -60,3 +65,28 @@ def openvino_compiled_model(model: Any, *, threads: int | None = None, precision
     except RuntimeError as exc:  # OpenVINO reports unreadable or corrupt models as RuntimeError
         raise ValueError(f"OpenVINO could not read an ONNX model from {what}: {exc}") from exc
     return core.compile_model(graph, device, properties)
+
+
+class OpenVINODeepLabV3(ExportedDeepLabV3):
+    """An OpenVINO CPU model over the fused model's export, behind the DeepLabV3 interface; it runs in
+    ``dtype`` (float32, or bfloat16 on CPUs with AVX512-BF16 or AMX), pinned so that OpenVINO never picks a
+    lower precision by itself."""
+
+    backend = "openvino"
+    packages = ("onnx", "onnxscript", "openvino")
+    dtypes = (torch.float32, torch.bfloat16)
+    _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}  # OpenVINO's names for ``dtypes``
+
+    def __init__(self, fused: nn.Module, **kwargs: Any) -> None:
+        from ..export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
+
+        require_openvino()
+        super().__init__(fused, **kwargs)
+
+    def _compile(self, proto: Any) -> Any:
+        compiled = openvino_compiled_model(proto, threads=self.threads, precision=self._PRECISION[self.dtype])
+        return compiled.create_infer_request()
+
+    def _run_numpy(self, session: Any, x: Any) -> list[Any]:
+        results = session.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs: fresh copies
+        return [results[name] for name in self._outputs]

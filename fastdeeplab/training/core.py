@@ -60,8 +60,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ._io import atomic_path
-from .data.palette import IGNORE_INDEX
+from .._io import atomic_path
+from ..data.palette import IGNORE_INDEX
 
 __all__ = [
     "OVERFIT_STAGES",
@@ -82,7 +82,7 @@ __all__ = [
     "train",
 ]
 
-logger = logging.getLogger("fastdeeplab.train")
+logger = logging.getLogger("fastdeeplab.training")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_WEIGHTS_NAME = "model_final.pt"
@@ -542,7 +542,7 @@ def _model_config(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    from .hub import get_model
+    from ..hub import get_model
 
     return get_model(cfg.model, num_classes=num_classes, aux_loss=cfg.aux_loss, multi_grid=cfg.multi_grid,
                      output_stride=cfg.stages[0].output_stride, weights=cfg.weights,
@@ -588,8 +588,8 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
 def _train(cfg: TrainConfig, ctx: _Context) -> TrainResult:
     from tqdm.auto import tqdm
 
-    from .data import build_dataset, train_transform
-    from .evaluate import evaluate
+    from ..data import build_dataset, train_transform
+    from ..evaluation import evaluate
 
     if cfg.data_root is None:
         raise ValueError("data_root is not set: give the dataset's root folder (--data on the command line)")
@@ -804,8 +804,8 @@ def overfit_demo(out_dir: str | os.PathLike = "runs/overfit_demo", *, num_images
     """
     import platform
 
-    from .data import VOCSegmentation, write_voc_dataset
-    from .evaluate import evaluate
+    from ..data import VOCSegmentation, write_voc_dataset
+    from ..evaluation import evaluate
 
     out = Path(out_dir)
     data_root = write_voc_dataset(out / "data", num_images, (image_size, image_size), num_classes, seed=seed)
@@ -929,6 +929,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
+    from ..cli import main
 
     raise SystemExit(main(["train", *sys.argv[1:]]))

@@ -27,26 +27,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, logits_of
 
-__all__ = ["PAPER_SCALES", "build_inference_model", "configure_parser", "evaluate", "logits_of", "run", "segment"]
+__all__ = ["PAPER_SCALES", "build_inference_model", "configure_parser", "evaluate", "model_logits", "run", "segment"]
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 """The input scales of the paper's multi-scale inference (§4.2, Table 6)."""
 
 
-def logits_of(model: nn.Module, images: Tensor) -> Tensor:
-    """``[N, K, h, w]`` logits of ``model(images)``: the ``"out"`` entry of a dict output (torchvision's
-    contract), the first element of a tuple, or the tensor itself (ONNX / TensorRT wrappers)."""
-    out = model(images)
-    if isinstance(out, Mapping):
-        out = out["out"]
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, Tensor) or out.dim() != 4:
-        raise TypeError(f"the model must return [N, K, H, W] logits or {{'out': logits}}, got {type(out).__name__}"
-                        + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
-    return out
+def model_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """``[N, K, h, w]`` logits of ``model(images)`` (see :func:`fastdeeplab.metrics.logits_of`)."""
+    return logits_of(model(images))
 
 
 def segment(model: nn.Module, images: Tensor, *, scales: Sequence[float] = (1.0,), flip: bool = False) -> Tensor:
@@ -74,7 +65,7 @@ def segment(model: nn.Module, images: Tensor, *, scales: Sequence[float] = (1.0,
             size = (max(min_side, round(h * scale)), max(min_side, round(w * scale)))
             x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             for mirrored in (False, True) if flip else (False,):
-                logits = logits_of(model, x.flip(-1) if mirrored else x).float()
+                logits = model_logits(model, x.flip(-1) if mirrored else x).float()
                 if mirrored:
                     logits = logits.flip(-1)
                 if logits.shape[-2:] != (h, w):

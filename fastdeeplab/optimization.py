@@ -1,4 +1,4 @@
-"""``fastdeeplab.optimize``: one call that turns a DeepLabv3 into the fastest inference model for its device.
+"""``fastdeeplab.optimize`` (this module is ``fastdeeplab.optimization``): one call that turns a DeepLabv3 into the fastest inference model for its device.
 
 >>> import fastdeeplab, torch
 >>> model = fastdeeplab.deeplabv3_resnet50(num_classes=21).eval()
@@ -40,13 +40,14 @@ from torch import Tensor, nn
 from .kernels._utils import interpreting, triton_available
 from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
 from .model import ASPP, Backbone, DeepLabV3, capturing_graph, check_input
+from .runtime.base import TRAIN_ERROR, RuntimeModel
+from .runtime.exported import ExportedDeepLabV3
+from .runtime.onnxruntime import OnnxRuntimeDeepLabV3
+from .runtime.openvino import OpenVINODeepLabV3
 
 __all__ = ["OnnxRuntimeDeepLabV3", "OpenVINODeepLabV3", "OptimizedDeepLabV3", "optimize", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton", "onnxruntime", "openvino")
-_TRAIN_ERROR = ("this model was built by fastdeeplab.optimize() for inference only: its BatchNorms are folded "
-                "into the convolutions and it has no trainable parameters. Train the original model and "
-                "optimize it again.")
 
 
 def _importable(*modules: str) -> bool:
@@ -152,7 +153,7 @@ class OptimizedDeepLabV3(DeepLabV3):
 
     def train(self, mode: bool = True) -> OptimizedDeepLabV3:
         if mode:
-            raise RuntimeError(_TRAIN_ERROR)
+            raise RuntimeError(TRAIN_ERROR)
         return super().train(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -172,124 +173,8 @@ class OptimizedDeepLabV3(DeepLabV3):
                 f"channels_last={self.channels_last}")
 
 
-class _ExportedDeepLabV3(nn.Module):
-    """A runtime session over the project's ONNX export of the fused model, behind the :class:`DeepLabV3`
-    interface (CPU). The graph has dynamic batch, height and width: it is exported and compiled on the first
-    call and rebuilt only when ``set_output_stride`` changes it. Subclasses say how to compile and run it."""
-
-    backend = ""
-    packages: tuple[str, ...] = ()  # what must import for this backend (the export needs onnx, onnxscript)
-    dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # what the runtime can run the float32 graph in
-
-    def __init__(self, fused: OptimizedDeepLabV3, *, threads: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.model = fused  # float32: the graph is exported in float32; the runtime runs it in ``dtype``
-        self.threads = threads
-        self.dtype = dtype
-        self._session: Any = None
-        self._outputs: list[str] = []
-
-    @property
-    def output_stride(self) -> int:
-        return self.model.output_stride
-
-    @property
-    def aux_classifier(self) -> nn.Module | None:
-        return self.model.aux_classifier
-
-    def set_output_stride(self, output_stride: int) -> _ExportedDeepLabV3:
-        self.model.set_output_stride(output_stride)
-        self._session = None
-        return self
-
-    def train(self, mode: bool = True) -> _ExportedDeepLabV3:
-        if mode:
-            raise RuntimeError(_TRAIN_ERROR)
-        return super().train(False)
-
-    def session(self, size: tuple[int, int]) -> Any:
-        """The compiled session, exported at ``size`` (dynamic axes) the first time it is needed."""
-        if self._session is None:
-            from .export.onnx import onnx_model_proto
-
-            outputs = ("out", "aux") if self.model.aux_classifier is not None else ("out",)
-            proto = onnx_model_proto(self.model, input_size=size, dynamic=True, outputs=outputs)
-            self._session = self._compile(proto)
-            self._outputs = list(outputs)
-        return self._session
-
-    def _compile(self, proto: Any) -> Any:
-        raise NotImplementedError
-
-    def _run(self, session: Any, x: Any) -> list[Any]:
-        """Run ``session`` on the float32 NCHW numpy array ``x``; one numpy array per name in ``_outputs``,
-        owned by the caller."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        check_input(x, self.output_stride)
-        if x.device.type != "cpu":
-            raise ValueError(f"the {self.backend} backend runs on the CPU; got an input on {x.device}")
-        session = self.session(tuple(x.shape[-2:]))
-        results = self._run(session, x.detach().float().contiguous().numpy())
-        return {name: torch.from_numpy(r).to(x.dtype) for name, r in zip(self._outputs, results)}
-
-    def extra_repr(self) -> str:
-        return (f"output_stride={self.output_stride}, backend={self.backend!r}, dtype={self.dtype}, "
-                f"threads={self.threads}")
-
-
-class OnnxRuntimeDeepLabV3(_ExportedDeepLabV3):
-    """An ONNX Runtime session (``fastdeeplab.export.onnx.ort_session``) behind the DeepLabV3 interface."""
-
-    backend = "onnxruntime"
-    packages = ("onnx", "onnxscript", "onnxruntime")
-
-    def __init__(self, fused: OptimizedDeepLabV3, **kwargs: Any) -> None:
-        from .export.onnx import ort_session  # noqa: F401  (fail now, with the extra's name, if missing)
-
-        super().__init__(fused, **kwargs)
-
-    def _compile(self, proto: Any) -> Any:
-        from .export.onnx import ort_session
-
-        return ort_session(proto, threads=self.threads)
-
-    def _run(self, session: Any, x: Any) -> list[Any]:
-        return session.run(self._outputs, {session.get_inputs()[0].name: x})
-
-
-class OpenVINODeepLabV3(_ExportedDeepLabV3):
-    """An OpenVINO CPU model (``fastdeeplab.export.openvino``) behind the DeepLabV3 interface; it runs in
-    ``dtype`` (float32, or bfloat16 on CPUs with AVX512-BF16 or AMX), pinned so that OpenVINO never picks a
-    lower precision by itself."""
-
-    backend = "openvino"
-    packages = ("onnx", "onnxscript", "openvino")
-    dtypes = (torch.float32, torch.bfloat16)
-    _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}  # OpenVINO's names for ``dtypes``
-
-    def __init__(self, fused: OptimizedDeepLabV3, **kwargs: Any) -> None:
-        from .export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
-        from .export.openvino import _require_openvino
-
-        _require_openvino()
-        super().__init__(fused, **kwargs)
-
-    def _compile(self, proto: Any) -> Any:
-        from .export.openvino import openvino_compiled_model
-
-        compiled = openvino_compiled_model(proto, threads=self.threads, precision=self._PRECISION[self.dtype])
-        return compiled.create_infer_request()
-
-    def _run(self, session: Any, x: Any) -> list[Any]:
-        results = session.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs: fresh copies
-        return [results[name] for name in self._outputs]
-
-
 # The backends that run the ONNX export on the CPU, in auto's order of preference (module docstring).
-_RUNTIMES: dict[str, type[_ExportedDeepLabV3]] = {
+_RUNTIMES: dict[str, type[ExportedDeepLabV3]] = {
     "openvino": OpenVINODeepLabV3,
     "onnxruntime": OnnxRuntimeDeepLabV3,
 }
@@ -315,7 +200,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
 
     from .hub import from_torchvision
 
-    if isinstance(model, (OptimizedDeepLabV3, _ExportedDeepLabV3)):
+    if isinstance(model, (OptimizedDeepLabV3, RuntimeModel)):
         raise TypeError("this model is already optimized; optimize the original model instead")
     if isinstance(model, TvDeepLabV3):
         model = from_torchvision(model)

@@ -1,0 +1,39 @@
+"""Inference runtimes behind one contract (:mod:`fastdeeplab.runtime.base`): ONNX Runtime, OpenVINO and
+TensorRT. Each module imports its runtime package only when used; a missing one names the extra to install.
+
+* :class:`RuntimeModel` — :mod:`fastdeeplab.runtime.base`
+* :func:`ort_session`, :class:`OnnxRuntimeDeepLabV3` — :mod:`fastdeeplab.runtime.onnxruntime`
+* :func:`openvino_compiled_model`, :class:`OpenVINODeepLabV3` — :mod:`fastdeeplab.runtime.openvino`
+* :class:`TensorRTModel` — :mod:`fastdeeplab.runtime.tensorrt`
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .base import LABELS_DTYPE, RuntimeModel
+
+_LAZY = {
+    "ExportedDeepLabV3": "exported",
+    "OnnxRuntimeDeepLabV3": "onnxruntime",
+    "ort_session": "onnxruntime",
+    "physical_cores": "onnxruntime",
+    "OpenVINODeepLabV3": "openvino",
+    "openvino_compiled_model": "openvino",
+    "TensorRTModel": "tensorrt",
+}
+
+__all__ = sorted(["LABELS_DTYPE", "RuntimeModel", *_LAZY])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
