@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fastdeeplab.metrics import logits_of
+
+from ._weights import (  # noqa: F401  (re-exported: tests and older code import them from here)
+    DEPTHS,
+    Weights,
+    cached_torchvision_weights,
+    random_state_dict,
+    resolve_weights,
+    torchvision_reference,
+)
 
 __all__ = [
     "Built",
@@ -38,12 +44,12 @@ __all__ = [
     "Weights",
     "cached_torchvision_weights",
     "count_gflop",
+    "cpu_bf16_supported",
     "random_state_dict",
     "resolve_weights",
     "torchvision_reference",
 ]
 
-DEPTHS = {"resnet50": 50, "resnet101": 101}
 # Compile time of torch.compile (inductor) for DeepLabv3-ResNet-50 at 513x513 on the 2-core development
 # machine (measured once; it scales with the graph, not the resolution).
 CPU_COMPILE_SECONDS = 35
@@ -51,132 +57,6 @@ CPU_COMPILE_SECONDS = 35
 
 class Unavailable(RuntimeError):
     """An implementation cannot run in this environment; ``str(exc)`` says why (becomes the skip reason)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Weights:
-    """One state dict (torchvision names, no aux head) shared by every implementation."""
-
-    state_dict: dict[str, Tensor]
-    depth: int
-    num_classes: int
-    kind: str  # "random" | "torchvision-cache" | "checkpoint"
-    description: str
-    source: str | None = None
-
-    @property
-    def real(self) -> bool:
-        """Trained weights (predictions mean something), as opposed to seeded random ones."""
-        return self.kind != "random"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "description": self.description, "source": self.source,
-                "backbone": f"resnet{self.depth}", "num_classes": self.num_classes}
-
-
-def cached_torchvision_weights(depth: int) -> Path | None:
-    """Path of torchvision's COCO-with-VOC-labels DeepLabv3 weights if already in the torch hub cache.
-
-    Only the cache is looked at; nothing is ever downloaded.
-    """
-    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights
-
-    enum = {50: DeepLabV3_ResNet50_Weights, 101: DeepLabV3_ResNet101_Weights}[depth].COCO_WITH_VOC_LABELS_V1
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(enum.url).path)
-    return path if path.is_file() else None
-
-
-def _drop_aux(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
-
-
-@torch.no_grad()
-def random_state_dict(depth: int, num_classes: int, seed: int, calibration: Tensor) -> dict[str, Tensor]:
-    """Seeded random weights whose activations stay well scaled through 50/101 layers.
-
-    torchvision's own initialisation for the convolutions; every BatchNorm gets a random affine
-    (``weight ~ U(0.5, 1.5)``, ``bias ~ N(0, 0.2)``) and then running statistics measured on the
-    ``calibration`` photographs ``[N, 3, H, W]`` (one train-mode pass, dropout off). The statistics are
-    thus non-trivial (BN folding is really exercised) yet consistent with the weights, so logits are
-    finite and O(1) rather than exploding as with mean 0 / var 1.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torchvision_reference(depth, num_classes, output_stride=8)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average: one pass gives the batch statistics exactly
-        model.train()
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-        model(calibration)
-        model.eval()
-    return model.state_dict()
-
-
-def resolve_weights(spec: str | None, backbone: str, seed: int,
-                    calibration: Callable[[], Tensor]) -> Weights:
-    """The weights every implementation uses.
-
-    ``spec``: a checkpoint path; ``"random"`` for seeded random weights; ``None`` for torchvision's
-    COCO-VOC weights when they are in the local hub cache, else random. ``calibration()`` returns the
-    photographs used to set the random weights' BN statistics (called only when needed).
-    """
-    depth = DEPTHS[backbone]
-    if spec not in (None, "random"):
-        from fastdeeplab.hub import _read_state_dict
-
-        state = _drop_aux(_read_state_dict(spec))
-        key = "classifier.4.weight"
-        if key not in state:
-            raise ValueError(f"{spec} has no {key}: not a torchvision-style DeepLabv3 checkpoint")
-        ckpt_depth = 101 if any(k.startswith("backbone.layer3.22.") for k in state) else 50
-        if ckpt_depth != depth:
-            raise ValueError(f"{spec} holds a ResNet-{ckpt_depth} DeepLabv3 but --backbone is {backbone}")
-        return Weights(state, depth, int(state[key].shape[0]), "checkpoint", f"checkpoint {spec}", str(spec))
-    if spec is None:
-        cached = cached_torchvision_weights(depth)
-        if cached is not None:
-            state = _drop_aux(torch.load(cached, map_location="cpu", weights_only=True))
-            return Weights(state, depth, int(state["classifier.4.weight"].shape[0]), "torchvision-cache",
-                           f"torchvision COCO_WITH_VOC_LABELS_V1 ({cached.name}, from the torch hub cache)",
-                           str(cached))
-    images = calibration()
-    state = random_state_dict(depth, 21, seed, images)
-    return Weights(state, depth, 21, "random",
-                   f"random (seed {seed}; BN affine randomised, BN statistics from {len(images)} photographs)",
-                   None)
-
-
-def torchvision_reference(depth: int, num_classes: int, output_stride: int,
-                          state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
-    """A genuine torchvision ``DeepLabV3`` (no aux head) at output stride 8 (as shipped) or 16 (rebuilt
-    with ``replace_stride_with_dilation=[False, False, True]`` and ASPP rates 6/12/18), in eval mode."""
-    from torchvision.models import resnet50, resnet101
-    from torchvision.models._utils import IntermediateLayerGetter
-    from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
-    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
-
-    if output_stride == 8:
-        build = deeplabv3_resnet50 if depth == 50 else deeplabv3_resnet101
-        model = build(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-    elif output_stride == 16:
-        resnet = (resnet50 if depth == 50 else resnet101)(weights=None,
-                                                           replace_stride_with_dilation=[False, False, True])
-        model = DeepLabV3(IntermediateLayerGetter(resnet, return_layers={"layer4": "out"}),
-                          DeepLabHead(2048, num_classes, atrous_rates=(6, 12, 18)))
-    else:
-        raise ValueError(f"the torchvision reference exists at output stride 8 or 16, not {output_stride}")
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model.eval()
 
 
 def count_gflop(depth: int, num_classes: int, output_stride: int, resolution: int) -> float:
@@ -209,6 +89,14 @@ class Setting:
     static_shape: bool = True  # only [batch, 3, resolution, resolution] inputs (False with --data)
     threads: int | None = None  # CPU threads for ONNX Runtime / OpenVINO (None: the library's default)
     eager: nn.Module | None = None  # from_torchvision(reference), made once per output stride (CPU, fp32)
+    calibration: Callable[[], Tensor] | None = None  # int8 calibration images [M, 3, H, W] (not scored ones)
+    shared: dict[str, Any] = field(default_factory=dict)  # artefacts shared by the rows of one setting
+
+    def shared_artifact(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per setting (e.g. one ONNX export of torchvision for the two peer runtimes)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
 
 @dataclass
@@ -223,9 +111,14 @@ class Built:
 
 @dataclass(frozen=True)
 class Implementation:
+    """One row of the table. ``precision`` overrides ``--dtype`` for the CPU precision rows
+    (``"bfloat16"``, ``"int8"``); ``peer`` marks what a user would run without fastdeeplab."""
+
     name: str
     description: str
     build: Callable[[nn.Module, Setting], Built]
+    precision: str | None = None
+    peer: bool = False
 
 
 def _require(module: str, extra: str) -> Any:
@@ -245,7 +138,22 @@ def _fastdeeplab_api(name: str) -> Any:
         raise Unavailable(f"fastdeeplab.{name} is not available: {type(exc).__name__}: {exc}") from exc
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 / AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
+
+def _cpu_precision_row(s: Setting, precision: str) -> None:
+    """bfloat16 and int8 rows are CPU rows next to a float32 run; refuse them elsewhere, with the reason."""
+    if s.device.type != "cpu":
+        raise Unavailable(f"the {precision} rows are CPU rows (device is {s.device.type}); use --dtype on CUDA")
+    if s.dtype != torch.float32:
+        raise Unavailable(f"the {precision} rows run next to a float32 run (--dtype is {str(s.dtype)[6:]})")
+    if precision == "bfloat16" and not cpu_bf16_supported():
+        raise Unavailable("this CPU has no native bfloat16 (AVX512-BF16/AMX): bf16 would be emulated")
 
 
 def _module_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -275,8 +183,11 @@ def _build_fastdeeplab(reference: nn.Module, s: Setting) -> Built:
     return Built(_module_fn(model), s.dtype, notes=["fastdeeplab.from_torchvision, eager"])
 
 
-def _build_optimize(backend: str) -> Callable[[nn.Module, Setting], Built]:
+def _build_optimize(backend: str, dtype: torch.dtype | None = None) -> Callable[[nn.Module, Setting], Built]:
     def build(reference: nn.Module, s: Setting) -> Built:
+        run_dtype = dtype or s.dtype
+        if dtype is not None:
+            _cpu_precision_row(s, "bfloat16")
         exported = backend in ("onnxruntime", "openvino")  # a session over the ONNX export (CPU)
         if exported:
             if s.device.type != "cpu":
@@ -293,33 +204,109 @@ def _build_optimize(backend: str) -> Callable[[nn.Module, Setting], Built]:
             model = model.to(s.device)  # optimize() works on the device the model is on
         start = time.perf_counter()
         try:
-            fast = optimize(model, backend=backend, dtype=s.dtype, channels_last=True)
+            fast = optimize(model, backend=backend, dtype=run_dtype, channels_last=True)
         except (NotImplementedError, ValueError) as exc:  # refused settings, e.g. a dtype the backend lacks
             raise Unavailable(f"optimize(backend={backend!r}): {exc}") from exc
-        notes = [f"fastdeeplab.optimize(backend={backend!r}, channels_last=True)"]
-        if exported:
+        kind = type(fast).__name__
+        notes = [f"fastdeeplab.optimize(backend={backend!r}, dtype={str(run_dtype)[6:]}, channels_last=True)"
+                 f" -> {kind}"]
+        if hasattr(fast, "session"):  # an exported runtime (ONNX Runtime, OpenVINO)
             if s.threads is not None and hasattr(fast, "threads"):
                 fast.threads = s.threads
             # The ONNX export and the session are made on the first call (dynamic axes): do it now, on a
             # small input, so that neither lands in the latency or in the first call's peak memory.
             side = 4 * s.output_stride + 1
-            _module_fn(fast)(torch.zeros(1, 3, side, side, dtype=s.dtype))
-            notes.append(f"session built at build time (export + {backend} compile)")
-        return Built(_module_fn(fast), s.dtype, time.perf_counter() - start, notes)
+            _module_fn(fast)(torch.zeros(1, 3, side, side, dtype=torch.float32))
+            notes.append("session built at build time (export + compile)")
+        in_dtype = torch.float32 if run_dtype == torch.bfloat16 else run_dtype  # bf16 rows take fp32 input
+        return Built(_module_fn(fast), in_dtype, time.perf_counter() - start, notes)
     return build
 
 
 def _export(reference: nn.Module, s: Setting, name: str) -> Path:
-    """The ONNX graph of the fastdeeplab model (dynamic batch/height/width). The exporter's own checks
-    (ONNX Runtime vs PyTorch at two sizes) are skipped: the row's accuracy columns check the result."""
-    export_onnx = importlib.import_module("fastdeeplab.export.onnx").export_onnx
-    path = s.workdir / f"{name}-os{s.output_stride}-{s.resolution}.onnx"
-    export_onnx(_fastdeeplab_model(reference, s).cpu(), path, input_size=(s.resolution, s.resolution),
-                output_stride=s.output_stride, dynamic=True, check=False)
-    return path
+    """The ONNX graph of the fastdeeplab model (dynamic batch/height/width), once per setting. The exporter's
+    own checks (ONNX Runtime vs PyTorch at two sizes) are skipped: the row's accuracy columns check it."""
+    def make() -> Path:
+        export_onnx = importlib.import_module("fastdeeplab.export.onnx").export_onnx
+        path = s.workdir / f"fastdeeplab-os{s.output_stride}-{s.resolution}.onnx"
+        export_onnx(_fastdeeplab_model(reference, s).cpu(), path, input_size=(s.resolution, s.resolution),
+                    output_stride=s.output_stride, dynamic=True, check=False)
+        return path
+    return s.shared_artifact("fastdeeplab.onnx", make)
+
+
+class _TorchvisionOut(nn.Module):
+    """torchvision's model with its ``{"out": logits}`` dict unwrapped, for ``torch.onnx.export``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)["out"]
+
+
+def _export_torchvision(reference: nn.Module, s: Setting) -> Path:
+    """What a user without fastdeeplab does: ``torch.onnx.export`` of torchvision's own model (BatchNorm
+    left to the runtime to fold, dynamic batch/height/width), once per setting."""
+    def make() -> Path:
+        from torch.export import Dim
+
+        _require("onnx", "onnx")
+        _require("onnxscript", "onnx")
+        path = s.workdir / f"torchvision-os{s.output_stride}-{s.resolution}.onnx"
+        x = torch.zeros(2, 3, s.resolution, s.resolution)
+        dims = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=33, max=4096),
+                3: Dim("width", min=33, max=4096)}
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_TorchvisionOut(copy.deepcopy(reference).cpu().float().eval()), (x,), str(path),
+                              dynamo=True, input_names=["input"], output_names=["out"],
+                              dynamic_shapes=({k: v for k, v in dims.items()},), external_data=False,
+                              verbose=False)
+        return path
+    return s.shared_artifact("torchvision.onnx", make)
+
+
+def _ort_fn(session: Any) -> Callable[[Tensor], Tensor]:
+    name = session.get_inputs()[0].name
+
+    def fn(x: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    return fn
 
 
 _OV_PRECISION = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _openvino_fn(path: Path, s: Setting, precision: str) -> Callable[[Tensor], Tensor]:
+    """OpenVINO on an ONNX file; compiled for each input shape it meets (statically shaped, so OpenVINO
+    plans memory and kernels once) unless ``--data`` asks for dynamic shapes."""
+    ov = _require("openvino", "openvino")
+    core = ov.Core()
+    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if s.threads is not None:
+        properties["INFERENCE_NUM_THREADS"] = str(s.threads)
+    requests: dict[tuple[int, ...] | None, Any] = {}
+
+    def request_for(shape: tuple[int, ...]) -> Any:
+        key = shape if s.static_shape else None
+        if key not in requests:
+            graph = core.read_model(str(path))
+            if key is not None:
+                graph.reshape(list(key))
+            requests[key] = core.compile_model(graph, "CPU", properties).create_infer_request()
+        return requests[key]
+
+    def fn(x: Tensor) -> Tensor:
+        request = request_for(tuple(x.shape))
+        request.infer({0: x.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data)  # a view: reused by the next call
+
+    request_for((s.batch, 3, s.resolution, s.resolution))  # compile now: not in the first timed call
+    return fn
 
 
 def _build_openvino(reference: nn.Module, s: Setting) -> Built:
@@ -332,25 +319,64 @@ def _build_openvino(reference: nn.Module, s: Setting) -> Built:
         raise Unavailable(f"fastdeeplab.export.onnx is not importable: {exc}") from exc
     start = time.perf_counter()
     path = _export(reference, s, "openvino")
-    core = ov.Core()
-    graph = core.read_model(str(path))
-    if s.static_shape:  # the shape every timed call uses: lets OpenVINO plan memory and kernels once
-        graph.reshape([s.batch, 3, s.resolution, s.resolution])
-    # OpenVINO's CPU plugin runs bf16 by default where the CPU supports it: pin the precision to --dtype.
-    properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[s.dtype], "PERFORMANCE_HINT": "LATENCY"}
-    if s.threads is not None:
-        properties["INFERENCE_NUM_THREADS"] = str(s.threads)
-    compiled = core.compile_model(graph, "CPU", properties)
-    request = compiled.create_infer_request()
-
-    def fn(x: Tensor) -> Tensor:
-        request.infer({0: x.numpy()})
-        return torch.from_numpy(request.get_output_tensor(0).data)  # a view: reused by the next call
-
+    fn = _openvino_fn(path, s, _OV_PRECISION[s.dtype])
     return Built(fn, torch.float32, time.perf_counter() - start,
-                 [f"OpenVINO {ov.get_version().split('-')[0]} on the exported ONNX graph "
+                 [f"OpenVINO {ov.get_version().split('-')[0]} on fastdeeplab's ONNX export "
                   f"({'static' if s.static_shape else 'dynamic'} shape), "
                   f"INFERENCE_PRECISION_HINT={_OV_PRECISION[s.dtype]}"])
+
+
+def _build_onnxruntime_torchvision(reference: nn.Module, s: Setting) -> Built:
+    if s.device.type != "cpu":
+        raise Unavailable("ONNX Runtime runs on the CPU here; use --device cpu to include it")
+    if s.dtype != torch.float32:
+        raise Unavailable(f"the peer rows run float32 graphs (--dtype is {str(s.dtype)[6:]})")
+    _require("onnxruntime", "onnx")
+    from fastdeeplab.runtime.onnxruntime import ort_session
+
+    start = time.perf_counter()
+    session = ort_session(_export_torchvision(reference, s), threads=s.threads)
+    return Built(_ort_fn(session), torch.float32, time.perf_counter() - start,
+                 ["ONNX Runtime (all graph optimizations, no spinning) on torch.onnx.export of torchvision's model"])
+
+
+def _build_openvino_torchvision(precision: str) -> Callable[[nn.Module, Setting], Built]:
+    def build(reference: nn.Module, s: Setting) -> Built:
+        if s.device.type != "cpu":
+            raise Unavailable("OpenVINO runs on the CPU here; use --device cpu to include it")
+        if precision == "bf16":
+            _cpu_precision_row(s, "bfloat16")
+        elif s.dtype != torch.float32:
+            raise Unavailable(f"the peer rows run float32 graphs (--dtype is {str(s.dtype)[6:]})")
+        ov = _require("openvino", "openvino")
+        start = time.perf_counter()
+        fn = _openvino_fn(_export_torchvision(reference, s), s, precision)
+        return Built(fn, torch.float32, time.perf_counter() - start,
+                     [f"OpenVINO {ov.get_version().split('-')[0]} on torch.onnx.export of torchvision's model, "
+                      f"INFERENCE_PRECISION_HINT={precision}"])
+    return build
+
+
+def _build_onnxruntime_int8(reference: nn.Module, s: Setting) -> Built:
+    _cpu_precision_row(s, "int8")
+    _require("onnxruntime", "onnx")
+    try:
+        quantize_onnx = importlib.import_module("fastdeeplab.export.quantize").quantize_onnx
+    except (ImportError, AttributeError) as exc:
+        raise Unavailable(f"fastdeeplab.export.quantize is not importable: {exc}") from exc
+    from fastdeeplab.runtime.onnxruntime import ort_session
+
+    if s.calibration is None:
+        raise Unavailable("no calibration images for int8")
+    start = time.perf_counter()
+    fp32 = _export(reference, s, "int8")
+    images = s.calibration()
+    int8 = s.workdir / f"fastdeeplab-os{s.output_stride}-{s.resolution}.int8.onnx"
+    quantize_onnx(fp32, int8, images, input_size=tuple(images.shape[-2:]))
+    session = ort_session(int8, threads=s.threads)
+    return Built(_ort_fn(session), torch.float32, time.perf_counter() - start,
+                 [f"fastdeeplab.export.quantize.quantize_onnx (QDQ, u8 activations, s8 per-channel weights, MinMax "
+                  f"on {images.shape[0]} calibration images not scored) on ONNX Runtime"])
 
 
 _TRT_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
@@ -364,6 +390,7 @@ def _build_tensorrt(reference: nn.Module, s: Setting) -> Built:
     _require("tensorrt", "tensorrt")
     try:
         trt = importlib.import_module("fastdeeplab.export.tensorrt")
+        runtime = importlib.import_module("fastdeeplab.runtime")
     except ImportError as exc:
         raise Unavailable(f"fastdeeplab.export.tensorrt is not importable: {exc}") from exc
     start = time.perf_counter()
@@ -379,7 +406,7 @@ def _build_tensorrt(reference: nn.Module, s: Setting) -> Built:
                    "max_shape": (s.batch, 3, side, side)}
     trt.build_tensorrt_engine(onnx_path, engine, precision=precision, timing_cache=s.workdir / "tensorrt.cache",
                               **profile)
-    model = trt.TensorRTModel(engine, device=s.device)
+    model = runtime.TensorRTModel(engine, device=s.device)
     return Built(_module_fn(model), torch.float32, time.perf_counter() - start,
                  [f"TensorRT engine ({precision}) from the exported ONNX graph, profile {profile['opt_shape']}"])
 
@@ -401,12 +428,22 @@ def _build_torch_compile(reference: nn.Module, s: Setting) -> Built:
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
-    Implementation("torchvision", "torchvision eager (the reference)", _build_torchvision),
+    Implementation("torchvision", "torchvision eager (the reference)", _build_torchvision, peer=True),
     Implementation("fastdeeplab", "fastdeeplab eager (from_torchvision)", _build_fastdeeplab),
     Implementation("optimize_torch", "optimize(backend='torch')", _build_optimize("torch")),
     Implementation("optimize_onnxruntime", "optimize(backend='onnxruntime')", _build_optimize("onnxruntime")),
     Implementation("optimize_openvino", "optimize(backend='openvino')", _build_optimize("openvino")),
-    Implementation("openvino", "OpenVINO on the exported ONNX graph", _build_openvino),
+    Implementation("openvino", "OpenVINO on fastdeeplab's ONNX export", _build_openvino),
+    Implementation("onnxruntime_torchvision", "ONNX Runtime on torch.onnx.export(torchvision)",
+                   _build_onnxruntime_torchvision, peer=True),
+    Implementation("openvino_torchvision", "OpenVINO on torch.onnx.export(torchvision)",
+                   _build_openvino_torchvision("f32"), peer=True),
+    Implementation("optimize_bf16", "optimize(dtype=torch.bfloat16) (default backend)",
+                   _build_optimize("auto", torch.bfloat16), precision="bfloat16"),
+    Implementation("openvino_torchvision_bf16", "OpenVINO bf16 on torch.onnx.export(torchvision)",
+                   _build_openvino_torchvision("bf16"), precision="bfloat16", peer=True),
+    Implementation("onnxruntime_int8", "ONNX Runtime int8 (QDQ) on fastdeeplab's export",
+                   _build_onnxruntime_int8, precision="int8"),
     Implementation("triton", "optimize(backend='triton')", _build_optimize("triton")),
     Implementation("tensorrt", "TensorRT engine from the exported ONNX graph", _build_tensorrt),
     Implementation("torch_compile", "torch.compile of fastdeeplab eager", _build_torch_compile),

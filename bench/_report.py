@@ -19,31 +19,41 @@ __all__ = ["COLUMNS", "ROW_KEYS", "add_kernel_speedups", "add_speedups", "format
 
 # Keys of every row, in order; rows that did not run keep None in the measured ones.
 ROW_KEYS = (
-    "implementation", "description", "output_stride", "resolution", "batch", "device", "dtype", "status",
+    "implementation", "description", "output_stride", "resolution", "batch", "device", "dtype", "peer", "status",
     "reason", "latency_ms_median", "latency_ms_iqr", "latency_ms_q1", "latency_ms_q3", "latency_ms_min",
-    "rounds", "throughput_ips", "gflop", "gflops", "peak_mem_mb", "speedup_vs_reference",
-    "speedup_vs_torchvision_same_os", "max_rel_logit_error", "pixel_agreement", "miou_vs_reference",
-    "pixel_agreement_same_os", "accuracy_images", "val_miou", "val_images", "build_s", "notes",
+    "rounds", "samples_ms", "throughput_ips", "gflop", "gflops", "peak_mem_mb", "speedup_vs_reference",
+    "speedup_vs_torchvision_same_os", "speedup_same_os_q1", "speedup_same_os_q3", "max_rel_logit_error",
+    "pixel_agreement", "miou_vs_reference", "pixel_agreement_same_os", "miou_ground_truth", "accuracy_note",
+    "accuracy_images", "val_miou", "val_images", "build_s", "notes",
 )
 
 COLUMNS: dict[str, str] = {
-    "latency_ms_median": "median wall time of one forward of `batch` images over the timed rounds, after "
-                         "warmup (input already on the device; CUDA synchronised)",
+    "latency_ms_median": "median wall time of one forward of `batch` images over the interleaved timed rounds "
+                         "(input already on the device; CUDA timed with events)",
     "latency_ms_iqr": "interquartile range (q3 - q1) of the timed rounds",
+    "samples_ms": "every timed round, in order",
     "throughput_ips": "images per second = batch / median latency",
     "gflop": "GFLOP per image (FlopCounterMode on the torchvision reference: convs as 2*MAC; BN, ReLU, "
              "pooling and upsampling not counted); the same model work for every implementation",
     "gflops": "achieved GFLOP/s = gflop * batch / median latency",
     "peak_mem_mb": "CUDA: torch.cuda.max_memory_allocated over one call (weights included); CPU: rise of the "
                    "process peak RSS over the implementation's first call, after malloc_trim (weights excluded)",
-    "speedup_vs_reference": "torchvision OS8 latency / row latency (the model torchvision ships, as shipped)",
-    "speedup_vs_torchvision_same_os": "torchvision latency at the row's output stride / row latency",
+    "speedup_vs_reference": "torchvision OS8 median latency / row median latency (ratio of medians; across "
+                            "output strides these come from different interleaved settings)",
+    "speedup_vs_torchvision_same_os": "median over rounds of (torchvision latency / row latency) in the same "
+                                      "round, at the row's output stride",
+    "speedup_same_os_q1": "first quartile of those per-round ratios",
+    "speedup_same_os_q3": "third quartile of those per-round ratios",
     "max_rel_logit_error": "max|out - ref| / max|ref|, ref = torchvision float32 at the row's output stride, "
-                           "same weights and photographs",
+                           "same weights and inputs",
     "pixel_agreement": "fraction of pixels whose argmax equals the torchvision float32 OS8 argmax (the "
-                       "ground truth for every row, so OS16's accuracy loss shows here)",
-    "miou_vs_reference": "mIoU of the argmax with the torchvision float32 OS8 argmax as ground truth",
-    "pixel_agreement_same_os": "argmax agreement with torchvision float32 at the row's own output stride",
+                       "ground truth for every row, so OS16's accuracy loss shows here); null for OS16 rows "
+                       "with random weights (no meaning)",
+    "miou_vs_reference": "mIoU of the argmax with the torchvision float32 OS8 argmax as ground truth; null "
+                         "for OS16 rows with random weights",
+    "pixel_agreement_same_os": "argmax agreement with torchvision float32 at the row's own output stride (for "
+                               "bfloat16/int8 rows: agreement with float32)",
+    "miou_ground_truth": "--weights synthetic only: mIoU against the true labels of held-out synthetic scenes",
     "val_miou": "mIoU on the VOC val split (--data, real weights; first --max-images images, each at its own "
                 "size, single scale, 255 ignored) via fastdeeplab.evaluate",
 }
@@ -51,8 +61,9 @@ __doc__ = (__doc__ or "") + "\n" + "\n".join(f"* ``{k}``: {v}" for k, v in COLUM
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Fill ``speedup_vs_reference`` and ``speedup_vs_torchvision_same_os`` in place (None without a
-    torchvision row to compare with)."""
+    """Fill ``speedup_vs_reference`` (torchvision OS8 median / row median) in place, and
+    ``speedup_vs_torchvision_same_os`` from medians where the per-round ratio was not measured (None
+    without a torchvision row to compare with)."""
     tv = {r["output_stride"]: r["latency_ms_median"] for r in rows
           if r["implementation"] == "torchvision" and r.get("latency_ms_median")}
     for r in rows:
@@ -60,8 +71,9 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         if not lat:
             continue
         r["speedup_vs_reference"] = tv[8] / lat if 8 in tv else None
-        same = tv.get(r["output_stride"])
-        r["speedup_vs_torchvision_same_os"] = same / lat if same else None
+        if r.get("speedup_vs_torchvision_same_os") is None:
+            same = tv.get(r["output_stride"])
+            r["speedup_vs_torchvision_same_os"] = same / lat if same else None
 
 
 def add_kernel_speedups(rows: list[dict[str, Any]]) -> None:
@@ -91,14 +103,34 @@ def _load_note(load: dict[str, Any] | None) -> str:
     if not load or not load.get("at_start"):
         return ""
     end = load.get("at_end") or load["at_start"]
-    return f" | load average (1 min) {load['at_start'][0]:.1f} at start, {end[0]:.1f} at end"
+    note = f" | load average (1 min) {load['at_start'][0]:.1f} at start, {end[0]:.1f} at end"
+    per = load.get("per_output_stride") or {}
+    for key, v in per.items():
+        others = v.get("others_busy_cores")
+        note += (f"; {key.upper()}: {v.get('load1_before') or 0:.1f} -> {v.get('load1_after') or 0:.1f}"
+                 + (f", others busy {others:.1f} cores" if others is not None else ""))
+    return note
+
+
+def _ratio(r: dict[str, Any]) -> str:
+    med = r.get("speedup_vs_torchvision_same_os")
+    if med is None:
+        return "-"
+    q1, q3 = r.get("speedup_same_os_q1"), r.get("speedup_same_os_q3")
+    return f"{med:.2f}x" + (f" [{q1:.2f}-{q3:.2f}]" if q1 is not None and q3 is not None else "")
+
+
+def _accuracy_kind(meta: dict[str, Any]) -> str:
+    w = meta.get("weights") or {}
+    return w.get("kind") or ("random" if str(w.get("description", "")).startswith("random") else "unknown")
 
 
 def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    """The plain-text summary: a header naming model, machine, weights and images, then one line per row."""
+    """The plain-text summary: a header naming model, machine, load, weights and inputs, then one line per row."""
     s = meta["settings"]
     m = meta["machine"]
     v = meta["versions"]
+    kind = _accuracy_kind(meta)
     where = m["gpu"] or f"{m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
     libs = ", ".join(f"{k} {val}" for k, val in v.items() if val and k not in ("pytest-benchmark",))
     lines = [
@@ -106,29 +138,58 @@ def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         f"{s['device']} {s['dtype']} | {meta['created']}",
         f"machine: {where}" + _load_note(m.get("load_average"))
         + (f" | OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else ""),
-        f"versions: {libs}",
-        f"weights: {meta['weights']['description']}",
-        f"images: {meta['images']['description']}",
-        "latency: median (IQR) over timed rounds; x ref = torchvision OS8 latency / row; x tv = torchvision at "
-        "the same OS / row; err = max|out-ref|/max|ref| vs torchvision fp32 at the same OS; agree/mIoU vs "
-        "torchvision fp32 OS8 argmax",
     ]
+    if meta.get("noisy"):
+        lines += ["!" * 100,
+                  "!! NOISY RUN: " + "; ".join(meta.get("noisy_reasons") or []),
+                  "!! Latencies are inflated and less repeatable; the per-round ratios hold better. Rerun on a "
+                  "quieter machine, or with --threads 1.",
+                  "!" * 100]
+    lines += [f"versions: {libs}", f"weights: {meta['weights']['description']}"]
+    lines.append(f"images: {meta['images']['description']}")
+    timing = meta.get("timing") or {}
+    rounds = ", ".join(f"{n} at {k.upper()}" for k, n in (timing.get("rounds") or {}).items())
+    lines.append("latency: median (IQR) over interleaved rounds (every implementation once per round, order "
+                 f"rotated{'; ' + rounds + ' rounds' if rounds else ''}); x tv = torchvision / row at the same OS, "
+                 "per-round ratio median [q1-q3]; x ref = torchvision OS8 median / row median")
+    if s.get("device") == "cuda":
+        lines.append(f"cuDNN: torch.backends.cudnn.benchmark = {timing.get('cudnn_benchmark', True)} "
+                     "(fastest algorithm per shape)")
+    accuracy = ("err = max|out-ref|/max|ref| and agree = argmax agreement, both vs torchvision fp32 at the same "
+                "OS (bf16/int8 rows: vs fp32); agree8 = vs torchvision fp32 OS8")
+    if kind == "synthetic":
+        accuracy += "; mIoU = against the true labels of the held-out synthetic scenes (synthetic, not VOC)"
+    elif kind == "random":
+        accuracy += ("; mIoU vs torchvision fp32 OS8 argmax. RANDOM WEIGHTS: OS16-vs-OS8 agree8/mIoU are n/a "
+                     "(no meaning); err and agree stay meaningful")
+    else:
+        accuracy += "; mIoU vs torchvision fp32 OS8 argmax"
+    lines.append("accuracy: " + accuracy)
+    gflop = {r["output_stride"]: r["gflop"] for r in rows if r.get("gflop")}
+    if gflop:
+        lines.append("work: " + ", ".join(f"OS{k} {g:.1f} GFLOP/image" for k, g in sorted(gflop.items())))
     has_val = any(r.get("val_miou") is not None for r in rows)
-    header = (f"{'implementation':<21}{'OS':>3} {'median ms':>10} {'IQR':>7} {'img/s':>6} {'GFLOP':>6} "
-              f"{'GFLOP/s':>8} {'mem MB':>7} {'x ref':>6} {'x tv':>5} {'max err':>8} {'agree':>6} {'mIoU':>6}"
+    miou_key = "miou_ground_truth" if kind == "synthetic" else "miou_vs_reference"
+    header = (f"{'implementation':<26}{'OS':>3} {'dtype':>8} {'median ms':>10} {'IQR':>7} {'x tv [q1-q3]':>19} "
+              f"{'x ref':>6} {'GFLOP/s':>8} {'mem MB':>7} {'max err':>8} {'agree':>6} {'agree8':>6} {'mIoU':>6}"
               + (f" {'val mIoU':>8}" if has_val else "") + "  status")
     lines += ["", header, "-" * len(header)]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}"
+        na = "n/a" if r.get("accuracy_note") else "-"
         lines.append(
-            f"{r['implementation']:<21}{r['output_stride']:>3} {_f(r['latency_ms_median'], '10.1f'):>10} "
-            f"{_f(r['latency_ms_iqr'], '7.1f'):>7} {_f(r['throughput_ips'], '6.2f'):>6} "
-            f"{_f(r['gflop'], '6.1f'):>6} {_f(r['gflops'], '8.1f'):>8} {_f(r['peak_mem_mb'], '7.0f'):>7} "
+            f"{r['implementation']:<26}{r['output_stride']:>3} {str(r.get('dtype') or '')[:8]:>8} "
+            f"{_f(r['latency_ms_median'], '10.1f'):>10} {_f(r['latency_ms_iqr'], '7.1f'):>7} {_ratio(r):>19} "
             f"{_f(r['speedup_vs_reference'], '5.2f') + ('x' if r['speedup_vs_reference'] else ''):>6} "
-            f"{_f(r['speedup_vs_torchvision_same_os'], '4.2f') + ('x' if r['speedup_vs_torchvision_same_os'] else ''):>5} "
-            f"{_err(r['max_rel_logit_error']):>8} {_f(r['pixel_agreement'], '6.4f'):>6} "
-            f"{_f(r['miou_vs_reference'], '6.4f'):>6}"
+            f"{_f(r['gflops'], '8.1f'):>8} {_f(r['peak_mem_mb'], '7.0f'):>7} "
+            f"{_err(r['max_rel_logit_error']):>8} {_f(r.get('pixel_agreement_same_os'), '6.4f'):>6} "
+            f"{_f(r['pixel_agreement'], '6.4f', na):>6} {_f(r.get(miou_key), '6.4f', na):>6}"
             + (f" {_f(r.get('val_miou'), '8.4f'):>8}" if has_val else "") + f"  {status}")
+    if any(r.get("accuracy_note") for r in rows):
+        lines.append("n/a (random weights): OS16-vs-OS8 agreement and mIoU carry no meaning with random weights; "
+                     "use --weights synthetic or torchvision weights for them")
+    if meta.get("noisy"):
+        lines.append("!! NOISY RUN (see the header): " + (meta.get("advice") or ""))
     return "\n".join(lines)
 
 
@@ -161,57 +222,98 @@ def write_json(directory: Path, payload: dict[str, Any], stamp: str) -> tuple[Pa
     return latest, stamped
 
 
+def _plot_axis(meta: dict[str, Any]) -> tuple[str, str, bool]:
+    """(row key, axis label, whether it is an accuracy) for the plot's y axis."""
+    kind = _accuracy_kind(meta)
+    if kind == "synthetic":
+        return "miou_ground_truth", "mIoU on held-out synthetic scenes (synthetic, not VOC)", True
+    if kind == "random":
+        return ("speedup_vs_torchvision_same_os",
+                "speed-up over torchvision eager, same OS (per-round ratio; accuracy n/a: random weights)", False)
+    return "pixel_agreement", "pixel agreement with torchvision fp32 OS8", True
+
+
+def _spread_labels(ys: list[float], gap: float, low: float, high: float) -> list[float]:
+    """Label positions near ``ys`` (any order), at least ``gap`` apart, within [low, high]."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [0.0] * len(ys)
+    last = low - gap
+    for i in order:
+        last = max(ys[i], last + gap)
+        placed[i] = last
+    overflow = last - high
+    if overflow > 0:  # shift down, then push apart from the bottom again
+        last = high + gap
+        for i in reversed(order):
+            last = min(placed[i] - overflow, last - gap)
+            placed[i] = last
+    return placed
+
+
 def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> Path | None:
-    """Latency (log scale) against pixel agreement with the OS8 reference, one labelled point per
-    implementation and output stride. Returns None when no row has both numbers."""
-    points = [r for r in rows if r.get("latency_ms_median") and r.get("pixel_agreement") is not None]
+    """Latency (median, IQR error bars, log scale) against accuracy, or against the per-round speed-up when
+    accuracy has no meaning (random weights); one panel per output stride, labels in a column beside each
+    panel joined to their points. Returns None when no row has both numbers."""
+    key, ylabel, is_accuracy = _plot_axis(meta)
+    if not any(r.get(key) is not None for r in rows):  # e.g. rows from an older run
+        key, ylabel, is_accuracy = "pixel_agreement", "pixel agreement with torchvision fp32 OS8", True
+    points = [r for r in rows if r.get("latency_ms_median") and r.get(key) is not None]
     if not points:
         return None
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
-    names = sorted({r["implementation"] for r in points}, key=[r["implementation"] for r in rows].index)
-    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    markers = {16: "o", 8: "s", 32: "^"}
-    xs = [r["latency_ms_median"] for r in points]
-    ys = [r["pixel_agreement"] for r in points]
-    xlim = (min(xs) / 1.25, max(xs) * 1.9)  # room on the right for the labels
-    ypad = 0.15 * max(max(ys) - min(ys), 0.05)
-    ylim = (min(ys) - ypad, max(ys) + ypad)
-    log_span = math.log10(xlim[1] / xlim[0])
-    offsets = (4, -12, 16, -24, 28, -36)
-    placed: list[tuple[float, float]] = []
-    for r, x, y in zip(points, xs, ys, strict=True):
-        ax.scatter(x, y, s=60, color=colours[r["implementation"]], marker=markers.get(r["output_stride"], "D"),
-                   edgecolors="black", linewidths=0.5, zorder=3)
-        # points whose labels would collide get their labels stacked above and below
-        near = sum(1 for px, py in placed if abs(math.log10(px / x)) < 0.2 * log_span
-                   and abs(py - y) < 0.06 * (ylim[1] - ylim[0]))
-        placed.append((x, y))
-        ax.annotate(f"{r['implementation']} OS{r['output_stride']}", (x, y), textcoords="offset points",
-                    xytext=(7, offsets[near % len(offsets)]), fontsize=8)
-    ax.set_xlim(*xlim)
-    ax.set_ylim(*ylim)
-    ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("latency per forward, median (ms, log scale)")
-    ax.set_ylabel("pixel agreement with torchvision OS8 (float32)")
+    strides = sorted({r["output_stride"] for r in points}, reverse=True)
+    names = list(dict.fromkeys(r["implementation"] for r in rows if r in points))
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    markers = {16: "o", 8: "s", 32: "^"}
+    fig, axes = plt.subplots(len(strides), 1, figsize=(11, 4.2 * len(strides) + 0.8), dpi=110, squeeze=False)
+    for ax, stride in zip(axes[:, 0], strides, strict=True):
+        pts = [r for r in points if r["output_stride"] == stride]
+        xs = [r["latency_ms_median"] for r in pts]
+        ys = [r[key] for r in pts]
+        for r, x, y in zip(pts, xs, ys, strict=True):
+            q1, q3 = r.get("latency_ms_q1"), r.get("latency_ms_q3")
+            xerr = [[x - q1], [q3 - x]] if q1 is not None and q3 is not None else None
+            yerr = None
+            if not is_accuracy and r.get("speedup_same_os_q1") is not None:
+                yerr = [[y - r["speedup_same_os_q1"]], [r["speedup_same_os_q3"] - y]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers.get(stride, "D"), color=colours[r["implementation"]],
+                        markeredgecolor="black", markeredgewidth=0.5, markersize=7, capsize=3, zorder=3)
+        xlim = (min(xs) / 1.3, max(xs) * 1.3)
+        span = max(ys) - min(ys)
+        pad = 0.12 * max(span, 0.02 if is_accuracy else 0.1)
+        ylim = (min(ys) - pad, max(ys) + pad)
+        ax.set_xscale("log")
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xlabel("latency per forward, median with IQR (ms, log scale)")
+        ax.set_ylabel(ylabel if len(ylabel) < 45 else ylabel.split(" (")[0], fontsize=9)
+        ax.set_title(f"output stride {stride} ({'circles' if stride == 16 else 'squares'})", fontsize=10,
+                     loc="left")
+        # labels in a column right of the axes, spread so they never overlap, joined to their points
+        frac = [(y - ylim[0]) / (ylim[1] - ylim[0]) for y in ys]
+        gap = min(0.09, 1.0 / max(len(pts), 1))
+        placed = _spread_labels(frac, gap, 0.0, 1.0)
+        for r, x, y, ly in zip(pts, xs, ys, placed, strict=True):
+            ax.annotate(f"{r['implementation']} OS{stride}", xy=(x, y), xycoords="data", xytext=(1.02, ly),
+                        textcoords="axes fraction", va="center", fontsize=8, color="black",
+                        arrowprops=dict(arrowstyle="-", color=colours[r["implementation"]], lw=0.8, alpha=0.8))
     s = meta["settings"]
-    ax.set_title(f"DeepLabv3-{s['backbone']} {s['resolution']}x{s['resolution']} batch {s['batch']}, "
-                 f"{s['device']} {s['dtype']}\nweights: {meta['weights']['description']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[n], label=n) for n in names]
-    handles += [plt.Line2D([], [], linestyle="", marker=m, color="grey", label=f"OS{o}")
-                for o, m in markers.items() if any(r["output_stride"] == o for r in points)]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
+    noisy = " | NOISY RUN" if meta.get("noisy") else ""
+    fig.suptitle(f"DeepLabv3-{s['backbone']} {s['resolution']}x{s['resolution']} batch {s['batch']}, "
+                 f"{s['device']} {s['dtype']}{noisy}\nweights: {str(meta['weights'].get('description', ''))[:110]}",
+                 fontsize=9)
+    if not is_accuracy:
+        fig.text(0.01, 0.005, ylabel, fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 0.78, 0.97))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

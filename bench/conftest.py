@@ -59,8 +59,18 @@ def pytest_configure(config: pytest.Config) -> None:
     state.omp_wait_policy = os.environ.get("OMP_WAIT_POLICY", "") + (
         " (set after torch loaded: no effect)" if TORCH_PRELOADED else "")
     config.stash[_SESSION] = state
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # progress lines go to the terminal even while pytest captures output
+        def progress(line: str) -> None:
+            reporter.ensure_newline()
+            reporter.write_line(line)
+            reporter.flush()
+
+        state.progress = progress
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda":  # fair to cuDNN: let it pick its fastest algorithm per shape (issue 13)
+        torch.backends.cudnn.benchmark = True
     config.stash[_WRITTEN] = []
     default_columns = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]
     if getattr(config.option, "benchmark_columns", None) == default_columns:
@@ -72,6 +82,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         cfg = metafunc.config.stash[_SESSION].cfg
         grid = [(os_, impl) for os_ in cfg.output_strides for impl in cfg.impls]
         metafunc.parametrize("output_stride,impl", grid, ids=[f"os{o}-{i}" for o, i in grid])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember which (output stride, implementation) tests were collected (after -k / deselection), so a
+    setting builds only those."""
+    state = session.config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    state.selected = {(item.callspec.params["output_stride"], item.callspec.params["impl"])
+                      for item in session.items
+                      if hasattr(item, "callspec") and {"output_stride", "impl"} <= set(item.callspec.params)}
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +126,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state.meta = meta  # type: ignore[attr-defined]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own summary: the project's table comes last
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(_SESSION, None)
     if state is None or (not state.rows and not state.kernel_rows):

@@ -39,6 +39,7 @@ _LAZY = {
     "export_onnx": "fastdeeplab.export.onnx",
     "ExportReport": "fastdeeplab.export.onnx",
     "build_tensorrt_engine": "fastdeeplab.export.tensorrt",
+    "deploy": "fastdeeplab.export.deploy",
     "TensorRTModel": "fastdeeplab.runtime.tensorrt",
 }
 

@@ -2,76 +2,210 @@
 
 Every file the package writes goes through :func:`atomic_path`, and every command validates its output paths
 with :func:`check_output_path` before any work starts, so a bad path fails in a second, not after an export.
+
+The rules, for every write:
+
+* the target is named in every error, never the temporary file;
+* an existing directory, device, fifo or socket is never replaced (``/dev/null`` stays a device, even as root);
+* an existing read-only file is replaced only when the caller asks (``overwrite=True``), and keeps its mode;
+* the parent must really be writable: a temporary file is created and removed there (``os.access`` says
+  ``/proc`` is writable for root, but nothing can be created in it);
+* validation creates nothing: missing parent folders are created by :func:`atomic_path` when the work is done;
+* temporary files are ``.<name>.fastdeeplab-<pid>-<random><suffix>.tmp`` next to the target; one left by a
+  process that no longer runs (a killed export) is removed by the next write of the same target.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "check_output_path", "check_writable_dir"]
+__all__ = ["atomic_path", "check_output_path", "check_writable_dir", "stale_temp_files"]
+
+_TAG = "fastdeeplab"
+_ACTIVE: set[str] = set()  # temporary files this process is writing right now
 
 
-def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Return the parent directory of ``path`` (created if missing), or raise naming why it is unusable."""
-    parent = Path(path).expanduser().resolve().parent
+def _describe(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe(directory: Path, what: str, target: Path) -> None:
+    """Create and remove a file in ``directory``: the only test that holds for root, ``/proc`` and read-only
+    mounts alike."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{_TAG}-probe-", dir=directory)
     except OSError as exc:
-        raise OSError(f"cannot create output directory {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory {parent} is not writable")
+        raise PermissionError(f"cannot write {what} {target}: nothing can be created in "
+                              f"{directory} ({exc.strerror or exc})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
+def check_writable_dir(path: str | os.PathLike, *, what: str = "output") -> Path:
+    """Return the parent directory of the file ``path``, or raise naming why nothing can be written there.
+
+    The parent may not exist yet (:func:`atomic_path` creates it when writing); then its closest existing
+    ancestor must be a writable directory. Nothing is created here.
+    """
+    target = Path(path).expanduser().absolute()
+    parent = target.parent
+    existing = _nearest_existing(parent)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write {what} {target}: {existing} is not a directory")
+    if not os.access(existing, os.X_OK):
+        raise PermissionError(f"cannot write {what} {target}: {existing} cannot be entered")
+    _probe(existing, what, target)
     return parent
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = True, what: str = "output") -> Path:
-    """Validate a file the caller is about to write, before any work: returns it as an absolute ``Path``.
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output") -> Path:
+    """Validate a file the caller is about to write, before any work: returns it as an absolute ``Path``
+    (symbolic links resolved, so the file they point to is what gets written).
 
-    Refused, with the target named: an empty path; an existing directory; an existing target that is not a
-    regular file (a device, fifo or socket: renaming over it would replace it); an existing read-only file,
-    unless ``overwrite``; a parent that cannot be created or written (``/proc``, ``/sys``, read-only mounts).
+    Refused, with the target named: ``None``, an empty path or one ending in a separator; an existing
+    directory (``IsADirectoryError``); an existing target that is not a regular file, a device, fifo or socket
+    (renaming over it would replace it); an existing read-only file unless ``overwrite``; a parent that is not
+    a directory or where nothing can be created (``/proc``, ``/sys``, read-only mounts). Creates nothing.
+    Writable regular files are replaced as usual (that is what an output path is for).
     """
-    if path is None or str(path).strip() == "":
-        raise ValueError(f"{what} path is empty")
-    target = Path(path).expanduser()
+    if path is None or not str(path).strip():
+        raise ValueError(f"{what} path is empty; give a file name")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} path must be a str or os.PathLike, got {type(path).__name__}")
+    text = os.fspath(path)
+    target = Path(os.path.realpath(Path(text).expanduser()))
     if target.is_dir():
-        raise IsADirectoryError(f"{what} path {target} is a directory; give a file name")
-    if target.exists() or target.is_symlink():
-        mode = os.stat(target).st_mode if target.exists() else 0
-        if target.exists() and not stat.S_ISREG(mode):
-            raise ValueError(f"{what} path {target} exists and is not a regular file (a device, fifo or "
-                             "socket); refusing to replace it")
-        if target.exists() and not overwrite and not os.access(target, os.W_OK):
-            raise PermissionError(f"{what} file {target} is read-only; remove it or allow overwriting")
-    check_writable_dir(target)
-    return target.resolve()
+        raise IsADirectoryError(f"{what} path {text} is a directory; give a file name")
+    if text.endswith(("/", os.sep)):
+        raise IsADirectoryError(f"{what} path {text} names a directory (it ends with a "
+                                "separator); give a file name")
+    if os.path.lexists(target):
+        try:
+            mode = os.stat(target).st_mode
+        except OSError as exc:
+            raise OSError(f"cannot write {what} {target}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{what} path {target} exists and is {_describe(mode)}; refusing to replace it "
+                             "(give a regular file name)")
+        read_only = not mode & 0o222 or not os.access(target, os.W_OK)  # mode bits: root passes os.access
+        if read_only and not overwrite:
+            raise PermissionError(f"{what} file {target} is read-only; remove it, make it "
+                                  "writable or ask to overwrite it")
+    check_writable_dir(target, what=what)
+    return target
+
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\." + _TAG + r"-(?P<pid>\d+)-[A-Za-z0-9_]+.*\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files that :func:`atomic_path` left next to ``path`` in a process that no longer runs (or
+    in this one, outside any write): what the next write of ``path`` removes."""
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    stale = []
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            match = _TMP_RE.match(entry.name)
+            if match is None or match["name"] != target.name or str(entry) in _ACTIVE:
+                continue
+            pid = int(match["pid"])
+            if (pid == os.getpid() or not _alive(pid)) and entry.is_file() and not entry.is_symlink():
+                stale.append(entry)
+    return stale
+
+
+def _regular_or_absent(target: Path, what: str) -> None:
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} path {target} is now {_describe(mode)}; refusing to replace it")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = False,
+                what: str = "output") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``, on error removed.
 
-    Nothing is ever half-written: readers see the old file or the complete new one.
+    Nothing is ever half-written: readers see the old file or the complete new one. ``path`` is validated
+    first (:func:`check_output_path`, with ``overwrite`` and ``what``), missing parent folders are created,
+    stale temporary files of earlier, killed writes of the same target are removed, and the target is checked
+    again just before the rename: a device or folder that appeared meanwhile is never replaced. A replaced
+    file keeps its permission bits. Errors name ``path``, not the temporary file.
 
     >>> with atomic_path("model.onnx") as tmp:      # doctest: +SKIP
     ...     torch.onnx.export(model, x, tmp)
     """
-    target = Path(path).expanduser()
-    parent = check_writable_dir(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=parent)
+    target = check_output_path(path, overwrite=overwrite, what=what)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the folder of {what} {target}: {exc.strerror or exc}") from None
+    for old in stale_temp_files(target):
+        with contextlib.suppress(OSError):
+            old.unlink()
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{_TAG}-{os.getpid()}-", suffix=suffix + ".tmp",
+                                        dir=target.parent)
+    except OSError as exc:
+        raise OSError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should get the usual permissions
+    _ACTIVE.add(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp makes 0600 files; a new file gets the usual permissions
+        os.chmod(tmp, mode)
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.filename is not None and os.fspath(exc.filename) == tmp_name:
+                raise OSError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
+            raise
+        _regular_or_absent(target, what)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise OSError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        _ACTIVE.discard(tmp_name)

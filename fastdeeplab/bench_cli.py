@@ -18,52 +18,75 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import float_in, input_dir, int_at_least, output_dir
+
 __all__ = ["OPTIONS", "IMPLEMENTATIONS", "find_bench_dir", "pytest_arguments", "configure_parser", "run"]
 
-# Every implementation the suite knows, in table order. ``torchvision`` is the reference.
+# Every implementation the suite knows, in table order. ``torchvision`` is the reference; the
+# ``*_torchvision`` rows are the peers (what a user would run without fastdeeplab); ``*_bf16`` and ``*_int8``
+# are the CPU precision rows, scored against float32.
 IMPLEMENTATIONS = ("torchvision", "fastdeeplab", "optimize_torch", "optimize_onnxruntime", "optimize_openvino",
-                   "openvino", "triton", "tensorrt", "torch_compile")
+                   "openvino", "onnxruntime_torchvision", "openvino_torchvision", "optimize_bf16",
+                   "openvino_torchvision_bf16", "onnxruntime_int8", "triton", "tensorrt", "torch_compile")
+
+def _names(allowed: tuple[str, ...], what: str) -> Any:
+    """An argparse type: a comma list of ``allowed`` names, returned unchanged (pytest parses it again)."""
+    def parse(text: str) -> str:
+        bad = [n for n in text.split(",") if n.strip() not in allowed]
+        if bad or not text.strip():
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or repr(text)}; expected a comma "
+                                             f"list of: {', '.join(allowed)}")
+        return text
+    parse.__name__ = what
+    return parse
+
 
 # (flag, keyword arguments accepted by both argparse's add_argument and pytest's parser.addoption)
 OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--resolution", dict(type=int, default=None, metavar="PX",
+    ("--resolution", dict(type=int_at_least(33), default=None, metavar="PX",
                           help="square input side in pixels (default 513; 129 with --quick)")),
-    ("--batch", dict(type=int, default=1, metavar="N", help="images per forward (default 1)")),
+    ("--batch", dict(type=int_at_least(1), default=1, metavar="N", help="images per forward (default 1)")),
     ("--backbone", dict(choices=("resnet50", "resnet101"), default="resnet50", help="ResNet depth")),
     ("--device", dict(choices=("cpu", "cuda"), default=None,
                       help="where to run (default cuda if available, else cpu)")),
     ("--dtype", dict(choices=("float32", "float16", "bfloat16"), default="float32",
                      help="compute dtype of every implementation; the accuracy reference stays float32")),
-    ("--impl", dict(action="append", default=None, metavar="NAME[,NAME]",
+    ("--impl", dict(action="append", type=_names(IMPLEMENTATIONS, "implementation"), default=None, metavar="NAME[,NAME]",
                     help=f"implementations to run (repeatable or comma list) of: {', '.join(IMPLEMENTATIONS)}; "
                          "default: all (torch_compile only on CUDA)")),
-    ("--output-strides", dict(default="16,8", metavar="OS[,OS]", help="output strides to run (default 16,8)")),
-    ("--weights", dict(default=None, metavar="PATH|random",
-                       help="checkpoint for every implementation (torchvision names); 'random' forces seeded "
-                            "random weights; default: torchvision's COCO-VOC weights if in the local torch "
-                            "hub cache (never downloaded), else random")),
-    ("--data", dict(default=None, metavar="DIR",
+    ("--output-strides", dict(type=_names(("8", "16"), "output stride"), default="16,8", metavar="OS[,OS]", help="output strides to run (default 16,8)")),
+    ("--weights", dict(default=None, metavar="NAME|PATH",
+                       help="weights every implementation shares: 'random' (seeded; accuracy across output "
+                            "strides n/a), 'synthetic' (trained on synthetic scenes, or loaded from "
+                            "~/.cache/fastdeeplab; mIoU on held-out scenes), a torchvision weights name "
+                            "(COCO_WITH_VOC_LABELS_V1, DEFAULT, ...; from the torch hub cache), or a checkpoint "
+                            "path; default: torchvision's COCO-VOC weights if cached, else random")),
+    ("--download-weights", dict(action="store_true", default=False,
+                                help="allow downloading torchvision weights named by --weights (else cache only)")),
+    ("--data", dict(type=input_dir, default=None, metavar="DIR",
                     help="PASCAL VOC root (ImageSets/Segmentation/val.txt, JPEGImages, SegmentationClass): "
                          "adds real val mIoU per row (fastdeeplab.evaluate, single scale) when the weights are real")),
-    ("--max-images", dict(type=int, default=100, metavar="N",
+    ("--max-images", dict(type=int_at_least(1), default=100, metavar="N",
                           help="cap on --data val images per row (default 100)")),
-    ("--images", dict(default=None, metavar="DIR",
+    ("--images", dict(type=input_dir, default=None, metavar="DIR",
                       help="folder of photographs for the accuracy columns (default: scikit-image's)")),
-    ("--accuracy-images", dict(type=int, default=None, metavar="N",
+    ("--accuracy-images", dict(type=int_at_least(1), default=None, metavar="N",
                                help="photographs compared against the reference per row (default 3; 2 with --quick)")),
     ("--quick", dict(action="store_true", default=False,
                      help="CI smoke test: resolution 129, short time budget, few rounds")),
-    ("--rounds", dict(type=int, default=None, metavar="N",
-                      help="timed rounds per row (default: as many as fit --time-budget, at least 5; 3 with --quick)")),
-    ("--warmup", dict(type=int, default=1, metavar="N",
+    ("--rounds", dict(type=int_at_least(1), default=None, metavar="N",
+                      help="interleaved timing rounds per output stride, one call of every implementation each "
+                           "(default: as many as fit --time-budget, 5 to 50; 3 to 10 with --quick)")),
+    ("--warmup", dict(type=int_at_least(0), default=1, metavar="N",
                       help="untimed calls before timing; the first one also measures peak memory (default 1)")),
-    ("--time-budget", dict(type=float, default=None, metavar="S",
-                           help="seconds of timed rounds per row when --rounds is not given (default 10; 1 with --quick)")),
-    ("--threads", dict(type=int, default=None, metavar="N",
+    ("--time-budget", dict(type=float_in(0.0), default=None, metavar="S",
+                           help="seconds of interleaved timed rounds per output stride when --rounds is not "
+                                "given (default 60; 4 with --quick)")),
+    ("--threads", dict(type=int_at_least(1), default=None, metavar="N",
                        help="CPU threads for PyTorch, ONNX Runtime and OpenVINO (default: each library's own, "
                             "all cores); 1 resists a busy shared machine far better")),
     ("--seed", dict(type=int, default=0, help="seed of the random weights (default 0)")),
-    ("--results-dir", dict(default=None, metavar="DIR",
+    ("--results-dir", dict(type=output_dir, default=None, metavar="DIR",
                            help="where latest.json, latest.png and timestamped copies go (default bench/results)")),
 )
 
@@ -114,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"the benchmark suite needs {name}: pip install 'fastdeeplab[bench]'")
     bench = find_bench_dir()
-    argv = [str(bench), "--rootdir", str(bench.parent), *pytest_arguments(args), *(args.pytest_args or [])]
+    extra = list(args.pytest_args or [])
+    # pytest-benchmark's own tables (seconds, ~210 columns) would push the project's table off screen; its
+    # JSON stays available (`-- --benchmark-json out.json`), and `-- --benchmark-verbose` brings them back.
+    quiet = [] if any(a.startswith("--benchmark-verbose") for a in extra) else ["--benchmark-quiet"]
+    argv = [str(bench), "--rootdir", str(bench.parent), *quiet, *pytest_arguments(args), *extra]
     print(f"fastdeeplab bench: pytest {' '.join(argv)}", file=sys.stderr, flush=True)
     return subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=bench.parent).returncode

@@ -52,16 +52,13 @@ def segment(model: nn.Module, images: Tensor, *, scales: Sequence[float] = (1.0,
     """
     if images.dim() != 4:
         raise ValueError(f"expected images [N, 3, H, W], got shape {tuple(images.shape)}")
-    if not scales:
-        raise ValueError("scales must hold at least one scale")
+    scales = _check_scales(scales)
     h, w = images.shape[-2:]
     min_side = int(getattr(model, "output_stride", 1))
     total: Tensor | None = None
     passes = 0
     with torch.no_grad():
         for scale in scales:
-            if scale <= 0:
-                raise ValueError(f"scales must be positive, got {scale}")
             size = (max(min_side, round(h * scale)), max(min_side, round(w * scale)))
             x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             for mirrored in (False, True) if flip else (False,):
@@ -75,6 +72,18 @@ def segment(model: nn.Module, images: Tensor, *, scales: Sequence[float] = (1.0,
                 passes += 1
     assert total is not None
     return total / passes
+
+
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """``scales`` as floats, each finite and positive (``nan``, ``inf``, ``0``, ``-1`` and strings refused)."""
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ValueError(f"scales must be a non-empty list of positive numbers, e.g. (0.75, 1.0, 1.25); got {scales!r}")
+    out = []
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"scales must be finite positive numbers; got {s!r} in {list(scales)!r}")
+        out.append(float(s))
+    return tuple(out)
 
 
 def _collate_lists(batch: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
@@ -116,12 +125,14 @@ def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1
     Returns:
         ``{"mIoU", "per_class_iou" (NaN for classes absent from truth and prediction), "pixel_accuracy",
         "mean_accuracy", "confusion" ([K, K] int64, rows = truth), "num_images", "scales", "flip",
-        "seconds"}`` and ``"class_names"`` when the dataset names its classes.
+        "output_stride" (the model's, ``None`` if it has none), "seconds"}``; scores are fractions in
+        ``[0, 1]`` (the command line prints them in percent) and ``"class_names"`` when the dataset names its classes.
     """
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    scales = _check_scales(scales)
     run_device = torch.device(device) if device is not None else _model_device(model)
     if device is not None and _model_device(model) != run_device:
         model.to(run_device)
@@ -150,7 +161,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1
                 matrix.update(probs.argmax(1), target)
                 count += len(group)
             if progress and matrix is not None:
-                bar.set_postfix(mIoU=f"{matrix.compute()['mIoU']:.4f}")
+                bar.set_postfix(mIoU=f"{100 * matrix.compute()['mIoU']:.2f}%")
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -158,7 +169,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1
         raise ValueError("the dataset is empty")
     scores = matrix.compute()
     scores.update(num_images=count, scales=[float(s) for s in scales], flip=bool(flip),
-                  seconds=time.perf_counter() - start)
+                  output_stride=getattr(model, "output_stride", None), seconds=time.perf_counter() - start)
     names = getattr(dataset, "class_names", None)
     if names is not None and len(names) == matrix.num_classes:
         scores["class_names"] = list(names)
@@ -209,23 +220,26 @@ def build_inference_model(name: str | None = None, *, weights: str | None = None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default_output_stride: int = 16) -> None:
+    from .cli import device_arg, float_in, int_at_least
     from .hub import list_models
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, choices=list_models(),
                    help="builder name (default: the checkpoint's, else deeplabv3_resnet50)")
     g.add_argument("--weights", default=None,
-                   help="checkpoint file (e.g. a training run's model_final.pt) or torchvision weights name")
+                   help="checkpoint file (e.g. a training run's model_final.pt) or torchvision weights name "
+                        "(e.g. COCO_WITH_VOC_LABELS_V1)")
     g.add_argument("--output-stride", type=int, default=default_output_stride, choices=(8, 16, 32),
                    help=f"output stride at inference (default {default_output_stride}; the paper evaluates at 8)")
-    g.add_argument("--multi-grid", type=int, nargs="+", default=None, metavar="R",
+    g.add_argument("--multi-grid", type=int_at_least(1), nargs="+", default=None, metavar="R",
                    help="block4 multi-grid rates (default: the checkpoint's, else 1 1 1)")
     g.add_argument("--head", choices=("torchvision", "paper"), default=None, help="classifier head")
-    g.add_argument("--num-classes", type=int, default=None, help="number of classes (default: the checkpoint's, else the dataset's / 21)")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
-                   help="inference scales, e.g. 0.5 0.75 1 1.25 1.5 1.75 (the paper's); default 1")
+    g.add_argument("--num-classes", type=int_at_least(1), default=None, help="number of classes (default: the checkpoint's, else the dataset's / 21)")
+    g.add_argument("--scales", type=float_in(0.0, 8.0), nargs="+", default=[1.0], metavar="S",
+                   help="inference scales in (0, 8], e.g. 0.5 0.75 1 1.25 1.5 1.75 (the paper's); default 1")
     g.add_argument("--flip", action="store_true", help="also average the left-right mirrored input")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def _device(name: str | None) -> torch.device:
@@ -237,32 +251,40 @@ def _device(name: str | None) -> torch.device:
 # --------------------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fastdeeplab eval``."""
-    parser.add_argument("--data", required=True, metavar="ROOT", help="dataset root folder")
+    from .cli import input_dir, int_at_least, output_file
+
+    parser.add_argument("--data", required=True, type=input_dir, metavar="ROOT", help="dataset root folder")
     parser.add_argument("--dataset", choices=("voc", "cityscapes"), default="voc")
     parser.add_argument("--split", default="val")
     _add_model_arguments(parser, default_output_stride=16)
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1,
                         help="images per forward; images of different sizes are grouped, never padded")
-    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the scores as JSON")
+    parser.add_argument("--workers", type=int_at_least(0), default=2, help="data loading processes (>= 0)")
+    parser.add_argument("--json", type=output_file, default=None, metavar="FILE",
+                        help="also write the scores as JSON (fractions in [0, 1], as evaluate() returns them)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _format_scores(scores: Mapping[str, Any]) -> str:
+    """Per-class IoU and the summary, every score in percent."""
     names = scores.get("class_names") or [str(i) for i in range(len(scores["per_class_iou"]))]
     width = max(len(n) for n in names)
-    lines = [f"  {n:<{width}}  {'absent' if math.isnan(v) else f'{100 * v:6.2f}'}"
-             for n, v in zip(names, scores["per_class_iou"], strict=True)]
-    lines.append(f"mIoU {100 * scores['mIoU']:.2f}  pixel accuracy {100 * scores['pixel_accuracy']:.2f}  "
-                 f"({scores['num_images']} images, scales {scores['scales']}, flip {scores['flip']}, "
-                 f"{scores['seconds']:.1f} s)")
+    lines = ["IoU per class (%):"]
+    lines += [f"  {n:<{width}}  {'absent' if math.isnan(v) else f'{100 * v:6.2f}'}"
+              for n, v in zip(names, scores["per_class_iou"], strict=True)]
+    stride = scores.get("output_stride")
+    lines.append(f"mIoU {100 * scores['mIoU']:.2f}%  pixel accuracy {100 * scores['pixel_accuracy']:.2f}%  "
+                 f"({scores['num_images']} images, output stride {stride if stride is not None else 'n/a'}, "
+                 f"scales {scores['scales']}, flip {scores['flip']}, {scores['seconds']:.1f} s)")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._io import atomic_path
+    from ._io import atomic_path, check_output_path
     from .data import build_dataset
 
+    if args.json:  # before any work: a bad path fails now, not after the evaluation
+        check_output_path(args.json, what="--json")
     dataset = build_dataset(args.dataset, args.data, args.split)
     if args.weights is None:
         print("fastdeeplab eval: warning: no --weights given, the model is randomly initialised", file=sys.stderr)
@@ -276,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in scores.items()}
         payload.update(dataset=args.dataset, split=args.split, weights=args.weights,
                        output_stride=args.output_stride)
-        with atomic_path(args.json) as tmp:
+        with atomic_path(args.json, what="--json") as tmp:
             tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     return 0
 

@@ -19,6 +19,8 @@ from .model import (
     FCNHead,
     PaperHead,
     atrous_plan,
+    check_int,
+    check_ints,
 )
 
 __all__ = [
@@ -62,10 +64,17 @@ def get_model(name: str, **kwargs: Any) -> DeepLabV3:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
+def _check_checkpoint_path(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path}: Is a directory; give the checkpoint file (e.g. "
+                                f"{path / 'model_final.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    _check_checkpoint_path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, truncated files: all mean "not a checkpoint"
@@ -108,17 +117,38 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, t
     return model
 
 
-def _torchvision_weights(weights: Any) -> Any:
-    """Resolve a torchvision weights enum or its name (``"DeepLabV3_ResNet50_Weights.DEFAULT"``)."""
+def _weights_enums(kind: str, depth: int) -> list[Any]:
+    """torchvision's weights enums that fit a model (``kind="model"``) or its backbone (``"backbone"``)."""
+    from torchvision.models import ResNet50_Weights, ResNet101_Weights
+    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights
+
+    if kind == "backbone":
+        return [ResNet50_Weights if depth == 50 else ResNet101_Weights]
+    return [DeepLabV3_ResNet50_Weights if depth == 50 else DeepLabV3_ResNet101_Weights]
+
+
+def _torchvision_weights(weights: Any, enums: Sequence[Any] = ()) -> Any:
+    """Resolve a torchvision weights enum or its name: the full name (``"DeepLabV3_ResNet50_Weights.DEFAULT"``)
+    or, for the enums in ``enums`` (those that fit the model being built), the short one
+    (``"COCO_WITH_VOC_LABELS_V1"``, ``"DEFAULT"``). An unknown name lists the valid ones."""
     from torchvision.models import get_weight
     from torchvision.models._api import WeightsEnum
 
     if isinstance(weights, WeightsEnum):
         return weights
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be a torchvision weights enum, its name or a checkpoint path; got "
+                        f"{type(weights).__name__}")
+    for enum in enums:
+        if weights in enum.__members__:
+            return enum[weights]
     try:
         return get_weight(weights)
-    except (ValueError, KeyError, AttributeError) as exc:
-        raise ValueError(f"unknown torchvision weights {weights!r}: {exc}") from None
+    except (ValueError, KeyError, AttributeError):
+        valid = [f"{e.__name__}.{m} (or {m})" for e in enums for m in e.__members__]
+        hint = f"; valid here: {', '.join(valid)}" if valid else ""
+        raise ValueError(f"unknown torchvision weights {weights!r}{hint}; or give a checkpoint file "
+                         "(.pt, .pth)") from None
 
 
 _CHECKPOINT_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar"}
@@ -133,13 +163,13 @@ def _looks_like_path(weights: Any) -> bool:
     return os.path.sep in weights or Path(weights).suffix.lower() in _CHECKPOINT_SUFFIXES or Path(weights).exists()
 
 
-def _load_weights(model: DeepLabV3, weights: Any) -> None:
+def _load_weights(model: DeepLabV3, weights: Any, enums: Sequence[Any] = ()) -> None:
     if weights is None:
         return
     if _looks_like_path(weights):
         load_checkpoint(model, weights)
         return
-    enum = _torchvision_weights(weights)
+    enum = _torchvision_weights(weights, enums)
     try:
         state = enum.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # offline and not cached
@@ -154,7 +184,8 @@ def _load_backbone_weights(backbone: Backbone, weights_backbone: Any) -> None:
     if _looks_like_path(weights_backbone):
         state = _read_state_dict(weights_backbone)
     else:
-        state = _torchvision_weights(weights_backbone).get_state_dict(progress=True, check_hash=True)
+        enum = _torchvision_weights(weights_backbone, _weights_enums("backbone", backbone.depth))
+        state = enum.get_state_dict(progress=True, check_hash=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = backbone.state_dict()
     missing = [k for k in own if k not in state and not k.startswith(("layer5", "layer6", "layer7"))]
@@ -174,11 +205,21 @@ def _deeplabv3(depth: int, *, weights: Any, weights_backbone: Any, num_classes: 
                aspp_rates: Sequence[int], cascade_blocks: int = 0) -> DeepLabV3:
     if head not in _HEADS + ("cascade",):
         raise ValueError(f"unknown head {head!r}; expected one of {_HEADS}")
-    atrous_plan(output_stride, (1,))  # validates output_stride before any work
-    num_classes = 21 if num_classes is None else int(num_classes)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    # Every argument's type and range is checked before any work (16.0, "124", (1.5, 2, 4), 2.5 are refused).
+    atrous_plan(output_stride, (1,), multi_grid=multi_grid if head != "cascade" else (1,))
+    check_ints("multi_grid", multi_grid)
+    check_ints("aspp_rates", aspp_rates)
+    num_classes = 21 if num_classes is None else check_int("num_classes", num_classes, minimum=1)
+    check_int("blocks", cascade_blocks, minimum=0)
+    if aux_loss is not None and not isinstance(aux_loss, bool):
+        raise TypeError(f"aux_loss must be True, False or None; got {aux_loss!r}")
     aux = bool(aux_loss)
+    enums = [] if head == "cascade" else _weights_enums("model", depth)
+    for given in (weights, weights_backbone):  # a bad path or unknown name fails before the model is built
+        if given is not None and _looks_like_path(given):
+            _check_checkpoint_path(Path(given))
+    if weights is not None and not _looks_like_path(weights):
+        _torchvision_weights(weights, enums)
     backbone = Backbone(depth, extra_stages=cascade_blocks, return_aux=aux)
     if head == "cascade":
         classifier: nn.Module = CascadeHead(2048, num_classes)
@@ -190,7 +231,7 @@ def _deeplabv3(depth: int, *, weights: Any, weights_backbone: Any, num_classes: 
     model = DeepLabV3(backbone, classifier, aux_classifier, output_stride=output_stride,
                       multi_grid=multi_grid, aspp_rates_at_os16=aspp_rates)
     _load_backbone_weights(backbone, weights_backbone)
-    _load_weights(model, weights)
+    _load_weights(model, weights, enums)
     return model
 
 
@@ -202,9 +243,9 @@ def deeplabv3_resnet50(*, weights: Any = None, weights_backbone: Any = None, num
     """DeepLabv3 with a ResNet-50 backbone; the defaults reproduce torchvision's ``deeplabv3_resnet50``.
 
     Args:
-        weights: a torchvision weights enum or its name (``"DeepLabV3_ResNet50_Weights.DEFAULT"``,
-            downloaded through torchvision or read from its cache), or a checkpoint path
-            (read with ``weights_only=True``).
+        weights: a torchvision weights enum or its name, full (``"DeepLabV3_ResNet50_Weights.DEFAULT"``) or
+            short (``"COCO_WITH_VOC_LABELS_V1"``, ``"DEFAULT"``), downloaded through torchvision or read from
+            its cache; or a checkpoint path (read with ``weights_only=True``).
         weights_backbone: ImageNet weights for the ResNet (enum, name or path), for training.
         num_classes: number of output classes (21 for PASCAL VOC, 19 for Cityscapes).
         aux_loss: add torchvision's auxiliary FCN head on layer3.

@@ -22,6 +22,8 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".w
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as RGB; a missing or unreadable file raises an error that names it."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"image {path}: Is a directory; give an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:

@@ -1,21 +1,26 @@
 """Fused inference modules and their backend dispatch.
 
 * :class:`FusedConvBNReLU` — ``conv → BN (folded) → [+ residual] → [ReLU]`` with weights folded once.
-* :class:`FusedBottleneck` — a ResNet bottleneck made of three of them, the residual add fused into the
-  last conv's epilogue.
+* :class:`FusedBottleneck` — a ResNet bottleneck made of three of them, the residual add and the last ReLU
+  fused into the last conv's epilogue (one pass over memory, on every backend).
 * :class:`FusedASPP` — ASPP whose projection never materialises the 5·256-channel concatenation and
   treats the image-pooling branch as what it is: one bias vector per image.
 
 Backends, chosen per module at construction (``backend=``):
 
-* ``"triton"`` — the Triton kernels of :mod:`fastdeeplab.kernels` (CUDA; CPU tensors run them only under
-  ``TRITON_INTERPRET=1``, for testing).
+* ``"triton"`` — the Triton kernels of :mod:`fastdeeplab.kernels`, called as the torch custom ops of
+  :mod:`fastdeeplab.kernels.ops` (so ``torch.compile``/``torch.export`` keep them in the graph). Per problem
+  a :class:`~fastdeeplab.kernels.dispatch.Dispatcher` (``module.dispatcher``, shared by a whole optimized
+  model) may send a layer to its cuDNN form instead (``F.conv2d`` with the same bias, residual and ReLU)
+  when that measured faster. The stem (RGB input) always runs on cuDNN. CPU tensors run the kernels only
+  under ``TRITON_INTERPRET=1``, for testing.
 * ``"torch"`` — plain PyTorch. On CPU, float32/bfloat16 convolutions call oneDNN's fused
   convolution + bias + (residual add) + ReLU primitive (``torch.ops.mkldnn._convolution_pointwise``), one
-  pass over memory instead of three; elsewhere ``F.conv2d`` then in-place epilogue ops.
+  pass over memory instead of three; elsewhere ``F.conv2d`` then epilogue ops.
 
-While exporting to ONNX or tracing, every module runs its plain ``F.conv2d`` form, so graphs hold only
-standard ops (Conv, Relu, Add, GlobalAveragePool, Concat).
+While exporting to ONNX or running TorchScript, every module runs its plain ``F.conv2d`` form, so those
+graphs hold only standard ops (Conv, Relu, Add, GlobalAveragePool, Concat). ``torch.compile`` and
+``torch.export`` of the torch backend see the same plain form.
 """
 
 from __future__ import annotations
@@ -29,9 +34,17 @@ from torch import Tensor, nn
 from .kernels.reference import fold_bn
 from .model import capturing_graph
 
-__all__ = ["BACKENDS", "FusedASPP", "FusedBottleneck", "FusedConvBNReLU"]
+__all__ = ["BACKENDS", "FusedASPP", "FusedBottleneck", "FusedConvBNReLU", "STEM_MAX_CIN"]
 
 BACKENDS = ("torch", "triton")
+# Convs with at most this many input channels (the RGB stem) always run on cuDNN: a K of 3·49 = 147 pads
+# to a multiple of the MMA tile and the implicit GEMM executes over 10× the dense work.
+STEM_MAX_CIN = 4
+
+
+def _standard_ops_only() -> bool:
+    """ONNX export and TorchScript: graphs of standard ops. (torch.compile and torch.export keep the ops.)"""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 def _onednn_fused_conv_available() -> bool:
@@ -39,18 +52,6 @@ def _onednn_fused_conv_available() -> bool:
 
 
 _ONEDNN = _onednn_fused_conv_available()
-
-
-def _interpreter_config(x: Tensor, *, spatial: bool = True):
-    """On CPU tensors (only possible under ``TRITON_INTERPRET=1``) whole models run with large tiles: the
-    interpreter's cost is per block iteration, and ResNet's 2048-channel layers would otherwise take minutes.
-    The kernel tests cover the small, partial tiles. On CUDA: ``None``, i.e. autotune."""
-    if x.device.type != "cpu":
-        return None
-    import triton
-
-    tile = {"BLOCK_OH": 8, "BLOCK_OW": 8} if spatial else {"BLOCK_M": 64}
-    return triton.Config({**tile, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=1)
 
 
 def _check_backend(backend: str) -> str:
@@ -95,7 +96,10 @@ class FusedConvBNReLU(nn.Module):
         self.dilation = tuple(conv.dilation)
         self.relu = relu
         self.backend = _check_backend(backend)
+        self.dispatcher = None  # a kernels.dispatch.Dispatcher shared by an optimized model; None: always Triton
+        self.dispatch_name = ""  # the module's name in the model, for the dispatch report
         self._packed: Tensor | None = None  # the Triton kernel's [KH*KW*Cin, Cout] weight, packed once
+        self._bias32: Tensor | None = None  # the epilogue's float32 bias, converted once
         self._onednn_packed: Tensor | None = None  # oneDNN's blocked weight for the last problem shape
         self._onednn_key: tuple | None = None
 
@@ -112,14 +116,14 @@ class FusedConvBNReLU(nn.Module):
         return (self.weight.shape[2], self.weight.shape[3])
 
     def _apply(self, fn, recurse: bool = True):  # .to()/.half()/.cuda(): repack lazily
-        self._packed = self._onednn_packed = self._onednn_key = None
+        self._packed = self._bias32 = self._onednn_packed = self._onednn_key = None
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.backend == "triton" and not _standard_ops_only():
+            return self._forward_triton(x, residual)
         if capturing_graph():
             return self._forward_plain(x, residual)
-        if self.backend == "triton":
-            return self._forward_triton(x, residual)
         if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             return self._forward_onednn(x, residual)
         return self._forward_plain(x, residual)
@@ -152,23 +156,38 @@ class FusedConvBNReLU(nn.Module):
 
     def __getstate__(self) -> dict:  # copies and pickles never carry backend caches
         state = dict(self.__dict__)
-        state.update(_packed=None, _onednn_packed=None, _onednn_key=None)
+        state.update(_packed=None, _bias32=None, _onednn_packed=None, _onednn_key=None)
         return state
 
-    def _forward_triton(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        from .kernels.conv import conv_bn_relu_packed, pack_weight
+    def dispatch_key(self, x: Tensor, residual: Tensor | None) -> str:
+        """The problem a dispatch decision holds for: geometry, epilogue, input shape, dtype, device."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (f"conv{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} {self.in_channels}->{self.out_channels}"
+                f" res{int(residual is not None)} relu{int(self.relu)} | x{list(x.shape)} {x.dtype} {x.device}")
 
+    def _triton_weights(self) -> tuple[Tensor, Tensor]:
         if self._packed is None:
+            from .kernels.conv import pack_weight
+
             self._packed = pack_weight(self.weight)
-        fuse_relu = self.relu and residual is None
-        y = conv_bn_relu_packed(x, self._packed, self.bias, kernel_size=self.kernel_size, stride=self.stride,
-                                padding=self.padding, dilation=self.dilation, relu=fuse_relu,
-                                config=_interpreter_config(x))
-        if residual is not None:
-            y = y.add_(residual)
-            if self.relu:
-                y = y.relu_()
-        return y
+            self._bias32 = self.bias.detach().to(torch.float32).contiguous()
+        return self._packed, self._bias32
+
+    def _forward_kernel(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """The Triton op: conv + bias + residual + ReLU in one kernel."""
+        from .kernels import ops
+
+        packed, bias = self._triton_weights()
+        return ops.conv2d_act(x, packed, bias, residual, list(self.kernel_size), list(self.stride),
+                              list(self.padding), list(self.dilation), self.relu)
+
+    def _forward_triton(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        if self.in_channels <= STEM_MAX_CIN:
+            return self._forward_plain(x, residual)  # the stem: always cuDNN
+        if _choose(self, self.dispatch_key(x, residual), x, lambda: self._forward_kernel(x, residual),
+                   lambda: self._forward_plain(x, residual)) == "cudnn":
+            return self._forward_plain(x, residual)
+        return self._forward_kernel(x, residual)
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size
@@ -178,6 +197,18 @@ class FusedConvBNReLU(nn.Module):
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         return s + f", relu={self.relu}, backend={self.backend!r}, dtype={self.weight.dtype}"
+
+
+def _choose(module: nn.Module, key: str, x: Tensor, run_triton, run_cudnn) -> str:
+    """The module's dispatcher's choice for ``key`` (always "triton" without one); never times anything while
+    torch.compile or torch.export trace the model (they take the cached decision, else Triton)."""
+    dispatcher = module.dispatcher
+    if dispatcher is None:
+        return "triton"
+    if torch.compiler.is_compiling():
+        return dispatcher.decided(key) or "triton"
+    return dispatcher.choose(module.dispatch_name or type(module).__name__, key, run_triton, run_cudnn,
+                             device_type=x.device.type, device=x.device)
 
 
 class FusedBottleneck(nn.Module):
@@ -205,8 +236,10 @@ class FusedASPP(nn.Module):
 
     The four spatial branches are :class:`FusedConvBNReLU`. The image-pooling branch is spatially constant,
     so its share of the projection is one bias vector per image; it is never upsampled nor pushed through
-    the per-pixel GEMM. With ``backend="triton"`` the four per-branch GEMMs and that bias run in one kernel
-    (:func:`fastdeeplab.kernels.aspp_project`), and the 1280-channel concatenation is never written.
+    the per-pixel GEMM. With ``backend="triton"`` the four spatial branches run as one grouped launch
+    (``fastdeeplab::aspp_branches``, the branch index in the grid), and the four per-branch GEMMs of the
+    projection and that bias run in one kernel (``fastdeeplab::aspp_project``): the 1280-channel
+    concatenation is never written. Each of the two is dispatched against its cuDNN form like a conv.
 
     ``forward(x)``: ``[N, Cin, H, W]`` → ``[N, Cout, H, W]``.
     """
@@ -228,11 +261,21 @@ class FusedASPP(nn.Module):
         self.register_buffer("pooled_weight", proj_w[:, 4 * cb:].flatten(1).contiguous())  # [Cout, Cb]
         self.register_buffer("bias", proj_b)  # [Cout]
         self.relu = any(isinstance(m, nn.ReLU) for m in aspp.project)
-        self._packed: Tensor | None = None
+        self.dispatcher = None  # see FusedConvBNReLU
+        self.dispatch_name = ""
+        self._packed: Tensor | None = None  # projection [5*Cb, Cout]
+        self._bias32: Tensor | None = None
+        self._branch_packed: Tensor | None = None  # the four branches [28*Cin, Cb]
+        self._branch_bias32: Tensor | None = None
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = None
+        self._packed = self._bias32 = self._branch_packed = self._branch_bias32 = None
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_packed=None, _bias32=None, _branch_packed=None, _branch_bias32=None)
+        return state
 
     @property
     def weight(self) -> Tensor:
@@ -254,7 +297,59 @@ class FusedASPP(nn.Module):
         """The image-pooling branch before broadcasting: ``[N, Cb]``."""
         return F.relu(F.linear(x.mean(dim=(2, 3)), self.pool_weight, self.pool_bias))
 
+    def _groupable(self) -> bool:
+        """Whether the branches are the standard 1×1 + three "same"-padded 3×3 atrous convs (grouped launch)."""
+        first, rest = self.branches[0], self.branches[1:]
+        return (first.kernel_size == (1, 1) and first.stride == (1, 1) and first.padding == (0, 0)
+                and all(b.kernel_size == (3, 3) and b.stride == (1, 1) and b.padding == b.dilation
+                        and b.dilation[0] == b.dilation[1] for b in rest)
+                and all(b.relu for b in self.branches) and first.in_channels > STEM_MAX_CIN)
+
+    def _branches_kernel(self, x: Tensor) -> list[Tensor]:
+        from .kernels import ops
+        from .kernels.aspp import pack_aspp_branch_weights
+
+        if self._branch_packed is None:
+            self._branch_packed = pack_aspp_branch_weights([b.weight for b in self.branches])
+            self._branch_bias32 = torch.cat([b.bias for b in self.branches]).to(torch.float32).contiguous()
+        stacked = ops.aspp_branches(x, self._branch_packed, self._branch_bias32, list(self.rates))
+        return list(stacked.chunk(4))  # branch i is images [i*N, (i+1)*N): views with equal strides
+
+    def _project_kernel(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
+        from .kernels import ops
+        from .kernels.aspp import pack_aspp_weight
+
+        if self._packed is None:
+            self._packed = pack_aspp_weight(self.weight)
+            self._bias32 = self.bias.to(torch.float32).contiguous()
+        return ops.aspp_project(branches, pooled, self._packed, self._bias32, self.relu)
+
+    def _project_plain(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
+        per_image = F.linear(pooled, self.pooled_weight, self.bias)  # [N, Cout]: c(n)
+        y = F.conv2d(torch.cat(branches, dim=1), self.spatial_weight)
+        y = y + per_image[:, :, None, None]
+        return F.relu(y) if self.relu else y
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        if self._groupable():
+            key = f"aspp_branches {self.branches[0].in_channels}->4x{self.branches[0].out_channels} " \
+                  f"rates{list(self.rates)} | x{list(x.shape)} {x.dtype} {x.device}"
+            plain = lambda: [b._forward_plain(x, None) for b in self.branches]  # noqa: E731
+            grouped = lambda: self._branches_kernel(x)  # noqa: E731
+            branches = grouped() if _choose(self, key, x, grouped, plain) == "triton" else plain()
+        else:
+            branches = [branch(x) for branch in self.branches]
+        pooled = self.pooled(x)
+        key = (f"aspp_project {self.weight.shape[1]}->{self.weight.shape[0]} relu{int(self.relu)} "
+               f"| x{list(branches[0].shape)} {x.dtype} {x.device}")
+        if _choose(self, key, x, lambda: self._project_kernel(branches, pooled),
+                   lambda: self._project_plain(branches, pooled)) == "triton":
+            return self._project_kernel(branches, pooled)
+        return self._project_plain(branches, pooled)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend == "triton" and not _standard_ops_only():
+            return self._forward_triton(x)
         branches = [branch(x) for branch in self.branches]
         if capturing_graph():
             # GlobalAveragePool → Conv → Relu → Conv, broadcast-added: no Resize of a 1×1 map.
@@ -264,13 +359,6 @@ class FusedASPP(nn.Module):
             y = F.conv2d(torch.cat(branches, dim=1), self.spatial_weight) + per_image
             return F.relu(y) if self.relu else y
         pooled = self.pooled(x)
-        if self.backend == "triton":
-            from .kernels.aspp import aspp_project_packed, pack_aspp_weight
-
-            if self._packed is None:
-                self._packed = pack_aspp_weight(self.weight)
-            return aspp_project_packed(branches, pooled, self._packed, self.bias, relu=self.relu,
-                                       config=_interpreter_config(x, spatial=False))
         per_image = F.linear(pooled, self.pooled_weight, self.bias)  # [N, Cout]: c(n)
         y = F.conv2d(torch.cat(branches, dim=1), self.spatial_weight)
         y = y.add_(per_image[:, :, None, None])

@@ -15,6 +15,7 @@ Every stride, dilation and ASPP rate is derived in one place: :func:`atrous_plan
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,11 +37,51 @@ __all__ = [
     "atrous_plan",
     "capturing_graph",
     "check_input",
+    "check_input_matches",
+    "check_int",
+    "check_ints",
+    "nonfinite_to_nan",
 ]
 
 OUTPUT_STRIDES = (8, 16, 32)
 ASPP_RATES_AT_OS16 = (6, 12, 18)
 _STEM_STRIDE = 4  # conv1 (stride 2) + maxpool (stride 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument types: checked when the model is built, so 16.0, "124" or 2.5 never reach the layers.
+# --------------------------------------------------------------------------------------------------
+def check_int(name: str, value: object, *, choices: Sequence[int] | None = None, minimum: int | None = None) -> int:
+    """``value`` as an ``int``, or a ``TypeError``/``ValueError`` naming ``name`` and what it accepts.
+
+    ``bool``, floats (even ``16.0``) and strings are refused: an int-valued float is as likely a bug as a
+    truncated one. numpy integers are accepted.
+    """
+    allowed = (f"one of {tuple(choices)}" if choices is not None
+               else f"an int >= {minimum}" if minimum is not None else "an int")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}; got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if choices is not None and value not in choices:
+        raise ValueError(f"unknown {name.replace('_', ' ')} {value}; expected one of {tuple(choices)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def check_ints(name: str, values: object, *, minimum: int = 1) -> tuple[int, ...]:
+    """A non-empty list or tuple of ints ``>= minimum`` as a tuple, or an error naming ``name``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise TypeError(f"{name} must be a non-empty list or tuple of ints >= {minimum}, e.g. (1, 2, 4); "
+                        f"got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must hold ints >= {minimum}; got {v!r} ({type(v).__name__}) in {values!r}")
+        if v < minimum:
+            raise ValueError(f"{name} must hold ints >= {minimum}; got {v} in {tuple(values)!r}")
+        out.append(int(v))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,11 +122,8 @@ def atrous_plan(output_stride: int, units: Sequence[int], multi_grid: Sequence[i
     >>> atrous_plan(16, (3, 4, 6, 3), multi_grid=(1, 2, 4)).stages["layer4"]
     (1, (2, 4, 8))
     """
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"unknown output stride {output_stride!r}; expected one of {OUTPUT_STRIDES}")
-    multi_grid = tuple(int(r) for r in multi_grid)
-    if len(multi_grid) == 0 or any(r < 1 for r in multi_grid):
-        raise ValueError(f"multi_grid must be a non-empty sequence of positive ints, got {multi_grid}")
+    output_stride = check_int("output_stride", output_stride, choices=OUTPUT_STRIDES)
+    multi_grid = check_ints("multi_grid", multi_grid)
     stages: dict[str, tuple[int, tuple[int, ...]]] = {}
     current, rate = _STEM_STRIDE, 1
     for index, n in enumerate(units, start=1):
@@ -161,6 +199,9 @@ class Backbone(nn.ModuleDict):
         nn.ModuleDict.__init__(backbone, layers)
         backbone.depth, backbone.return_aux = depth, return_aux
         return backbone
+
+    # Python-side helpers, not part of the scripted forward (TorchScript compiles properties by default).
+    __jit_unused_properties__ = ["stage_names", "units"]
 
     @property
     def stage_names(self) -> list[str]:
@@ -256,6 +297,8 @@ class ASPP(nn.Module):
             project.append(nn.Dropout(dropout))
         self.project = nn.Sequential(*project)
 
+    __jit_unused_properties__ = ["rates"]
+
     @property
     def rates(self) -> tuple[int, ...]:
         return tuple(m[0].dilation[0] for m in self.convs if isinstance(m, ASPPConv))
@@ -340,6 +383,42 @@ def check_input(x: Tensor, output_stride: int, in_channels: int = 3) -> None:
                          f"each side must be at least {output_stride} pixels")
 
 
+def check_input_matches(x: Tensor, weight: Tensor) -> None:
+    """Refuse an input whose dtype or device differs from the model's weights, in the model's own words
+    (torch's own errors name neither). Under ``torch.autocast`` the dtype is autocast's business."""
+    if x.device != weight.device:
+        raise ValueError(f"the input is on {x.device} but the model is on {weight.device}; move one of them "
+                         f"(x.to({str(weight.device)!r}) or model.to({str(x.device)!r}))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"the input is {x.dtype} but the model's weights are {weight.dtype}; convert the input "
+                        f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
+
+
+def nonfinite_to_nan(x: Tensor, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The non-finite input policy, the same on every backend: **NaN in, NaN out**.
+
+    An image ``x[n]`` holding any NaN or ±inf gets NaN logits everywhere (``"out"``, ``"aux"``) and label
+    ``-1`` (``"labels"``, where a graph computes them); the other images of the batch are untouched. This is
+    what the eager model gives by itself (ASPP's image-pooling branch averages the NaN into every pixel), but
+    fused ReLUs (oneDNN, OpenVINO) map NaN to 0 and would return confident labels, so every backend applies
+    this after its forward. Cost: one ``isfinite`` pass over the input; on the CPU the outputs are touched
+    only when a non-finite value is present.
+    """
+    bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    if x.device.type == "cpu" and not bool(bad.any()):
+        return outputs
+    result: dict[str, Tensor] = {}
+    for name, value in outputs.items():
+        mask = bad.to(value.device).view((-1,) + (1,) * (value.dim() - 1))
+        if value.is_floating_point():
+            result[name] = value.masked_fill(mask, float("nan"))
+        elif name == "labels":
+            result[name] = value.masked_fill(mask, -1)
+        else:
+            result[name] = value
+    return result
+
+
 class DeepLabV3(nn.Module):
     """DeepLabv3 with an atrous ResNet backbone.
 
@@ -352,9 +431,14 @@ class DeepLabV3(nn.Module):
     torch.Size([1, 21, 65, 65])
     """
 
+    __jit_unused_properties__ = ["aspp", "plan"]
+
     def __init__(self, backbone: Backbone, classifier: nn.Module, aux_classifier: nn.Module | None = None, *,
                  output_stride: int = 8, multi_grid: Sequence[int] = (1, 1, 1),
                  aspp_rates_at_os16: Sequence[int] = ASPP_RATES_AT_OS16) -> None:
+        output_stride = check_int("output_stride", output_stride, choices=OUTPUT_STRIDES)
+        multi_grid = check_ints("multi_grid", multi_grid)
+        aspp_rates_at_os16 = check_ints("aspp_rates", aspp_rates_at_os16)
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
@@ -386,8 +470,18 @@ class DeepLabV3(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not capturing_graph():
-            check_input(x, self.output_stride)
+        """``[N, 3, H, W]`` normalised images → ``{"out": [N, K, H, W]}`` logits (+ ``"aux"``).
+
+        Refused with a message that names the problem: a non-tensor, wrong rank, channels, integer dtype,
+        empty batch, sides below the output stride, and a dtype or device other than the model's. An image
+        with NaN or inf gets NaN logits everywhere (:func:`nonfinite_to_nan`), as on every backend.
+        """
+        checked = False
+        if not torch.jit.is_scripting():
+            if not capturing_graph():
+                check_input(x, self.output_stride)
+                check_input_matches(x, self.backbone["conv1"].weight)
+                checked = True
         size = x.shape[-2:]
         features = self.backbone(x)
         result: dict[str, Tensor] = {}
@@ -396,6 +490,9 @@ class DeepLabV3(nn.Module):
         if self.aux_classifier is not None:
             aux = self.aux_classifier(features["aux"])
             result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        if not torch.jit.is_scripting():
+            if checked:
+                result = nonfinite_to_nan(x, result)
         return result
 
     def extra_repr(self) -> str:

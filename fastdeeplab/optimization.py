@@ -13,7 +13,9 @@ converts to channels-last and picks a backend.
 
 Backends (``backend=``):
 
-* ``"triton"`` — the Triton kernels (CUDA).
+* ``"triton"`` — the Triton kernels (CUDA), as torch custom ops (``torch.compile``/``torch.export`` keep
+  them), each layer dispatched per input shape to the Triton kernel or cuDNN, whichever measured faster
+  (``dispatch=``, ``fast.dispatch_report()``).
 * ``"torch"`` — plain PyTorch, anywhere; on CPU it calls oneDNN's fused conv + bias + add + ReLU.
 * ``"onnxruntime"`` — CPU: an ONNX Runtime session built from the project's ONNX export of the fused model
   (dynamic height, width and batch: built once, rebuilt only when the output stride changes).
@@ -134,7 +136,8 @@ class OptimizedDeepLabV3(DeepLabV3):
     channels-last (when enabled) and returns logits in ``x``'s dtype.
     """
 
-    def __init__(self, model: DeepLabV3, *, backend: str, dtype: torch.dtype, channels_last: bool) -> None:
+    def __init__(self, model: DeepLabV3, *, backend: str, dtype: torch.dtype, channels_last: bool,
+                 dispatch: str = "auto") -> None:
         backbone = _fuse_backbone(model.backbone, backend)
         classifier = _fuse_head(model.classifier, backend)
         aux = _fuse_head(model.aux_classifier, backend)
@@ -146,6 +149,22 @@ class OptimizedDeepLabV3(DeepLabV3):
         self.to(dtype=dtype)
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self.dispatcher = None
+        if backend == "triton":  # one Dispatcher shared by every fused module (kernels/dispatch.py)
+            from .kernels.dispatch import Dispatcher
+
+            self.dispatcher = Dispatcher(dispatch)
+            for name, m in self.named_modules():
+                if isinstance(m, (FusedConvBNReLU, FusedASPP)):
+                    m.dispatcher, m.dispatch_name = self.dispatcher, name
+
+    def dispatch_report(self):
+        """Triton backend: one row per layer and input shape seen so far, with the Triton and cuDNN times (µs,
+        timed on the first CUDA call in ``dispatch="auto"`` mode) and the choice; ``print()`` it for a table.
+        See :class:`fastdeeplab.kernels.dispatch.DispatchReport`."""
+        if self.dispatcher is None:
+            raise ValueError(f"dispatch reports exist on the triton backend; this model runs {self.backend!r}")
+        return self.dispatcher.report()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,6 +187,11 @@ class OptimizedDeepLabV3(DeepLabV3):
             out = super().forward(x)
         return {k: v.to(in_dtype) for k, v in out.items()}
 
+    def __prepare_scriptable__(self) -> OptimizedDeepLabV3:  # called by torch.jit.script
+        raise RuntimeError("torch.jit.script cannot compile an optimized model (its fused layers dispatch to "
+                           "oneDNN or Triton at run time): trace it instead, torch.jit.trace(fast, example_input), "
+                           "or script the eager model, torch.jit.script(model)")
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, backend={self.backend!r}, dtype={self.dtype}, "
                 f"channels_last={self.channels_last}")
@@ -181,7 +205,7 @@ _RUNTIMES: dict[str, type[ExportedDeepLabV3]] = {
 
 
 def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None,
-             channels_last: bool = True) -> nn.Module:
+             channels_last: bool = True, dispatch: str = "auto") -> nn.Module:
     """Return an eval-only copy of ``model`` that is as fast as this device allows; ``model`` is untouched.
 
     Args:
@@ -191,6 +215,10 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         dtype: compute dtype; default float32 on CPU, float16 on CUDA with Triton. bfloat16 runs on CPUs
             with the torch and openvino backends; float16 needs CUDA.
         channels_last: run in channels-last memory format (the fast layout for every backend here).
+        dispatch: triton backend only, per layer and input shape: ``"auto"`` times the Triton kernel against
+            cuDNN on the first CUDA call and keeps the faster (decisions cached on disk, see
+            :mod:`fastdeeplab.kernels.dispatch`; ``fast.dispatch_report()`` lists them), ``"triton"`` or
+            ``"cudnn"`` force one side. The RGB stem always runs on cuDNN.
 
     Returns:
         A module with the same ``forward(x) -> {"out", ["aux"]}`` contract and ``set_output_stride``.
@@ -217,6 +245,10 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if dtype == torch.float16 and device.type == "cpu" and concrete != "triton":
         raise ValueError("float16 needs CUDA; on CPU use float32 or bfloat16")
+    from .kernels.dispatch import DISPATCH_MODES
+
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
     runtime = _RUNTIMES.get(concrete)
     if runtime is not None and dtype not in runtime.dtypes:  # refuse before the deep copy and the fusion
         raise ValueError(f"the {concrete} backend runs {' or '.join(map(str, runtime.dtypes))}, not "
@@ -225,7 +257,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
     layer_backend = "triton" if concrete == "triton" else "torch"
     # A runtime gets the float32 fused model (its graph is exported in float32) and runs it in ``dtype``.
     fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=torch.float32 if runtime else dtype,
-                               channels_last=channels_last)
+                               channels_last=channels_last, dispatch=dispatch)
     return runtime(fused, dtype=dtype) if runtime else fused
 
 

@@ -28,7 +28,7 @@ from .data.palette import CITYSCAPES_PALETTE, colorize, overlay, voc_palette
 from .evaluation import _add_model_arguments, _device, build_inference_model, segment
 from .images import load_image, normalize
 
-__all__ = ["PALETTES", "configure_parser", "predict_mask", "run", "write_prediction"]
+__all__ = ["PALETTES", "check_outputs", "configure_parser", "predict_mask", "run", "write_prediction"]
 
 PALETTES = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE}
 
@@ -54,20 +54,35 @@ def write_prediction(out_dir: str | os.PathLike, stem: str, image: Image.Image, 
     """Write ``<stem>_mask.png`` (mode ``"P"``) and ``<stem>_overlay.png`` (RGB) atomically; return both paths."""
     out = Path(out_dir)
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
-    with atomic_path(mask_path, suffix=".png") as tmp:
+    with atomic_path(mask_path, suffix=".png", what="mask") as tmp:
         colorize(mask, palette).save(tmp, format="PNG")
-    with atomic_path(overlay_path, suffix=".png") as tmp:
+    with atomic_path(overlay_path, suffix=".png", what="overlay") as tmp:
         overlay(image, mask, palette, alpha=alpha).save(tmp, format="PNG")
     return mask_path, overlay_path
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fastdeeplab predict``."""
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="photographs to segment")
+    from .cli import float_in, input_file
+
+    parser.add_argument("images", nargs="+", type=input_file, metavar="IMAGE", help="photographs to segment")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     _add_model_arguments(parser, default_output_stride=16)
     parser.add_argument("--palette", choices=sorted(PALETTES), default="voc", help="class colours (default voc)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
+    parser.add_argument("--alpha", type=float_in(0.0, 1.0, low_open=False), default=0.5,
+                        help="opacity of the class colours in the overlay, in [0, 1] (default 0.5)")
+
+
+def check_outputs(out_dir: str | os.PathLike, stems: Sequence[str]) -> list[Path]:
+    """Validate, before any work, every file ``predict`` will write under ``out_dir`` (which may not exist yet:
+    it is created with the first write); nothing is created here."""
+    from ._io import check_output_path
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: Not a directory; give a folder for the PNGs")
+    return [check_output_path(out / f"{stem}_{kind}.png", what="--out")
+            for stem in stems for kind in ("mask", "overlay")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
         if p.stem in stems:
             raise ValueError(f"{stems[p.stem]} and {p} would both write {p.stem}_mask.png; rename one")
         stems[p.stem] = p
+        if p.is_dir():
+            raise IsADirectoryError(f"image {p}: Is a directory; give image files")
         if not p.is_file():
             raise FileNotFoundError(f"image not found: {p}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+    check_outputs(args.out, list(stems))
     if args.weights is None:
         print("fastdeeplab predict: warning: no --weights given, the model is randomly initialised",
               file=sys.stderr)

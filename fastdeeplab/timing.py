@@ -8,7 +8,8 @@
   rotated every round, so load from other processes falls on all of them alike. Ratios are computed per
   round (:meth:`Timings.ratio`), and their median and IQR reported; on a shared machine those hold where
   per-implementation blocks do not.
-* :func:`load_average` — the 1-minute load average and the core count, to say how busy the machine was.
+* :func:`load_average` — the 1-minute load average and the core count, to say how busy the machine was;
+  :func:`cpu_snapshot` and :func:`others_busy_cores` — how many cores other processes kept busy meanwhile.
 
 >>> import torch
 >>> t = interleaved({"a": lambda: torch.ones(8).sum(), "b": lambda: torch.ones(8).sum()}, rounds=3)
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Spread", "Timings", "interleaved", "load_average", "spread", "time_call", "time_cuda"]
+__all__ = ["CpuSnapshot", "Spread", "Timings", "cpu_snapshot", "interleaved", "load_average", "others_busy_cores",
+           "spread", "time_call", "time_cuda"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +164,35 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 5, war
             if progress is not None:
                 progress(r, name, seconds)
     return result
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Machine-wide busy CPU seconds (``/proc/stat``) and this process's own CPU seconds, at one instant."""
+
+    wall: float
+    machine_busy_s: float | None
+    own_s: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """A :class:`CpuSnapshot` now (``machine_busy_s`` is None where ``/proc/stat`` cannot be read)."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        busy = None
+    t = os.times()
+    return CpuSnapshot(time.perf_counter(), busy, t.user + t.system)
+
+
+def others_busy_cores(before: CpuSnapshot, after: CpuSnapshot) -> float | None:
+    """How many cores *other* processes kept busy, on average, between two snapshots: the machine's busy
+    CPU time minus this process's, over the wall time. None where ``/proc/stat`` is unavailable."""
+    if before.machine_busy_s is None or after.machine_busy_s is None or after.wall <= before.wall:
+        return None
+    others = (after.machine_busy_s - before.machine_busy_s) - (after.own_s - before.own_s)
+    return max(0.0, others / (after.wall - before.wall))

@@ -102,4 +102,46 @@ def check_out(out: Tensor | None, shape: tuple[int, ...], x: Tensor) -> Tensor:
     if out.stride(1) != 1 and shape[1] > 1:
         raise ValueError("out must be channels-last (stride 1 along C): "
                          "torch.empty(..., memory_format=torch.channels_last)")
+    if not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("out must be a dense channels-last tensor (no gaps between pixels or images): "
+                         "torch.empty(..., memory_format=torch.channels_last)")
     return out
+
+
+def launch_guard(t: Tensor):
+    """``with launch_guard(x):`` makes ``x``'s GPU current for a launch (Triton launches on the current device
+    and its stream); a no-op for CPU tensors (the interpreter)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def device_key(t: Tensor) -> int:
+    """An autotune-key integer for ``t``'s device: the CUDA index, -1 on CPU."""
+    return t.device.index if t.device.type == "cuda" and t.device.index is not None else -1
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key's bucket of ``M = N·OH·OW``: the next power of two (at least 256), so tuning runs once
+    per bucket, not once per image size, and batch 1 and batch 8 tune separately."""
+    return max(256, 1 << max(int(m) - 1, 0).bit_length())
+
+
+def autotune_cache_kwargs() -> dict:
+    """``{"cache_results": True}`` where the installed ``triton.autotune`` can cache tuning results on disk
+    across processes (triton >= 3.4 has the argument), else ``{}``."""
+    import inspect
+
+    import triton
+
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def wrap_kernel(kernel):
+    """``torch.library.wrap_triton(kernel)`` where torch has it and ``kernel`` is a compiled Triton kernel, so
+    ``torch.compile`` traces the launch inside a ``triton_op``; the kernel itself otherwise (eager launches,
+    or the interpreter, whose kernels torch cannot trace)."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None or interpreting():
+        return kernel
+    return wrap(kernel)

@@ -56,24 +56,36 @@ class KernelSpec:
     i32_ptrs: tuple[str, ...]
     aligned_ints: tuple[str, ...]  # ints specialised as divisible by 16
     flags: tuple[tuple[str, object], ...]  # constexpr flags other than the meta-parameters
+    configs_fn: str = "get_autotune_configs"  # the module's config builder
+    configs_kind: str | None = None  # its ``kind=`` argument, if any
 
 
+# Sizes the JIT does not specialise (do_not_specialize) stay plain i32 here: N, H, W, OH, OW, batch strides.
 _CONV_COMMON = dict(
     module="conv", fn="_conv_bn_relu_kernel",
-    data_ptrs=("x_ptr", "w_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",), i32_ptrs=("taps_ptr",),
-    aligned_ints=("C_IN", "C_OUT", "stride_xn", "stride_xh", "stride_xw", "stride_on", "stride_oh", "stride_ow"),
+    data_ptrs=("x_ptr", "w_ptr", "res_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",), i32_ptrs=("taps_ptr",),
+    aligned_ints=("C_IN", "C_OUT", "stride_xh", "stride_xw", "stride_rh", "stride_rw", "stride_oh", "stride_ow"),
 )
 _CONV_FLAGS = (("HAS_BIAS", True), ("APPLY_RELU", True), ("COUNT_TAPS", False), ("DOT_IN_FP32", False))
 
 KERNELS: dict[str, KernelSpec] = {
-    "conv3x3": KernelSpec(**_CONV_COMMON, flags=(("KH", 3), ("KW", 3), *_CONV_FLAGS)),
-    "conv1x1": KernelSpec(**_CONV_COMMON, flags=(("KH", 1), ("KW", 1), *_CONV_FLAGS)),
+    # 3×3: spatial and raster tiles (the autotuner sees both)
+    "conv3x3": KernelSpec(**_CONV_COMMON, flags=(("KH", 3), ("KW", 3), ("HAS_RESIDUAL", False), *_CONV_FLAGS)),
+    # 1×1: the GEMM-shaped raster tiles; with the bottleneck's residual in the epilogue
+    "conv1x1": KernelSpec(**_CONV_COMMON, flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", False), *_CONV_FLAGS),
+                          configs_kind="raster"),
+    "conv1x1_residual": KernelSpec(**_CONV_COMMON, configs_kind="raster",
+                                   flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", True), *_CONV_FLAGS)),
+    "aspp_branches": KernelSpec(
+        module="aspp", fn="_aspp_branches_kernel", data_ptrs=("x_ptr", "w_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",),
+        i32_ptrs=(), aligned_ints=("C_IN", "CB", "stride_xh", "stride_xw", "stride_oh", "stride_ow"),
+        flags=(("HAS_BIAS", True), ("APPLY_RELU", True), ("DOT_IN_FP32", False)), configs_fn="get_branch_configs",
+    ),
     "aspp_project": KernelSpec(
         module="aspp", fn="_aspp_project_kernel",
         data_ptrs=("b0_ptr", "b1_ptr", "b2_ptr", "b3_ptr", "pooled_ptr", "w_ptr", "out_ptr"),
         fp32_ptrs=("bias_ptr",), i32_ptrs=(),
-        aligned_ints=("CB", "C_OUT", "stride_bn", "stride_bh", "stride_bw", "stride_pn", "stride_on", "stride_oh",
-                      "stride_ow"),
+        aligned_ints=("CB", "C_OUT", "stride_bh", "stride_bw", "stride_pn", "stride_oh", "stride_ow"),
         flags=(("HAS_BIAS", True), ("APPLY_RELU", True), ("DOT_IN_FP32", False)),
     ),
 }
@@ -102,7 +114,8 @@ def ptxas_path() -> str | None:
 
 def _configs(spec: KernelSpec) -> list:
     mod = importlib.import_module(f"fastdeeplab.kernels.{spec.module}")
-    return mod.get_autotune_configs(for_interpreter=False)
+    kind = {} if spec.configs_kind is None else {"kind": spec.configs_kind}
+    return getattr(mod, spec.configs_fn)(for_interpreter=False, **kind)
 
 
 def ptxas_version() -> str:
@@ -118,7 +131,8 @@ def ptxas_version() -> str:
 def _config_label(cfg) -> str:
     kw = cfg.kwargs
     if "BLOCK_OH" in kw:
-        tile = f"{kw['BLOCK_OH'] * kw['BLOCK_OW']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} ({kw['BLOCK_OH']}x{kw['BLOCK_OW']} px)"
+        shape = "raster" if kw.get("RASTER") else f"{kw['BLOCK_OH']}x{kw['BLOCK_OW']} px"
+        tile = f"{kw['BLOCK_OH'] * kw['BLOCK_OW']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} ({shape})"
     else:
         tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
     return f"{tile} w{cfg.num_warps} s{cfg.num_stages}"

@@ -33,18 +33,26 @@ from torch import Tensor
 
 from ._utils import (
     INT32_MAX,
+    autotune_cache_kwargs,
     check_device,
     check_float_dtype,
     check_out,
     check_tensor,
+    device_key,
     dot_in_fp32,
     interpreting,
+    launch_guard,
+    m_bucket,
+    pair,
     resolve_input_precision,
+    wrap_kernel,
 )
-from .conv import grouped_tile
+from .conv import WORK_SLACK, conv_tile, grouped_tile, num_m_tiles
+from .conv import get_autotune_configs as get_branch_configs
+from .work import ConvGeometry, executed_macs, tiling_of
 
-__all__ = ["NUM_BRANCHES", "aspp_project", "aspp_project_packed", "get_autotune_configs",
-           "get_interpreter_config", "pack_aspp_weight"]
+__all__ = ["NUM_BRANCHES", "aspp_branches_packed", "aspp_project", "aspp_project_packed", "get_autotune_configs",
+           "get_interpreter_config", "pack_aspp_branch_weights", "pack_aspp_weight"]
 
 NUM_BRANCHES = 4  # spatial branches: the 1×1 conv and three atrous 3×3 convs
 
@@ -78,7 +86,7 @@ def get_interpreter_config() -> triton.Config:
     return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "HW", "W", "M_BUCKET", "DEVICE_KEY", "stride_bn", "stride_on"])
 def _aspp_project_kernel(
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,  # *T the 4 spatial branches [N, CB, H, W] channels-last, identical strides
     pooled_ptr,  # *T pooled branch [N, CB]: (n, c) at n*stride_pn + c
@@ -86,6 +94,7 @@ def _aspp_project_kernel(
     bias_ptr,  # *fp32 [C_OUT] folded BatchNorm shift; not read unless HAS_BIAS
     out_ptr,  # *T output [N, C_OUT, H, W] channels-last
     N, HW, W, CB, C_OUT,  # problem size: HW = H*W pixels per image, CB channels per branch
+    M_BUCKET, DEVICE_KEY,  # autotune keys only (bucketed N*H*W, device index); unused in the body
     stride_bn, stride_bh, stride_bw,  # branch strides in elements (channel stride is 1)
     stride_pn,  # pooled row stride in elements (channel stride is 1)
     stride_on, stride_oh, stride_ow,  # output strides in elements (channel stride is 1)
@@ -155,8 +164,9 @@ def _aspp_project_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-_aspp_project_autotuned = triton.autotune(configs=get_autotune_configs(), key=["CB", "C_OUT", "HW"])(
-    _aspp_project_kernel)
+_aspp_project_autotuned = triton.autotune(configs=get_autotune_configs(),
+                                          key=["CB", "C_OUT", "M_BUCKET", "DEVICE_KEY"],
+                                          **autotune_cache_kwargs())(_aspp_project_kernel)
 
 
 def pack_aspp_weight(weight: Tensor) -> Tensor:
@@ -250,7 +260,7 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
     out = check_out(out, (n, cout, h, w), x)
     if max(h * w * cb, h * w * cout, packed_weight.numel()) > INT32_MAX:
         raise ValueError("one image (or the weight) has more than 2**31-1 elements; offsets are int32")
-    if bias is not None:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     if n == 0 or h * w == 0:
         return out
@@ -265,14 +275,164 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
         kernel = _aspp_project_autotuned
         meta = {}
     b0, b1, b2, b3 = branches
-    kernel[grid](
-        b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out,
-        n, h * w, w, cb, cout,
-        b0.stride(0), b0.stride(2), b0.stride(3),
-        pooled.stride(0),
-        out.stride(0), out.stride(2), out.stride(3),
-        HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
-        INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
-        **meta,
-    )
+    with launch_guard(x):
+        wrap_kernel(kernel)[grid](
+            b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out,
+            n, h * w, w, cb, cout, m_bucket(n * h * w), device_key(x),
+            b0.stride(0), b0.stride(2), b0.stride(3),
+            pooled.stride(0),
+            out.stride(0), out.stride(2), out.stride(3),
+            HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
+            INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
+            **meta,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The four spatial branches in one grouped launch
+# --------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["N", "H", "W", "M_BUCKET", "DEVICE_KEY", "stride_xn", "stride_on", "stride_ob"])
+def _aspp_branches_kernel(
+    x_ptr,  # *T input [N, C_IN, H, W] channels-last, shared by the four branches
+    w_ptr,  # *T packed weights [28*C_IN, CB]: rows 0.. the 1×1 branch, C_IN + (i-1)*9*C_IN.. atrous branch i
+    bias_ptr,  # *fp32 [4*CB] folded BatchNorm shifts, branch-major; not read unless HAS_BIAS
+    out_ptr,  # *T output [4*N, CB, H, W] channels-last: branch i's [N, CB, H, W] at i*stride_ob
+    N, H, W, C_IN, CB,  # problem size (every branch keeps the map size: stride 1, "same" padding)
+    M_BUCKET, DEVICE_KEY,  # autotune keys only (bucketed N*H*W, device index); unused in the body
+    stride_xn, stride_xh, stride_xw,  # input strides in elements (channel stride is 1)
+    stride_on, stride_oh, stride_ow,  # output strides in elements (channel stride is 1)
+    stride_ob,  # elements between two branches' outputs (N * stride_on)
+    RATE1, RATE2, RATE3,  # atrous rates of branches 1-3 (dilation = padding = rate)
+    HAS_BIAS: tl.constexpr, APPLY_RELU: tl.constexpr,  # epilogue flags
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # as in the conv kernel
+    # Meta-parameters (the conv kernel's)
+    BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, RASTER: tl.constexpr,
+):
+    # Grid axis 1 is the branch. Blocks are issued in linear order, so the heaviest branch (the smallest
+    # rate, fewest dead taps) goes first and the 1×1 branch (1/9 of a 3×3's work) last.
+    g = tl.program_id(1)
+    branch = (g + 1) % 4
+    is_1x1 = branch == 0
+    rate = tl.where(branch == 1, RATE1, tl.where(branch == 2, RATE2, RATE3))
+    dil = tl.where(is_1x1, 1, rate)
+    pad = tl.where(is_1x1, 0, rate)
+    ks = tl.where(is_1x1, 1, 3)
+    w_row0 = tl.where(is_1x1, 0, C_IN + (branch - 1) * 9 * C_IN)
+    num_pid_m = num_m_tiles(N, H, W, RASTER, BLOCK_OH, BLOCK_OW)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(CB, BLOCK_N), GROUP_M)
+    conv_tile(x_ptr, w_ptr + w_row0.to(tl.int64) * CB, bias_ptr + branch * CB, out_ptr,
+              out_ptr + branch.to(tl.int64) * stride_ob, out_ptr, pid_m, pid_n,
+              N, H, W, C_IN, CB, H, W,
+              stride_xn, stride_xh, stride_xw, 0, 0, 0, stride_on, stride_oh, stride_ow,
+              1, 1, pad, pad, dil, dil, ks, ks, 3, 3,
+              HAS_BIAS, False, APPLY_RELU, False, INPUT_PRECISION, DOT_IN_FP32,
+              RASTER, BLOCK_OH, BLOCK_OW, BLOCK_N, BLOCK_K)
+
+
+def _branch_geometries(a: dict) -> list[ConvGeometry]:
+    base = dict(n=a["N"], cin=a["C_IN"], h=a["H"], w=a["W"], cout=a["CB"])
+    return [ConvGeometry(**base, k=1), *(ConvGeometry(**base, k=3, dilation=a[f"RATE{i}"]) for i in (1, 2, 3))]
+
+
+def prune_branches_by_executed_work(configs: list, named_args: dict, **kwargs) -> list:
+    """Like :func:`fastdeeplab.kernels.conv.prune_by_executed_work`, summed over the four branches."""
+    if len(configs) <= 1:
+        return configs
+    geoms = _branch_geometries({**named_args, **kwargs})
+    work = [sum(executed_macs(g, tiling_of(c.kwargs)) for g in geoms) for c in configs]
+    best = min(work)
+    return [c for c, w in zip(configs, work) if w <= WORK_SLACK * best]
+
+
+_aspp_branches_autotuned = triton.autotune(
+    configs=get_branch_configs(), key=["C_IN", "CB", "RATE1", "RATE2", "RATE3", "M_BUCKET", "DEVICE_KEY"],
+    prune_configs_by={"early_config_prune": prune_branches_by_executed_work}, **autotune_cache_kwargs(),
+)(_aspp_branches_kernel)
+
+
+def pack_aspp_branch_weights(weights: Sequence[Tensor]) -> Tensor:
+    """Pack the four branch weights (``[Cb, Cin, 1, 1]`` then three ``[Cb, Cin, 3, 3]``, BatchNorm folded) into
+    the grouped kernel's ``[28*Cin, Cb]``: the 1×1 branch's ``Cin`` rows, then each atrous branch's
+    ``9*Cin`` rows in :func:`fastdeeplab.kernels.conv.pack_weight` order."""
+    if not isinstance(weights, (list, tuple)) or len(weights) != NUM_BRANCHES:
+        raise ValueError(f"weights must be {NUM_BRANCHES} tensors (the 1x1 branch, then three 3x3 branches)")
+    shapes = [tuple(check_tensor(w, f"weights[{i}]").shape) for i, w in enumerate(weights)]
+    cb, cin = shapes[0][:2]
+    expected = [(cb, cin, 1, 1)] + [(cb, cin, 3, 3)] * 3
+    if shapes != expected:
+        raise ValueError(f"branch weights must have shapes {expected}, got {shapes}")
+    return torch.cat([w.detach().permute(2, 3, 1, 0).reshape(-1, cb) for w in weights]).contiguous()
+
+
+def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, rates: Sequence[int], *,
+                         relu: bool = True, allow_tf32: bool | None = None, out: Tensor | None = None,
+                         config: triton.Config | None = None) -> Tensor:
+    """ASPP's four spatial branches (a 1×1 conv and three 3×3 atrous convs, each + bias + ReLU) in one launch.
+
+    Args:
+        x: ``[N, Cin, H, W]`` (channels-last is the fast path), float32 / float16 / bfloat16.
+        packed_weight: ``[28*Cin, Cb]`` from :func:`pack_aspp_branch_weights`, ``x``'s dtype.
+        bias: ``[4*Cb]`` (branch-major) or ``None``.
+        rates: the three atrous rates (dilation = padding = rate).
+        out: optional channels-last ``[4*N, Cb, H, W]``.
+        config: run this ``triton.Config`` (a conv config) instead of autotuning.
+    Returns:
+        ``[4*N, Cb, H, W]`` channels-last: branch ``i`` is ``out[i*N:(i+1)*N]`` (views with equal strides, what
+        :func:`aspp_project_packed` takes).
+    """
+    check_tensor(x, "x")
+    check_tensor(packed_weight, "packed_weight")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    check_float_dtype(x, "x")
+    n, cin, h, w = x.shape
+    if packed_weight.dim() != 2 or packed_weight.shape[0] != 28 * cin:
+        raise ValueError(f"packed_weight must be [28*Cin, Cb] = [{28 * cin}, Cb] for x with {cin} channels, got "
+                         f"{tuple(packed_weight.shape)} (see pack_aspp_branch_weights)")
+    if packed_weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {packed_weight.dtype} does not match x dtype {x.dtype}")
+    cb = packed_weight.shape[1]
+    rates = [pair(r, f"rates[{i}]")[0] for i, r in enumerate(rates)]
+    if len(rates) != 3 or min(rates) < 1:
+        raise ValueError(f"rates must be three atrous rates >= 1, got {rates}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (4 * cb,):
+            raise ValueError(f"bias must be [4*Cb] = [{4 * cb}], got shape {tuple(bias.shape)}")
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.detach().to(torch.float32).contiguous()
+    check_device(x, {"weight": packed_weight, "bias": bias, "out": out})
+    if max(h * w * cin, h * w * cb, packed_weight.numel()) > INT32_MAX:
+        raise ValueError("one image (or the weight) has more than 2**31-1 elements; offsets are int32")
+    x = x.contiguous(memory_format=torch.channels_last)
+    packed_weight = packed_weight.contiguous()
+    out = check_out(out, (4 * n, cb, h, w), x)
+    if n == 0 or h * w == 0:
+        return out
+
+    def grid(meta):
+        block_m = meta["BLOCK_OH"] * meta["BLOCK_OW"]
+        tiles_m = (triton.cdiv(n * h * w, block_m) if meta.get("RASTER", False)
+                   else n * triton.cdiv(h, meta["BLOCK_OH"]) * triton.cdiv(w, meta["BLOCK_OW"]))
+        return (tiles_m * triton.cdiv(cb, meta["BLOCK_N"]), NUM_BRANCHES)
+
+    if config is not None:
+        kernel = _aspp_branches_kernel
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        meta.setdefault("RASTER", False)
+    else:
+        kernel, meta = _aspp_branches_autotuned, {}
+    with launch_guard(x):
+        wrap_kernel(kernel)[grid](
+            x, packed_weight, bias if bias is not None else out, out,
+            n, h, w, cin, cb, m_bucket(n * h * w), device_key(x),
+            x.stride(0), x.stride(2), x.stride(3),
+            out.stride(0), out.stride(2), out.stride(3), n * out.stride(0),
+            rates[0], rates[1], rates[2],
+            HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
+            INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
+            **meta,
+        )
     return out

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "aspp_branches_reference",
     "aspp_project_reference",
     "conv_bn_relu_module_reference",
     "conv_bn_relu_reference",
@@ -31,18 +32,32 @@ IntPair = int | tuple[int, int]
 
 
 def conv_bn_relu_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: IntPair = 1,
-                           padding: IntPair = 0, dilation: IntPair = 1, relu: bool = True) -> Tensor:
-    """``relu(conv2d(x, weight) + bias)``: the twin of :func:`fastdeeplab.kernels.conv_bn_relu`.
+                           padding: IntPair = 0, dilation: IntPair = 1, relu: bool = True,
+                           residual: Tensor | None = None) -> Tensor:
+    """``relu(conv2d(x, weight) + bias [+ residual])``: the twin of :func:`fastdeeplab.kernels.conv_bn_relu`.
 
     Args:
         x: ``[N, Cin, H, W]``, any memory format.
         weight: ``[Cout, Cin, KH, KW]`` with BatchNorm already folded in (see :func:`fold_bn`).
         bias: ``[Cout]``, the folded BatchNorm shift, or ``None``.
+        residual: ``[N, Cout, OH, OW]`` added before the ReLU, or ``None``.
     Returns:
         ``[N, Cout, OH, OW]`` in ``x``'s dtype.
     """
-    y = F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride=stride, padding=padding,
+                 dilation=dilation)
+    if residual is not None:
+        y = y + residual
     return F.relu(y) if relu else y
+
+
+def aspp_branches_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                            rates: Sequence[int], *, relu: bool = True) -> list[Tensor]:
+    """ASPP's four spatial branches: ``weights[0]`` a 1×1 conv, ``weights[1:]`` 3×3 convs at ``rates`` ("same"
+    padding), each + bias (+ ReLU). The twin of :func:`fastdeeplab.kernels.aspp.aspp_branches_packed`."""
+    pads = [0, *rates]
+    return [conv_bn_relu_reference(x, w, b, padding=p, dilation=max(p, 1), relu=relu)
+            for w, b, p in zip(weights, biases, pads, strict=True)]
 
 
 def conv_bn_relu_module_reference(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True) -> Tensor:

@@ -346,7 +346,7 @@ def test_failed_check_names_the_node_and_writes_nothing(tmp_path, module, check,
 def test_unwritable_path_fails_before_export(tmp_path, tiny):
     blocker = tmp_path / "afile"
     blocker.write_text("a regular file, not a directory")
-    with pytest.raises(OSError, match="cannot create output directory"):
+    with pytest.raises(OSError, match="cannot create output directory|is not a directory"):
         export_onnx(tiny, blocker / "x.onnx", input_size=(33, 47))
     with pytest.raises(OSError):
         export_onnx(tiny, "/proc/fastdeeplab-test/x.onnx", input_size=(33, 47))

@@ -34,11 +34,19 @@ def test_sizes_not_multiple_of_stride_work(model):
         assert model(torch.randn(1, 3, h, w))["out"].shape == (1, 3, h, w)
 
 
-@pytest.mark.parametrize("os_", [4, 12, 64, "16"])
+@pytest.mark.parametrize("os_", [4, 12, 64])
 def test_unknown_output_stride(os_):
     with pytest.raises(ValueError, match="unknown output stride"):
         fastdeeplab.deeplabv3_resnet50(output_stride=os_)
     with pytest.raises(ValueError, match="unknown output stride"):
+        fastdeeplab.deeplabv3_resnet50().set_output_stride(os_)
+
+
+@pytest.mark.parametrize("os_", ["16", 16.0, True, None])
+def test_output_stride_of_the_wrong_type(os_):
+    with pytest.raises(TypeError, match="output_stride must be one of"):
+        fastdeeplab.deeplabv3_resnet50(output_stride=os_)
+    with pytest.raises(TypeError, match="output_stride must be one of"):
         fastdeeplab.deeplabv3_resnet50().set_output_stride(os_)
 
 

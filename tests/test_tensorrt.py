@@ -245,7 +245,7 @@ def test_build_arguments_are_checked_before_tensorrt(tiny_onnx, tmp_path):
                               max_shape=(1, 3, 65, 33))
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match="cannot create output directory"):
+    with pytest.raises(OSError, match="cannot create output directory|is not a directory"):
         build_tensorrt_engine(onnx_path, blocker / "m.engine")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
@@ -345,3 +345,127 @@ def test_int8_engine_with_calibration(tiny_onnx, tmp_path, photo_folder):
     assert engine.is_file() and table.is_file()
     out = TensorRTModel(engine)(torch.randn(1, 3, 33, 33, device="cuda"))["out"]
     assert out.shape == (1, 3, 33, 33) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Versions, strongly typed builds, several profiles: the logic that runs without TensorRT
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "version, ok",
+    [("10.0.1", True), ("10.14.1.48", True), ("11.4.1", True), ("9.3.0", False), ("8.6.1", False),
+     ("12.0.0", False)],
+)
+def test_supported_tensorrt_versions(version, ok):
+    from fastdeeplab.runtime.tensorrt import check_tensorrt_version
+
+    if ok:
+        assert check_tensorrt_version(version)[0] in (10, 11)
+    else:
+        with pytest.raises(RuntimeError, match=r"TensorRT 10.0 to 11.x"):
+            check_tensorrt_version(version)
+
+
+def test_install_hint_is_the_readme_text():
+    from pathlib import Path
+
+    from fastdeeplab.runtime.tensorrt import INSTALL_HINT
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().replace("`", "").split())
+    assert "pip install 'fastdeeplab[tensorrt]'" in INSTALL_HINT and "TensorRT 10.0 to 11.x" in INSTALL_HINT
+    assert INSTALL_HINT in readme  # the message a user sees is the README's sentence, word for word
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"tensorrt>=10.0,<12"' in pyproject  # the range SUPPORTED states
+
+
+def test_profiles_and_selection():
+    from fastdeeplab.runtime.tensorrt import Profile, make_profiles, select_profile
+
+    profiles = make_profiles([(1, 513, 513), (1, 1024, 2048)])
+    assert profiles[0] == Profile((1, 3, 257, 257), (1, 3, 513, 513), (1, 3, 513, 513))
+    assert profiles[1] == Profile((1, 3, 512, 1024), (1, 3, 1024, 2048), (1, 3, 1024, 2048))
+    assert select_profile(profiles, (1, 3, 513, 513)) == 0
+    assert select_profile(profiles, (1, 3, 1024, 2048)) == 1  # a full Cityscapes frame
+    assert select_profile(profiles, (1, 3, 700, 1500)) == 1
+    with pytest.raises(ValueError) as info:
+        select_profile(profiles, (1, 3, 600, 600))
+    message = str(info.value)
+    assert "1x3x600x600 is outside the engine's profiles" in message
+    assert "#0 min 1x3x257x257 opt 1x3x513x513 max 1x3x513x513" in message
+    assert "#1 min 1x3x512x1024 opt 1x3x1024x2048 max 1x3x1024x2048" in message
+    with pytest.raises(ValueError, match="outside the engine's profiles"):
+        select_profile(profiles, (2, 3, 513, 513))  # batch 2 is in neither
+    # overlapping profiles: the tightest one that fits wins, the first on a tie
+    wide = make_profiles([((1, 3, 64, 64), (4, 3, 512, 512), (4, 3, 1024, 1024)), "1x3x512x512", "1x3x512x512"])
+    assert select_profile(wide, (1, 3, 300, 400)) == 1 and select_profile(wide, (2, 3, 300, 400)) == 0
+    # explicit (min, opt, max) triples are checked like any profile
+    with pytest.raises(ValueError, match="dim W: need min <= opt <= max"):
+        make_profiles([((1, 3, 64, 64), (1, 3, 64, 32), (1, 3, 64, 64))])
+    with pytest.raises(ValueError, match="non-empty list"):
+        make_profiles((1, 3, 513, 513).__class__())
+    with pytest.raises(ValueError, match="a profile is"):
+        make_profiles([(1, 2)])
+    # fixed ONNX dims stay fixed in a profile made from one shape
+    (static,) = make_profiles([(1, 33, 33)], onnx_dims=[1, 3, 33, 33])
+    assert static.min == static.opt == static.max == (1, 3, 33, 33)
+
+
+def test_graph_precision(tiny_onnx, tmp_path):
+    from fastdeeplab.export.tensorrt import graph_precision
+
+    _, onnx_path, _ = tiny_onnx
+    assert graph_precision(onnx_path) == "fp32"
+    proto = onnx.load(str(onnx_path))
+    from fastdeeplab.export.passes import convert_float16
+
+    convert_float16(proto)
+    assert graph_precision(proto) == "fp16"
+
+
+def test_precision_is_the_graphs(tiny_onnx, tmp_path):
+    """A strongly typed build runs the graph's precision: contradictions fail before TensorRT is needed."""
+    from fastdeeplab.export.passes import convert_float16
+
+    _, onnx_path, _ = tiny_onnx
+    proto = onnx.load(str(onnx_path))
+    convert_float16(proto)
+    fp16_path = tmp_path / "fp16.onnx"
+    onnx.save(proto, str(fp16_path))
+    engine = tmp_path / "m.engine"
+    with pytest.raises(ValueError, match="is a fp16 graph"):
+        build_tensorrt_engine(fp16_path, engine, precision="fp32")
+    with pytest.raises(ValueError, match="keep_fp32 applies"):
+        build_tensorrt_engine(fp16_path, engine, keep_fp32=["head.1"])
+    with pytest.raises(FileNotFoundError, match="calibration image folder not found"):
+        build_tensorrt_engine(onnx_path, engine, precision="int8", calibration_images=tmp_path / "nope")
+    cache = tmp_path / "not_qdq.onnx"
+    cache.write_bytes(onnx_path.read_bytes())
+    with pytest.raises(ValueError, match="is not a Q/DQ graph"):
+        build_tensorrt_engine(onnx_path, engine, precision="int8", calibration_cache=cache)
+    with pytest.raises(ValueError, match="outside|either profiles or min_shape"):
+        build_tensorrt_engine(onnx_path, engine, profiles=[(1, 33, 33)], min_shape=(1, 3, 17, 17))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx", "not_qdq.onnx"]
+
+
+@needs_gpu
+@needs_tensorrt
+def test_engine_with_two_profiles_and_its_report(tiny_onnx, tmp_path):
+    import json
+
+    model, onnx_path, _ = tiny_onnx
+    engine = build_tensorrt_engine(onnx_path, tmp_path / "p.engine", precision="fp16",
+                                   profiles=[(1, 33, 33), (2, 65, 97)], workspace_gb=1)
+    report = json.loads((tmp_path / "p.build.json").read_text())
+    assert report["strongly_typed"] and report["precision"] == "fp16" and len(report["profiles"]) == 2
+    assert all(row["max_rel_error"] < 2e-2 and row["pixel_agreement"] > 0.99 for row in report["accuracy"])
+    assert json.loads((tmp_path / "p.layers.json").read_text())
+    assert json.loads((tmp_path / "p.profile.json").read_text())["layers"]
+    runner = TensorRTModel(engine)
+    assert len(runner.profiles) == 2
+    for shape in ((1, 3, 33, 33), (2, 3, 65, 97), (1, 3, 40, 60)):
+        x = torch.randn(*shape)
+        got = runner(x.cuda())
+        assert got["out"].shape == (shape[0], 3, *shape[2:]) and got["labels"].dtype == torch.int64
+    with pytest.raises(ValueError, match=r"outside the engine's profiles \(#0 min 1x3x17x17"):
+        runner(torch.randn(1, 3, 100, 100, device="cuda"))
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        runner(torch.randn(1, 3, 33, 33))

@@ -4,7 +4,9 @@ One generator serves the tests and the overfit demo (``fastdeeplab train --overf
 samples out on disk exactly as PASCAL VOC or Cityscapes do, so the real dataset classes read them.
 
 Class 0 is the background (a smooth colour gradient with noise and stripes); class ``c >= 1`` is a filled
-rectangle or disc of the class's own colour, jittered per object. A band of ``ignore_border`` pixels on each
+rectangle or disc of the class's own colour, jittered per object. With ``thin_structures=n`` each image also
+gets ``n`` thin bars (1–3 px wide, like poles and wires) of an object class: they vanish in a coarse feature
+map, so a model's output stride shows in its accuracy on them. A band of ``ignore_border`` pixels on each
 side of every boundary is labelled 255, like VOC's object outlines.
 """
 
@@ -30,12 +32,16 @@ Size = tuple[int, int]
 
 
 def synthetic_sample(index: int, size: Size = (64, 64), num_classes: int = 3, *, seed: int = 0,
-                     max_objects: int = 3, ignore_border: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                     max_objects: int = 3, ignore_border: int = 1,
+                     thin_structures: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``index`` of a synthetic dataset: ``(image [H, W, 3] uint8, label [H, W] uint8)``.
 
     Deterministic in ``(seed, index)``. Every image holds 1 to ``max_objects`` objects; sample ``index``
     always contains class ``1 + index % (num_classes - 1)``, so ``num_classes - 1`` consecutive samples
     cover every class. Labels are 0 (background), 1 … ``num_classes - 1`` and 255 (boundary band).
+    ``thin_structures`` bars of width 1–3 px are drawn over the objects (labelled with their class; the
+    boundary band is not applied to them, so they keep their pixels). With ``thin_structures=0`` (the
+    default) the samples are exactly those of earlier versions.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background + one object class), got {num_classes}")
@@ -66,6 +72,24 @@ def synthetic_sample(index: int, size: Size = (64, 64), num_classes: int = 3, *,
         label[inside] = cls
     image += rng.normal(0, 6, size=image.shape)
 
+    thin = np.zeros((h, w), dtype=bool)
+    thin_label = np.zeros((h, w), dtype=np.uint8)
+    if thin_structures > 0:  # drawn after the noise so the bars stay crisp; their own random stream
+        thin_rng = np.random.default_rng([seed, index, 1])
+        for _ in range(thin_structures):
+            cls = int(thin_rng.integers(1, num_classes))
+            width = float(thin_rng.uniform(1.0, 3.0))
+            angle = thin_rng.uniform(0, np.pi)
+            cy, cx = thin_rng.uniform(0, h), thin_rng.uniform(0, w)
+            length = thin_rng.uniform(0.5, 1.0) * max(h, w)
+            dy, dx = np.sin(angle), np.cos(angle)
+            along = (yy - cy) * dy + (xx - cx) * dx
+            across = -(yy - cy) * dx + (xx - cx) * dy
+            bar = (np.abs(across) <= width / 2) & (np.abs(along) <= length / 2)
+            image[bar] = _COLOURS[(cls - 1) % len(_COLOURS)] + thin_rng.uniform(-10, 10, size=3)
+            thin |= bar
+            thin_label[bar] = cls
+
     if ignore_border > 0:
         edge = np.zeros((h, w), dtype=bool)
         padded = np.pad(label, ignore_border, mode="edge")
@@ -75,6 +99,9 @@ def synthetic_sample(index: int, size: Size = (64, 64), num_classes: int = 3, *,
                 edge |= shifted != label
         label = label.copy()
         label[edge] = IGNORE_INDEX
+    if thin.any():
+        label = label.copy()
+        label[thin] = thin_label[thin]
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), label
 
 

@@ -1,11 +1,15 @@
-"""Deployment: checked ONNX export, TensorRT engines, int8 quantization, and TensorRT op-support checks.
+"""Deployment: checked ONNX export (precision in the graph: fp32, fp16, int8 Q/DQ), strongly typed TensorRT
+engines, Triton Inference Server repositories.
 
-* :func:`export_onnx` / :func:`onnx_model_proto` — :mod:`fastdeeplab.export.onnx`
-* :func:`build_tensorrt_engine` — :mod:`fastdeeplab.export.tensorrt`
+* :func:`export_onnx` / :func:`onnx_model_proto` — :mod:`fastdeeplab.export.onnx` (export and report); graph
+  rewrites in :mod:`fastdeeplab.export.passes`, the checks that run the graph in :mod:`fastdeeplab.export.verify`
+* :func:`build_tensorrt_engine` — :mod:`fastdeeplab.export.tensorrt` (its self-check:
+  :mod:`fastdeeplab.export.engine_report`)
+* :func:`deploy` — :mod:`fastdeeplab.export.deploy`
 * re-exported from :mod:`fastdeeplab.runtime`: :func:`ort_session`, :func:`openvino_compiled_model`,
   :class:`TensorRTModel`
 * :func:`quantize_onnx` / :func:`compare_quantized` — :mod:`fastdeeplab.export.quantize`
-* :func:`check_tensorrt` — :mod:`fastdeeplab.export.checks`
+* :func:`check_tensorrt`, :func:`check_fp16_graph`, :func:`check_qdq_graph` — :mod:`fastdeeplab.export.checks`
 
 Names are imported on first use; onnx, onnxruntime, openvino and tensorrt only when a function needs them
 (``pip install 'fastdeeplab[onnx]'``, ``'fastdeeplab[openvino]'``, ``'fastdeeplab[tensorrt]'``).
@@ -25,11 +29,17 @@ _LAZY = {
     "openvino_compiled_model": "..runtime.openvino",
     "TensorRTModel": "..runtime.tensorrt",
     "build_tensorrt_engine": "tensorrt",
+    "graph_precision": "tensorrt",
+    "deploy": "deploy",
+    "DeployReport": "deploy",
+    "load_model_config": "deploy",
     "QuantizationReport": "quantize",
     "compare_quantized": "quantize",
     "quantize_onnx": "quantize",
     "TensorRTCompatibilityError": "checks",
     "check_tensorrt": "checks",
+    "check_fp16_graph": "checks",
+    "check_qdq_graph": "checks",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,4 +1,11 @@
-"""Will TensorRT's ONNX parser take this graph? A check of every node against TensorRT's op list.
+"""Checks on an exported graph alone (no runtime): will TensorRT's ONNX parser take it, and is its precision
+what it claims.
+
+* :func:`check_tensorrt` — every node against TensorRT's op list (below);
+* :func:`check_fp16_graph` — an fp16 graph: every Conv's input and weight in fp16 (kept layers in fp32),
+  fp32 inputs and outputs;
+* :func:`check_qdq_graph` — an int8 Q/DQ graph: every Conv's input and weight dequantized, int8 weights,
+  int8 zero points of 0 (what TensorRT's explicit quantization takes);
 
 The list ships with the package (``tensorrt_onnx_ops.tsv``: op, supported ``Y``/``N``, data types,
 restriction), a conservative baseline taken from onnx-tensorrt's ``docs/operators.md`` (TensorRT 8.5,
@@ -26,7 +33,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -37,10 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MIN_OPSET",
+    "GraphCheck",
     "OpSupport",
     "TensorRTCheck",
     "TensorRTCompatibilityError",
     "TensorRTIssue",
+    "check_fp16_graph",
+    "check_qdq_graph",
     "check_tensorrt",
     "load_op_table",
 ]
@@ -296,6 +306,17 @@ def _restriction_issues(node: onnx.NodeProto, support: OpSupport, g: _Graph, ops
             spatial = None if kernel is None else len(kernel)
         if spatial is not None and spatial not in allowed:
             yield f"{spatial}-D {node.op_type} is not supported (only {' or '.join(map(str, sorted(allowed)))}-D)"
+    if "UINT8 only from or to FP32 or FP16" in text:  # Cast: TensorRT's cast layer limits uint8
+        understood = True
+        from onnx import TensorProto
+
+        floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+        source = g.types.get(node.input[0], (0, None))[0] if node.input else 0
+        target = attrs.get("to", 0)
+        if (source == TensorProto.UINT8 and target not in floats) or (target == TensorProto.UINT8
+                                                                    and source and source not in floats):
+            yield (f"a cast from {TensorProto.DataType.Name(source)} to {TensorProto.DataType.Name(target)}: "
+                   "TensorRT casts uint8 only from or to FP32 or FP16")
     if "Indices output unsupported" in text:
         understood = True
         if len(node.output) > 1 and node.output[1]:
@@ -390,4 +411,115 @@ def check_tensorrt(model: onnx.ModelProto | str | os.PathLike, *, table: Mapping
         result.issues.append(TensorRTIssue(fn.name, fn.name, -1,
                                            f"model-local function {fn.domain}::{fn.name} (inline it before export)"))
     _check_graph(model.graph, table, _tensor_types(model), opset, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision in the graph, and the pooled branch
+# --------------------------------------------------------------------------------------------------
+_MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class GraphCheck:
+    """What a graph check found: ``problems`` (empty when it passed), the ``nodes`` at fault, a ``summary``."""
+
+    problems: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    summary: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        return self.summary if self.ok else "; ".join(self.problems)
+
+
+def _type_name(elem_type: int | None) -> str:
+    from onnx import TensorProto
+
+    return TensorProto.DataType.Name(elem_type) if elem_type else "unknown"
+
+
+def check_fp16_graph(model: onnx.ModelProto, *, kept: Sequence[str] = ()) -> GraphCheck:
+    """Check an fp16 graph with fp32 I/O: every Conv (Gemm, MatMul) reads an fp16 input and an fp16 weight,
+    except the nodes in ``kept``, which read fp32; float graph inputs and outputs are fp32."""
+    from onnx import TensorProto
+
+    from .passes import tensor_types
+
+    types = tensor_types(model)
+    result = GraphCheck()
+    kept = set(kept)
+    for value in list(model.graph.input) + list(model.graph.output):
+        elem = value.type.tensor_type.elem_type
+        if elem == TensorProto.FLOAT16:
+            result.problems.append(f"graph {'input' if value in model.graph.input else 'output'} {value.name!r} "
+                                   "is fp16; an fp16 graph keeps fp32 inputs and outputs")
+    convs = kept_convs = 0
+    for node in model.graph.node:
+        if node.op_type not in _MATMUL_OPS:
+            continue
+        want = TensorProto.FLOAT if node.name in kept else TensorProto.FLOAT16
+        for role, name in zip(("input", "weight"), node.input[:2]):
+            if types.get(name) != want:
+                result.problems.append(f"{node.op_type} {node.name!r}: {role} {name!r} is "
+                                       f"{_type_name(types.get(name))}, expected {_type_name(want)}")
+                result.nodes.append(node.name)
+        convs += 1
+        kept_convs += node.name in kept
+    missing = kept - {n.name for n in model.graph.node}
+    if missing:
+        result.problems.append(f"layers said to be kept in fp32 are not in the graph: {sorted(missing)}")
+    io = ", ".join(f"{v.name} {_type_name(v.type.tensor_type.elem_type)}"
+                   for v in list(model.graph.input) + list(model.graph.output))
+    result.summary = (f"{convs - kept_convs} Conv/Gemm with fp16 input and weight, {kept_convs} kept in fp32 "
+                      f"({len(kept)} nodes kept); I/O: {io}")
+    return result
+
+
+def check_qdq_graph(model: onnx.ModelProto) -> GraphCheck:
+    """Check an explicit-quantization (Q/DQ) graph the way TensorRT needs it: every Conv's input and weight
+    come from ``DequantizeLinear``; the weights are int8 initializers; every zero point is int8 and 0."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output if out}
+    result = GraphCheck()
+    convs = qdq = 0
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qdq += 1
+            zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if zero is None or zero not in inits:
+                result.problems.append(f"{node.op_type} {node.name!r} has no constant zero point (the default is "
+                                       "uint8): TensorRT needs an int8 zero point of 0")
+                result.nodes.append(node.name)
+                continue
+            value = numpy_helper.to_array(inits[zero])
+            if inits[zero].data_type != TensorProto.INT8 or value.any():
+                result.problems.append(f"{node.op_type} {node.name!r}: zero point {_type_name(inits[zero].data_type)} "
+                                       f"{value.ravel()[:4].tolist()}, expected int8 0")
+                result.nodes.append(node.name)
+        if node.op_type != "Conv":
+            continue
+        convs += 1
+        for role, name in zip(("input", "weight"), node.input[:2]):
+            producer = producers.get(name)
+            if producer is None or producer.op_type != "DequantizeLinear":
+                result.problems.append(f"Conv {node.name!r}: {role} {name!r} is not dequantized "
+                                       f"(comes from {producer.op_type if producer else 'an initializer or input'})")
+                result.nodes.append(node.name)
+            elif role == "weight":
+                source = inits.get(producer.input[0])
+                if source is None or source.data_type != TensorProto.INT8:
+                    result.problems.append(f"Conv {node.name!r}: weight {producer.input[0]!r} is not an int8 "
+                                           "initializer")
+                    result.nodes.append(node.name)
+    if not convs:
+        result.problems.append("no Conv in the graph")
+    result.summary = (f"{convs} Conv with dequantized int8 input and int8 weight, {qdq} Q/DQ nodes, "
+                      "every zero point int8 0")
     return result

@@ -3,8 +3,10 @@
 Examples::
 
     fastdeeplab export --model deeplabv3_resnet50 --output-stride 16 --out deeplabv3_os16.onnx
+    fastdeeplab export --precision fp16 --keep-fp32 classifier.4 --out deeplabv3_fp16.onnx   # fp16, fp32 I/O
     fastdeeplab export --model deeplabv3_resnet101 --weights ckpt.pth --num-classes 19 --output-stride 8 \\
-        --format tensorrt --precision int8 --calibration-images calib/ --out deeplabv3_os8.engine
+        --format tensorrt --precision int8 --calibration-images calib/ --out deeplabv3_os8.engine \\
+        --profile 1x3x513x513 --profile 1x3x1024x2048
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32), help="default: 16")
     parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="default: onnx")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                        help="default: fp32 for onnx, fp16 for tensorrt. onnx int8 is a QDQ graph for ONNX "
-                             "Runtime's CPU kernels")
+                        help="default: fp32 for onnx, fp16 for tensorrt. Precision lives in the graph: fp16 is an "
+                             "fp16 graph with fp32 I/O, int8 a Q/DQ graph (see --int8-flavour)")
+    parser.add_argument("--keep-fp32", nargs="*", default=[], metavar="LAYER",
+                        help="fp16: layers kept in fp32, by module path (e.g. classifier.4) or ONNX node name")
+    parser.add_argument("--int8-flavour", choices=("cpu", "tensorrt"), default=None,
+                        help="onnx int8: 'cpu' (uint8 activations, ONNX Runtime's fast kernels; default) or "
+                             "'tensorrt' (symmetric, zero points 0); tensorrt builds always use 'tensorrt'")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=(513, 513),
                         help="size traced and checked (default: 513 513); TensorRT's opt shape")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 13 (default: 17)")
@@ -41,9 +48,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="tensorrt and int8: where the intermediate fp32 ONNX goes (default: next to --out)")
     parser.add_argument("--calibration-images", type=Path, default=None,
                         help="int8: folder of representative images (default for onnx: scikit-image's photos)")
-    parser.add_argument("--calibration-cache", type=Path, default=None, help="tensorrt int8: calibration table")
+    parser.add_argument("--calibration-cache", type=Path, default=None,
+                        help="tensorrt int8: the calibrated Q/DQ graph, reused when it exists")
     parser.add_argument("--timing-cache", type=Path, default=None, help="tensorrt: timing cache file")
     parser.add_argument("--workspace-gb", type=float, default=4.0, help="tensorrt: workspace limit (GiB)")
+    parser.add_argument("--profile", action="append", default=None, metavar="NxCxHxW",
+                        help="tensorrt: one optimization profile per flag, its opt and max shape (min: batch 1 at "
+                             "half the size), e.g. --profile 1x3x513x513 --profile 1x3x1024x2048")
     parser.add_argument("--min-shape", default=None, help="tensorrt profile, e.g. 1x3x257x257")
     parser.add_argument("--opt-shape", default=None, help="tensorrt profile (default: 1x3xHxW of --input-size)")
     parser.add_argument("--max-shape", default=None, help="tensorrt profile, e.g. 4x3x1025x1025")
@@ -54,14 +65,27 @@ def _sibling(out: Path, suffix: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_path
     from ..hub import get_model
     from .onnx import export_onnx
 
     precision = args.precision or ("fp16" if args.format == "tensorrt" else "fp32")
+    check_output_path(args.out, what="output")  # bad paths fail before any work
+    if args.keep_fp32 and precision != "fp16":
+        raise ValueError("--keep-fp32 applies to --precision fp16")
+    if args.int8_flavour is not None and (precision != "int8" or args.format != "onnx"):
+        raise ValueError("--int8-flavour applies to --format onnx --precision int8")
+    if args.profile and any(v is not None for v in (args.min_shape, args.opt_shape, args.max_shape)):
+        raise ValueError("pass --profile or --min-shape/--opt-shape/--max-shape, not both")
+    if precision == "int8" and args.calibration_images is not None and not args.calibration_images.is_dir():
+        raise FileNotFoundError(f"calibration image folder not found: {args.calibration_images}")
     if args.format == "tensorrt":
-        from .tensorrt import _require_tensorrt
+        from ..runtime.tensorrt import require_tensorrt
 
-        _require_tensorrt()  # fail before a long export
+        require_tensorrt()  # fail before a long export
+        if precision == "int8" and args.calibration_images is None and not (
+                args.calibration_cache is not None and args.calibration_cache.is_file()):
+            raise ValueError("--precision int8 needs --calibration-images (or an existing --calibration-cache)")
     model = get_model(args.model, weights=args.weights, num_classes=args.num_classes, aux_loss=args.aux,
                       output_stride=args.output_stride)
     outputs = ("out", "aux") if args.aux else ("out",)
@@ -70,32 +94,44 @@ def run(args: argparse.Namespace) -> int:
                   outputs=outputs, argmax=args.argmax, check=not args.no_check)
 
     if args.format == "onnx" and precision != "int8":
-        print(export_onnx(model, args.out, half=precision == "fp16", **common))
+        print(export_onnx(model, args.out, precision=precision, keep_fp32=args.keep_fp32, **common))
         return 0
 
     onnx_path = args.onnx_out or _sibling(args.out, ".fp32.onnx" if args.format == "onnx" else ".onnx")
     if onnx_path.resolve() == args.out.resolve():
         raise ValueError(f"the intermediate ONNX file would overwrite --out {args.out}; pass --onnx-out")
+    check_output_path(onnx_path, what="intermediate ONNX")
     print(export_onnx(model, onnx_path, **common))
 
-    if args.format == "onnx":  # int8 QDQ for ONNX Runtime
+    if args.format == "onnx":  # int8 QDQ
         from .quantize import compare_quantized, quantize_onnx
 
-        quantize_onnx(onnx_path, args.out, args.calibration_images, input_size=(h, w))
-        print(f"int8 QDQ graph: {args.out}")
+        trt = args.int8_flavour == "tensorrt"
+        quantize_onnx(onnx_path, args.out, args.calibration_images, input_size=(h, w), tensorrt_compatible=trt)
+        print(f"int8 QDQ graph ({'TensorRT' if trt else 'CPU'} flavour): {args.out}")
         print(compare_quantized(onnx_path, args.out, args.calibration_images, size=(h, w), runs=3))
         return 0
 
+    import json
+
+    from .engine_report import report_paths
     from .tensorrt import DEFAULT_MAX_SHAPE, DEFAULT_MIN_SHAPE, build_tensorrt_engine
 
-    opt = args.opt_shape or (1, 3, h, w)
-    lo = args.min_shape or (1, 3, min(DEFAULT_MIN_SHAPE[2], h), min(DEFAULT_MIN_SHAPE[3], w))
-    hi = args.max_shape or (DEFAULT_MAX_SHAPE[0], 3, max(DEFAULT_MAX_SHAPE[2], h), max(DEFAULT_MAX_SHAPE[3], w))
-    if args.static:
-        lo = opt = hi = (1, 3, h, w)
-    engine = build_tensorrt_engine(onnx_path, args.out, precision=precision, min_shape=lo, opt_shape=opt,
-                                   max_shape=hi, workspace_gb=args.workspace_gb,
-                                   calibration_images=args.calibration_images,
-                                   calibration_cache=args.calibration_cache, timing_cache=args.timing_cache)
+    if args.profile:
+        shapes = {"profiles": list(args.profile)}
+    elif args.static:
+        shapes = {"profiles": [((1, 3, h, w),) * 3]}
+    else:
+        shapes = {"min_shape": args.min_shape or (1, 3, min(DEFAULT_MIN_SHAPE[2], h), min(DEFAULT_MIN_SHAPE[3], w)),
+                  "opt_shape": args.opt_shape or (1, 3, h, w),
+                  "max_shape": args.max_shape or (DEFAULT_MAX_SHAPE[0], 3, max(DEFAULT_MAX_SHAPE[2], h),
+                                                  max(DEFAULT_MAX_SHAPE[3], w))}
+    engine = build_tensorrt_engine(onnx_path, args.out, precision=precision, keep_fp32=args.keep_fp32,
+                                   workspace_gb=args.workspace_gb, calibration_images=args.calibration_images,
+                                   calibration_cache=args.calibration_cache, timing_cache=args.timing_cache,
+                                   check=not args.no_check, **shapes)
     print(f"TensorRT {precision} engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB), from {onnx_path}")
+    build = report_paths(engine)["build"]
+    if build.is_file():
+        print(json.dumps(json.loads(build.read_text()), indent=1))
     return 0

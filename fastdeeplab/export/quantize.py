@@ -8,7 +8,9 @@ symmetric weights, in one of two flavours:
   int32 biases, which ONNX Runtime fuses into ``QLinearConv`` (u8s8) kernels: about 2x faster than fp32 on
   AVX2 CPUs.
 * ``tensorrt_compatible=True``: int8 activations with zero point 0 and float biases, the format TensorRT
-  takes for explicit quantization (checked with :func:`fastdeeplab.export.checks.check_tensorrt`).
+  takes for explicit quantization (checked with :func:`fastdeeplab.export.checks.check_tensorrt` and
+  :func:`fastdeeplab.export.checks.check_qdq_graph`: every Conv's input and weight dequantized, int8 weights,
+  int8 zero points of 0). TensorRT 10/11 strongly typed builds run this graph in int8 as written.
   ONNX Runtime cannot fuse float-bias convolutions, so this flavour is *slower* than fp32 on the CPU.
 
 Either way the graph stays QDQ: ``QLinearConv``/``ConvInteger`` graphs (QOperator format) are what TensorRT
@@ -26,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._io import atomic_path, check_writable_dir
+from .._io import atomic_path, check_output_path
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -118,7 +118,9 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     fp32_path = Path(fp32_path)
     if not fp32_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {fp32_path}")
-    check_writable_dir(out_path)
+    check_output_path(out_path, what="quantized ONNX")
+    if Path(out_path).expanduser().resolve() == fp32_path.resolve():
+        raise ValueError(f"out_path would overwrite the fp32 graph {fp32_path}")
     images = calibration_tensor(calibration_images_or_tensors, input_size, max_images=max_images)
 
     class Reader(CalibrationDataReader):
@@ -151,9 +153,14 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         finally:
             root.setLevel(level)
         if tensorrt_compatible:
-            from .checks import check_tensorrt
+            import onnx
+
+            from .checks import check_qdq_graph, check_tensorrt
 
             check_tensorrt(str(tmp)).raise_if_failed()
+            qdq = check_qdq_graph(onnx.load(str(tmp)))
+            if not qdq.ok:
+                raise ValueError(f"the Q/DQ graph is not what TensorRT's explicit quantization takes: {qdq}")
     return Path(out_path)
 
 
@@ -182,36 +189,35 @@ def compare_quantized(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
                       images: CalibrationSource = None, *, size: Sequence[int] = (513, 513), runs: int = 5,
                       threads: int | None = None) -> QuantizationReport:
     """Agreement of the int8 graph's per-pixel classes with the fp32 graph's, and both graphs' median
-    latency over ``runs`` timed runs (after one warm-up) on the first image, batch 1."""
-    from .onnx import INPUT_NAME, ort_session, physical_cores
+    latency over ``runs`` rounds (after one warm-up; timed round-robin by :func:`fastdeeplab.timing.interleaved`)
+    on the first image, batch 1."""
+    from ..runtime.onnxruntime import ort_session, physical_cores
+    from ..timing import interleaved
+    from .onnx import INPUT_NAME
 
     batch = calibration_tensor(images, size)
     sessions = [ort_session(p, threads=threads) for p in (fp32_path, int8_path)]
     agreement = pixel_agreement(*sessions, batch)
-    medians = []
     x = {INPUT_NAME: batch[:1].numpy()}
-    for s in sessions:
-        s.run(["out"], x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            s.run(["out"], x)
-            times.append(1e3 * (time.perf_counter() - start))
-        medians.append(statistics.median(times))
+    timings = interleaved({"fp32": lambda: sessions[0].run(["out"], x), "int8": lambda: sessions[1].run(["out"], x)},
+                          rounds=runs, warmup=1)
+    medians = [1e3 * timings.spread(name).median for name in ("fp32", "int8")]
     return QuantizationReport(batch.shape[0], (int(batch.shape[2]), int(batch.shape[3])), agreement,
                               medians[0], medians[1], threads or physical_cores())
 
 
 def pixel_agreement(reference: Any, candidate: Any, images: Tensor) -> float:
     """Fraction of pixels whose class (argmax of ``out``) is the same from two ONNX Runtime sessions (or
-    paths), over ``images`` ``[M, 3, H, W]`` run one at a time."""
-    from .onnx import INPUT_NAME, ort_session
+    paths), over ``images`` ``[M, 3, H, W]`` run one at a time (the counting is
+    :func:`fastdeeplab.metrics.pixel_agreement`)."""
+    from .. import metrics
+    from ..runtime.onnxruntime import ort_session
+    from .onnx import INPUT_NAME
 
     sessions = [s if hasattr(s, "run") else ort_session(s) for s in (reference, candidate)]
-    agree = total = 0
+    a, b = [], []
     for i in range(images.shape[0]):
         x = {INPUT_NAME: images[i: i + 1].numpy()}
-        a, b = (s.run(["out"], x)[0].argmax(axis=1) for s in sessions)
-        agree += int((a == b).sum())
-        total += a.size
-    return agree / total
+        a.append(torch.from_numpy(sessions[0].run(["out"], x)[0].argmax(axis=1)))
+        b.append(torch.from_numpy(sessions[1].run(["out"], x)[0].argmax(axis=1)))
+    return metrics.pixel_agreement(torch.cat(b), torch.cat(a), ignore_index=None)

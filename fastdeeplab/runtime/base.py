@@ -8,6 +8,14 @@ does the same way (ONNX Runtime, OpenVINO and TensorRT).
   ``logits.argmax(1)`` gives), whatever the graph computed them in (int32, uint8).
 * **Sessions are caches.** They are built on the first call, dropped when the model is pickled, deep-copied
   or ``torch.save``-d, and rebuilt on the next call.
+* **Non-finite input: NaN in, NaN out.** An image holding NaN or inf gets NaN logits everywhere and label
+  ``-1``, as the eager model gives NaN (:func:`fastdeeplab.model.nonfinite_to_nan`); runtimes whose fused
+  ReLU maps NaN to 0 (OpenVINO) would otherwise return confident labels.
+* **Persistence.** Pickle, ``copy.deepcopy`` and ``torch.save`` / ``torch.load(..., weights_only=False)``
+  work before and after use (the session is dropped and rebuilt). ``weights_only=False`` is needed because
+  the file holds the model's class, not just tensors: load only files you trust.
+* **Not scriptable.** ``torch.jit.script`` raises a ``RuntimeError`` saying what to use instead (a session
+  is not TorchScript).
 * **Inference only.** ``train()`` raises.
 
 A subclass says how to build its session (:meth:`RuntimeModel._build`) and how to run it
@@ -21,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..model import check_input
+from ..model import check_input, nonfinite_to_nan
 
 __all__ = ["LABELS_DTYPE", "TRAIN_ERROR", "RuntimeModel", "finish_outputs"]
 
@@ -100,12 +108,18 @@ class RuntimeModel(nn.Module):
         self.check_device(x)
         with torch.no_grad():
             outputs = self._run(self.session(x), x)
-        return finish_outputs(outputs, x.dtype)
+        return nonfinite_to_nan(x, finish_outputs(outputs, x.dtype))
 
     def train(self, mode: bool = True) -> RuntimeModel:
         if mode:
             raise RuntimeError(TRAIN_ERROR)
         return super().train(False)
+
+    def __prepare_scriptable__(self) -> RuntimeModel:  # called by torch.jit.script
+        raise RuntimeError(f"torch.jit.script cannot compile this {type(self).__name__}: it runs a "
+                           f"{self.backend} session, not TorchScript. Script the eager model instead "
+                           "(torch.jit.script(model)), or deploy the ONNX file of "
+                           "fastdeeplab.export_onnx(model, 'model.onnx') with the runtime itself")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

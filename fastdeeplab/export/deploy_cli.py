@@ -1,0 +1,67 @@
+"""``fastdeeplab deploy``: a Triton Inference Server model repository (:func:`fastdeeplab.deploy`).
+
+Examples::
+
+    fastdeeplab deploy --out model_repository                          # ONNX Runtime on the CPU, uint8 in/out
+    fastdeeplab deploy --model deeplabv3_resnet101 --weights ckpt.pth --num-classes 19 --output-stride 8 \\
+        --device gpu --tensorrt --precision fp16 --out model_repository
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from ..cli import input_dir, input_file, int_at_least, output_dir
+    from ..hub import list_models
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("Examples::", 1)[1]
+    parser.add_argument("--model", default="deeplabv3_resnet50", choices=list_models(), help="model name")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint path or torchvision weights name (default: random initialisation)")
+    parser.add_argument("--num-classes", type=int, default=21, help="number of classes (default: 21)")
+    parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32), help="default: 16")
+    parser.add_argument("--out", required=True, type=output_dir, help="the model repository directory")
+    parser.add_argument("--name", default="deeplabv3", help="model name in Triton (default: deeplabv3)")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=(513, 513),
+                        help="size traced and checked (default: 513 513)")
+    parser.add_argument("--float-input", action="store_true",
+                        help="take normalised float32 input instead of raw uint8 RGB")
+    parser.add_argument("--labels-dtype", choices=("uint8", "int32"), default="uint8", help="default: uint8")
+    parser.add_argument("--logits", action="store_true", help="also return the 'out' logits")
+    parser.add_argument("--class-names", type=input_file, default=None, help="text file, one class name per line")
+    parser.add_argument("--max-batch-size", type=int_at_least(0), default=8, help="default: 8")
+    parser.add_argument("--preferred-batch-sizes", type=int_at_least(1), nargs="*", default=[4, 8], help="default: 4 8")
+    parser.add_argument("--max-queue-delay-us", type=int_at_least(0), default=100, help="default: 100")
+    parser.add_argument("--instances", type=int_at_least(1), default=1, help="ONNX Runtime instances (default: 1)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="ONNX Runtime instances' device")
+    parser.add_argument("--tensorrt", action="store_true", help="also build a TensorRT model.plan (GPU)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                        help="TensorRT precision (default: fp16)")
+    parser.add_argument("--calibration-images", type=input_dir, default=None, help="TensorRT int8: image folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    parser.add_argument("--no-check", action="store_true", help="skip the export's checks (not recommended)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hub import get_model
+    from .deploy import deploy
+
+    names = None
+    if args.class_names is not None:
+        names = [line.strip() for line in args.class_names.read_text(encoding="utf-8").splitlines() if line.strip()]
+    model = get_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                      output_stride=args.output_stride)
+    report = deploy(model, args.out, name=args.name, input_size=tuple(args.input_size),
+                    output_stride=args.output_stride, uint8_input=not args.float_input,
+                    labels_dtype=args.labels_dtype, logits=args.logits, class_names=names,
+                    max_batch_size=args.max_batch_size, preferred_batch_sizes=args.preferred_batch_sizes,
+                    max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, device=args.device,
+                    tensorrt=args.tensorrt, precision=args.precision, calibration_images=args.calibration_images,
+                    overwrite=args.overwrite, check=not args.no_check)
+    print(report)
+    return 0

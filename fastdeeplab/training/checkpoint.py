@@ -1,0 +1,136 @@
+"""Training checkpoints: what they hold, how they are written and read, and when a run may resume from one.
+
+A checkpoint (``out_dir/checkpoint.pt``) holds only tensors, numbers, strings, lists and dicts, and is read
+with ``torch.load(..., weights_only=True)``: a file that needs anything else (pickled code) is refused, not
+run. It is written atomically (:func:`fastdeeplab._io.atomic_path`), and never from non-finite weights: a
+diverged run stops with a ``RuntimeError`` and leaves the last good checkpoint in place.
+
+A resume is refused, with what differs and how to proceed, when the checkpoint's model (architecture,
+``num_classes``, ``aux_loss``, ``multi_grid``, ``model_kwargs``) or schedule differs from this run's config,
+or when its weights are not finite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_path
+from .config import TrainConfig
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FINAL_WEIGHTS_NAME",
+    "check_finite_weights",
+    "check_resumable",
+    "model_config",
+    "nonfinite_tensors",
+    "output_paths",
+    "read_checkpoint",
+    "write_state",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FINAL_WEIGHTS_NAME = "model_final.pt"
+FORMAT = 1
+_KEYS = ("model", "model_config", "optimizer", "scheduler", "iteration", "stage", "stage_iteration", "rng",
+         "config", "history")
+
+
+def model_config(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """How the model was built: ``{"name": builder, "kwargs": {num_classes, aux_loss, multi_grid, ...}}``."""
+    kwargs = {"num_classes": num_classes, "aux_loss": cfg.aux_loss, "multi_grid": list(cfg.multi_grid),
+              **cfg.model_kwargs}
+    return {"name": cfg.model, "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+
+
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold NaN or infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_weights(model: nn.Module, *, iteration: int, path: Path | None = None) -> None:
+    """Raise ``RuntimeError`` when ``model``'s weights hold NaN or infinity (a diverged run), before any write.
+
+    Under ``torchrun`` every process holds the same weights, so every process raises alike.
+    """
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        where = f"{path} not written (the last good one is kept); " if path is not None else ""
+        raise RuntimeError(f"training diverged: {len(bad)} weight tensors hold NaN or inf at iteration {iteration} "
+                           f"(e.g. {bad[0]}); {where}lower the learning rate (stages[i].lr), then start afresh "
+                           "(--no-resume or another --out)")
+
+
+def write_state(path: Path, state: Mapping[str, Any]) -> None:
+    """``torch.save(state)`` to ``path`` atomically: readers see the old file or the complete new one."""
+    with atomic_path(path, suffix=".pt", what="training output") as tmp:
+        torch.save(dict(state), tmp)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint read with ``weights_only=True``; ``ValueError`` naming the file otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and truncation errors alike mean "not a readable checkpoint"
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"cannot resume from {path}: not a readable weights-only checkpoint "
+                         f"({type(exc).__name__}: {reason}); use another out_dir or --no-resume") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"cannot resume from {path}: not a fastdeeplab training checkpoint; use another "
+                         "out_dir or --no-resume")
+    missing = [key for key in _KEYS if key not in state]
+    if missing or not isinstance(state["model"], Mapping) or not isinstance(state["config"], Mapping):
+        raise ValueError(f"cannot resume from {path}: an incomplete training checkpoint (missing "
+                         f"{', '.join(missing) or 'a model or config mapping'}); use another out_dir or --no-resume")
+    return state
+
+
+def check_resumable(state: Mapping[str, Any], cfg: TrainConfig, num_classes: int, path: Path | str) -> None:
+    """Refuse (``ValueError``) to resume ``cfg`` from checkpoint ``state`` when they do not describe the same
+    model and schedule, saying what differs and how to proceed."""
+    how = "or start afresh: another --out (out_dir) or --no-resume (resume=False)"
+    saved, wanted = state.get("model_config") or {}, model_config(cfg, num_classes)
+    diffs, flags = [], []
+    if saved.get("name") != wanted["name"]:
+        diffs.append(f"model {saved.get('name')!r} (this run: {wanted['name']!r})")
+        flags.append(f"--set model={saved.get('name')}")
+    saved_kw, wanted_kw = saved.get("kwargs", {}), wanted["kwargs"]
+    for key in sorted(set(saved_kw) | set(wanted_kw)):
+        if saved_kw.get(key) != wanted_kw.get(key):
+            diffs.append(f"{key}={saved_kw.get(key)!r} (this run: {wanted_kw.get(key)!r})")
+            if key == "num_classes":
+                flags.append(f"--num-classes {saved_kw.get(key)}")
+            elif key in ("aux_loss", "multi_grid"):
+                flags.append(f"--set {key}={json.dumps(saved_kw.get(key), separators=(',', ':'))}")
+            else:
+                flags.append("--set model_kwargs=...")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the checkpoint's model differs: {'; '.join(diffs)}. "
+                         f"Run with the checkpoint's settings ({', '.join(dict.fromkeys(flags))}), {how}")
+    saved_stages, wanted_stages = state["config"]["stages"], cfg.to_dict()["stages"]
+    if saved_stages != wanted_stages:
+        raise ValueError(f"cannot resume from {path}: its schedule {saved_stages} differs from this config's "
+                         f"{wanted_stages}; use the checkpoint's stages, {how}")
+    bad = nonfinite_tensors(state["model"])
+    if bad:
+        raise ValueError(f"cannot resume from {path}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]}), "
+                         f"from a run that diverged; {how}")
+
+
+def output_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """The files a run writes under ``out_dir``, validated before any work (``check_output_path``)."""
+    from .._io import check_output_path
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a directory; give a folder for checkpoints")
+    return {name: check_output_path(out / name, what="training output")
+            for name in (CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, "history.json")}

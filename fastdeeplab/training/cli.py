@@ -1,0 +1,131 @@
+"""``fastdeeplab train``: the command line over :func:`fastdeeplab.train` (``configure_parser`` and ``run``).
+
+Options given on the command line override the ``--config`` file; ``--set KEY=VALUE`` reaches any other
+field. Flags are checked by argparse (exit code 2, the flag and the allowed values named); config values,
+data and checkpoints by :func:`fastdeeplab.train`, whose ``ValueError``/``TypeError``/``OSError``/
+``RuntimeError`` the ``fastdeeplab`` command prints as one line (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .loop import logger, train
+from .recipes import overfit_demo
+
+__all__ = ["configure_parser", "run"]
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fastdeeplab train``; options given override the ``--config`` file."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/); options below override it")
+    parser.add_argument("--data", dest="data_root", metavar="ROOT", help="dataset root folder")
+    parser.add_argument("--dataset", choices=("voc", "cityscapes"), default=None)
+    parser.add_argument("--split", dest="train_split", metavar="NAME", default=None,
+                        help="training split, e.g. train, train_aug, trainval (default: the config's train_split)")
+    parser.add_argument("--out", dest="out_dir", metavar="DIR", help="checkpoints and logs (resumed if present)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=None, metavar="N",
+                        help="images per process and iteration (>= 1)")
+    parser.add_argument("--crop-size", type=_int_at_least(1), default=None, metavar="PIXELS")
+    parser.add_argument("--workers", dest="num_workers", type=_int_at_least(0), default=None, metavar="N",
+                        help="data loading processes (>= 0)")
+    parser.add_argument("--num-classes", type=_int_at_least(1), default=None, metavar="K")
+    parser.add_argument("--weights-backbone", default=None,
+                        help="ImageNet backbone weights: torchvision name (ResNet50_Weights.IMAGENET1K_V1) or file")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=None)
+    parser.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                        help="start afresh even if OUT holds a checkpoint")
+    parser.add_argument("--stop-after", type=_int_at_least(1), default=None, metavar="N",
+                        help="stop (with a checkpoint) after N >= 1 iterations of this run")
+    parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config field, value in YAML syntax, e.g. --set 'bootstrap_classes=[2, 9]'")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument("--overfit-demo", action="store_true",
+                        help="train on 8 synthetic images and report the mIoU on them (writes to --out)")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        import ast
+
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--set value {text!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+class _TqdmLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _configure_logging() -> None:
+    if not logger.handlers:
+        handler = _TqdmLogHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+_FLAG_FIELDS = ("data_root", "dataset", "train_split", "out_dir", "batch_size", "crop_size", "num_workers",
+                "num_classes", "weights_backbone", "device", "seed", "resume", "stop_after", "progress")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fastdeeplab train``; prints a one-line JSON summary (rank 0) and returns the exit code."""
+    _configure_logging()
+    if args.overfit_demo:
+        summary = overfit_demo(args.out_dir or "runs/overfit_demo", device=args.device,
+                               progress=args.progress is not False)
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["mIoU"] >= 0.9 else 1
+    overrides: dict[str, Any] = {key: getattr(args, key) for key in _FLAG_FIELDS if getattr(args, key) is not None}
+    for item in args.set_values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = _parse_value(text)
+    result = train(args.config, **overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = result.history["loss"]
+        print(json.dumps({"iteration": result.iteration, "finished": result.finished,
+                          "loss_last": losses[-1] if losses else None, "evaluations": result.evaluations,
+                          "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                          "final_weights": str(result.final_weights) if result.final_weights else None}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+
+    raise SystemExit(main(["train", *sys.argv[1:]]))

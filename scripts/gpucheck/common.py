@@ -1,0 +1,165 @@
+"""What the three stages share: the plan (what to run on a GPU, or tiny in a dry run), the row writer,
+timing, and feature detection of what ``optimize`` and the kernels offer in this checkout."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdeeplab.timing import Spread, spread, time_call, time_cuda
+
+__all__ = ["DTYPE_NAMES", "GRAPH_OPTIONS", "Plan", "RowWriter", "error_text", "find_method", "measure_ms", "optimize_options",
+           "peak_tflops", "synchronize"]
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and counts of one run: the GPU plan, or the dry run's tiny one (same code, same files)."""
+
+    dry_run: bool
+    deadline: float  # time.time() after which a stage starts no new work
+    device: torch.device
+    # correctness: whole-model input [N, 3, H, W] (odd sizes on purpose)
+    check_input: tuple[int, int, int, int]
+    # kernels
+    kernel_resolution: int
+    kernel_batches: tuple[int, ...]
+    kernel_dtypes: tuple[torch.dtype, ...]
+    kernel_max_shapes: int | None  # None: every shape (the deadline still applies)
+    warmup_ms: float
+    rep_ms: float
+    # whole model
+    model: str  # "resnet50", or "tiny" (a narrow ResNet with DeepLab's structure) in the dry run
+    resolution: int
+    batches: tuple[int, ...]
+    output_strides: tuple[int, ...]
+    dtype: torch.dtype  # of the fast rows; the reference is float32 with TF32 off
+    rounds: int
+    compile_backend: str  # torch.compile backend: "inductor" on the GPU, "eager" in the dry run (seconds)
+    compile_mode: str | None
+    compile_s: float  # what one torch.compile is given: it is skipped when less time is left
+
+    @classmethod
+    def make(cls, dry_run: bool, deadline: float | None) -> Plan:
+        deadline = deadline if deadline is not None else time.time() + 3600
+        if dry_run:
+            return cls(dry_run=True, deadline=deadline, device=torch.device("cpu"), check_input=(1, 3, 17, 19),
+                       kernel_resolution=33, kernel_batches=(1, 2), kernel_dtypes=(torch.float16,),
+                       kernel_max_shapes=3, warmup_ms=0, rep_ms=0, model="tiny", resolution=17, batches=(1,),
+                       output_strides=(16, 8), dtype=torch.float16, rounds=1, compile_backend="eager",
+                       compile_mode=None, compile_s=30)
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA GPU here: run with --dry-run on a CPU")
+        return cls(dry_run=False, deadline=deadline, device=torch.device("cuda"), check_input=(2, 3, 97, 129),
+                   kernel_resolution=513, kernel_batches=(1, 8), kernel_dtypes=(torch.float16, torch.bfloat16),
+                   kernel_max_shapes=None, warmup_ms=10, rep_ms=40, model="resnet50", resolution=513,
+                   batches=(1, 8), output_strides=(16, 8), dtype=torch.float16, rounds=15,
+                   compile_backend="inductor", compile_mode="default", compile_s=60)
+
+    def left(self) -> float:
+        """Seconds until the stage's deadline."""
+        return self.deadline - time.time()
+
+
+class RowWriter:
+    """Appends one JSON object per line to the stage's rows file, flushed at once, so the rows of a stage
+    that is killed at its time limit are kept; prints a short line for the log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+
+    def __enter__(self) -> RowWriter:
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def row(self, **fields: Any) -> dict[str, Any]:
+        self.file.write(json.dumps(fields, default=str) + "\n")
+        self.file.flush()
+        self.count += 1
+        brief = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()
+                 if k not in ("message", "names", "traceback") and v is not None}
+        print(f"[row {self.count}] {brief}", flush=True)
+        return fields
+
+
+def error_text(exc: BaseException, limit: int = 600) -> str:
+    """``Type: message`` of an exception, cut to ``limit`` characters; the traceback goes to the log."""
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stdout)
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ms(fn: Callable[[], object], plan: Plan) -> Spread:
+    """A kernel's time in milliseconds: ``time_cuda`` (``triton.testing.do_bench``, L2 flushed before every
+    run) on the GPU; in the dry run two plain calls (the plumbing, not a measurement)."""
+    if plan.device.type == "cuda":
+        return time_cuda(fn, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
+    return spread([time_call(fn) * 1e3 for _ in range(2)])
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    """The GPU's nominal dense fp16/bf16 tensor-core peak (datasheet, TFLOP/s) from the bench suite's table,
+    or None when the name is not listed (or there is no GPU)."""
+    if not gpu_name:
+        return None
+    for module in ("bench._measure", "bench.test_kernels"):
+        try:
+            lookup = getattr(__import__(module, fromlist=["peak_tflops"]), "peak_tflops", None)
+        except Exception:  # noqa: BLE001 (the bench suite's optional imports)
+            lookup = None
+        if lookup is not None:
+            return lookup(gpu_name)
+    return None
+
+
+def find_method(obj: object, *names: str) -> str | None:
+    """The first of ``names`` that ``obj`` has as a callable attribute."""
+    return next((n for n in names if callable(getattr(obj, n, None))), None)
+
+
+GRAPH_OPTIONS = ("cuda_graph", "cuda_graphs", "graphs", "capture_graph", "use_cuda_graph")
+
+
+def optimize_options(*, dispatch: str | None = None, cuda_graph: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Keyword arguments for ``fastdeeplab.optimize`` that this checkout supports, and notes on what it lacks.
+
+    ``dispatch``: the per-layer Triton/cuDNN choice (``"triton"`` forces the kernels everywhere, ``"auto"``
+    measures). ``cuda_graph``: ask ``optimize`` to capture a CUDA graph, where it can.
+    """
+    import fastdeeplab
+
+    params = inspect.signature(fastdeeplab.optimize).parameters
+    kwargs: dict[str, Any] = {}
+    notes: list[str] = []
+    if dispatch is not None:
+        if "dispatch" in params:
+            kwargs["dispatch"] = dispatch
+        else:
+            notes.append("per-layer dispatch: not available in this checkout (Triton everywhere)")
+    if cuda_graph:
+        name = next((n for n in GRAPH_OPTIONS if n in params), None)
+        if name:
+            kwargs[name] = True
+        else:
+            notes.append("optimize() has no CUDA-graph option: captured here with torch.cuda.graph")
+    return kwargs, notes

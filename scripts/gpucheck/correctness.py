@@ -1,0 +1,206 @@
+"""Stage 1, correctness: the kernels compiled for this GPU against their float64 twins, then the whole
+optimized model against eager PyTorch at OS16 and OS8.
+
+* **Kernels.** A fixed subset of the interpreter suite's shapes (``tests/test_kernel_conv.py``,
+  ``tests/test_kernel_aspp.py``: rates 1–36, maps smaller than the rate, odd sizes, channel counts off the
+  block sizes, a 1×1 map), plus on the GPU a few DeepLab-sized problems that fill whole tiles. Each in fp32
+  with TF32 off, fp16 and bf16, at the suite's tolerances (``tests/_assert.py``), output poisoned with NaN
+  first (an unwritten element fails). Each case runs one autotune config, taken in turn, so every config
+  is checked on some shapes at the cost of one compile per case rather than one per config. The residual
+  epilogue is checked too where the launcher has one.
+* **Whole model.** ``optimize(model, backend="triton", dtype=float32)`` (the kernels forced everywhere when
+  ``optimize`` has per-layer dispatch) against the eager fastdeeplab model, TF32 off on both sides, at
+  OS16 and OS8, on odd-sized photographs: max error relative to the logit scale < 1e-4 (the test suite's
+  bound) and the class maps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from fastdeeplab.metrics import max_rel_error, pixel_agreement
+
+from .common import Plan, RowWriter, error_text, optimize_options, synchronize
+from .models import input_batch, load_weights, model_pair
+
+__all__ = ["run"]
+
+# (n, cin, h, w, cout, k, stride, dilation, relu): tests/test_kernel_conv.py's ids, a fixed subset.
+CONV_CASES = [
+    (2, 24, 9, 11, 40, 3, 1, 1, True),
+    (2, 16, 19, 20, 36, 3, 1, 12, True),
+    (1, 24, 13, 11, 20, 3, 1, 24, False),
+    (1, 40, 9, 7, 35, 3, 1, 36, True),     # map smaller than the rate: only the centre tap is live
+    (2, 19, 13, 17, 21, 3, 2, 1, True),    # stride 2
+    (2, 33, 11, 13, 17, 1, 1, 1, True),    # 1x1
+    (1, 8, 1, 1, 8, 3, 1, 6, True),        # 1x1 map
+]
+GPU_CONV_CASES = [  # DeepLab-sized: whole tiles, long K loops (GPU only: the interpreter would take minutes)
+    (2, 256, 33, 33, 256, 3, 1, 2, True),
+    (1, 2048, 33, 33, 256, 3, 1, 18, True),
+    (1, 1024, 65, 65, 256, 1, 1, 1, False),
+]
+# (n, cb, h, w, cout, relu): tests/test_kernel_aspp.py's ids
+ASPP_CASES = [(2, 24, 7, 9, 40, True), (1, 33, 11, 13, 17, True), (2, 8, 1, 1, 8, True)]
+GPU_ASPP_CASES = [(2, 256, 33, 33, 256, True)]
+DTYPE_IDS = ("fp32-ieee", "fp16", "bf16")
+MODEL_TOLERANCE = 1e-4  # tests/test_optimize.py
+
+
+def _tolerances() -> dict[str, tuple[torch.dtype, bool | None, float, float]]:
+    """``{id: (dtype, allow_tf32, atol, rtol)}`` from the kernel tests' one table."""
+    from tests._assert import KERNEL_DTYPES
+
+    return {p.id: tuple(p.values) for p in KERNEL_DTYPES if p.id in DTYPE_IDS}
+
+
+def _config_label(config) -> str:
+    if config is None:
+        return "autotuned"
+    kw = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{kw},w{config.num_warps},s{config.num_stages}"
+
+
+def _check(rows: RowWriter, kernel: str, case: str, dtype_id: str, config, got: torch.Tensor,
+           expected: torch.Tensor, atol: float, rtol: float, seconds: float) -> None:
+    from tests._assert import assert_close_verbose
+
+    message = None
+    try:
+        assert_close_verbose(got, expected, atol=atol, rtol=rtol, dims="NCHW")
+    except AssertionError as exc:
+        message = str(exc)[:800]
+    rows.row(kind="kernel", kernel=kernel, case=case, dtype=dtype_id, config=_config_label(config),
+             max_rel_error=max_rel_error(got, expected), atol=atol, rtol=rtol, ok=message is None,
+             message=message, seconds=round(seconds, 3))
+
+
+def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
+    from fastdeeplab.kernels import conv_bn_relu_packed, conv_bn_relu_reference, pack_weight
+    from fastdeeplab.kernels.conv import get_autotune_configs
+
+    configs = get_autotune_configs()
+    has_residual = "residual" in inspect.signature(conv_bn_relu_packed).parameters
+    cases = CONV_CASES + ([] if plan.dry_run else GPU_CONV_CASES)
+    dev = plan.device
+    turn = 0
+    for i, (n, cin, h, w, cout, k, stride, dil, relu) in enumerate(cases):
+        pad = dil * (k // 2)
+        # the residual epilogue on every other case, where the launcher has one
+        residual_on = has_residual and i % 2 == 1
+        cid = (f"N{n}-C{cin}-H{h}-W{w}-O{cout}-k{k}-s{stride}-d{dil}-p{pad}-{'relu' if relu else 'linear'}"
+               + ("-residual" if residual_on else ""))
+        for dtype_id in DTYPE_IDS:
+            if plan.left() < 5:
+                rows.row(kind="kernel", kernel="conv_bn_relu", case=cid, dtype=dtype_id, skipped="stage time limit")
+                continue
+            dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
+            config = configs[turn % len(configs)]
+            turn += 1
+            start = time.perf_counter()
+            try:
+                x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+                weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
+                bias = 0.5 * torch.randn(cout, device=dev)
+                oh, ow = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+                residual = (torch.randn(n, cout, oh, ow, device=dev).to(dtype)
+                            .contiguous(memory_format=torch.channels_last) if residual_on else None)
+                out = torch.full((n, cout, oh, ow), float("nan"), device=dev, dtype=dtype)
+                out = out.contiguous(memory_format=torch.channels_last)
+                extra = {"residual": residual} if residual_on else {}
+                got = conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=k, stride=stride, padding=pad,
+                                          dilation=dil, relu=relu, allow_tf32=allow_tf32, out=out, config=config,
+                                          **extra)
+                synchronize(dev)
+                expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), stride=stride,
+                                                  padding=pad, dilation=dil, relu=False)
+                if residual is not None:
+                    expected = expected + residual.double()
+                expected = expected.relu() if relu else expected
+                _check(rows, "conv_bn_relu", cid, dtype_id, config, got, expected, atol, rtol,
+                       time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001 (a failing launch is a result)
+                rows.row(kind="kernel", kernel="conv_bn_relu", case=cid, dtype=dtype_id,
+                         config=_config_label(config), ok=False, message=error_text(exc))
+
+
+def _aspp_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
+    from fastdeeplab.kernels import aspp_project_packed, aspp_project_reference, pack_aspp_weight
+    from fastdeeplab.kernels.aspp import get_autotune_configs
+
+    configs = get_autotune_configs()
+    dev = plan.device
+    turn = 0
+    for n, cb, h, w, cout, relu in ASPP_CASES + ([] if plan.dry_run else GPU_ASPP_CASES):
+        cid = f"N{n}-Cb{cb}-H{h}-W{w}-O{cout}-{'relu' if relu else 'linear'}"
+        for dtype_id in DTYPE_IDS:
+            if plan.left() < 5:
+                rows.row(kind="kernel", kernel="aspp_project", case=cid, dtype=dtype_id, skipped="stage time limit")
+                continue
+            dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
+            config = configs[turn % len(configs)]
+            turn += 1
+            start = time.perf_counter()
+            try:
+                branches = [torch.randn(n, cb, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+                            for _ in range(4)]
+                pooled = torch.randn(n, cb, device=dev).to(dtype)
+                weight = (torch.randn(cout, 5 * cb, 1, 1, device=dev) / (5 * cb) ** 0.5).to(dtype)
+                bias = 0.5 * torch.randn(cout, device=dev)
+                out = torch.full((n, cout, h, w), float("nan"), device=dev, dtype=dtype)
+                out = out.contiguous(memory_format=torch.channels_last)
+                got = aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, relu=relu,
+                                          allow_tf32=allow_tf32, out=out, config=config)
+                synchronize(dev)
+                expected = aspp_project_reference([b.double() for b in branches], pooled.double(), weight.double(),
+                                                  bias.double(), relu=relu)
+                _check(rows, "aspp_project", cid, dtype_id, config, got, expected, atol, rtol,
+                       time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001
+                rows.row(kind="kernel", kernel="aspp_project", case=cid, dtype=dtype_id,
+                         config=_config_label(config), ok=False, message=error_text(exc))
+
+
+@torch.no_grad()
+def _whole_model(plan: Plan, rows: RowWriter) -> None:
+    import fastdeeplab
+
+    kwargs, notes = optimize_options(dispatch="triton")
+    weights = load_weights(plan.model)
+    n, _, h, w = plan.check_input
+    x, source = input_batch(max(h, w), n)
+    x = x[:, :, :h, :w].contiguous().to(plan.device)
+    for output_stride in plan.output_strides:
+        label = dict(kind="model", output_stride=output_stride, dtype="fp32 (TF32 off)",
+                     input=f"{n}x3x{h}x{w} {source}", optimize=f"backend='triton' {kwargs or ''}".strip())
+        if plan.left() < 10:
+            rows.row(**label, skipped="stage time limit")
+            continue
+        start = time.perf_counter()
+        try:
+            _, ours = model_pair(weights, output_stride)
+            ours = ours.to(plan.device)
+            expected = ours(x)["out"]
+            fast = fastdeeplab.optimize(ours, backend="triton", dtype=torch.float32, **kwargs)
+            got = fast(x)["out"]
+            synchronize(plan.device)
+            err = max_rel_error(got, expected)
+            rows.row(**label, max_rel_error=err, pixel_agreement=pixel_agreement(got.argmax(1), expected.argmax(1)),
+                     tolerance=MODEL_TOLERANCE, ok=err < MODEL_TOLERANCE, seconds=round(time.perf_counter() - start, 2),
+                     weights=weights.description, note="; ".join(notes) or None)
+        except Exception as exc:  # noqa: BLE001
+            rows.row(**label, ok=False, message=error_text(exc))
+
+
+def run(plan: Plan, rows: RowWriter) -> None:
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = False  # fp32 means IEEE fp32 here, for the kernels and the references
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tolerances = _tolerances()
+    _conv_cases(plan, rows, tolerances)
+    _aspp_cases(plan, rows, tolerances)
+    _whole_model(plan, rows)
+    print(f"correctness: done, {plan.left():.0f} s left", flush=True)

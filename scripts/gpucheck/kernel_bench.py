@@ -1,0 +1,149 @@
+"""Stage 2, kernels: every distinct convolution of DeepLabv3-ResNet-50 at 513×513, Triton against cuDNN.
+
+The shapes are read off the model itself (forward pre-hooks on the meta device, OS16 and OS8), deduplicated
+(the stem, layer1 and layer2 are the same at both strides), and run in this order, so that the ones the
+issue names come first should the stage run out of time: the ASPP branches, the ASPP projection (the fused
+:func:`~fastdeeplab.kernels.aspp_project` against the literal concatenation + 1×1 that torchvision runs),
+layer3/layer4 3×3, layer3/layer4 1×1, the head, then the stem, layer1 and layer2.
+
+Each shape at batch 1 and 8, fp16 and bf16: the two outputs are compared (max error relative to the scale:
+< 2e-2 fp16, < 5e-2 bf16, the bench suite's bounds), then each is timed by :func:`fastdeeplab.timing.time_cuda`
+(``triton.testing.do_bench``, L2 flushed before every run, median). cuDNN runs with ``cudnn.benchmark`` on,
+channels-last, as ``conv2d + bias`` then ReLU (the plain-PyTorch twin,
+:func:`~fastdeeplab.kernels.conv_bn_relu_reference`). TFLOP/s count the dense convolution
+(``2·N·OH·OW·Cout·Cin·K²``, taps over zero padding included, the same for both), next to the GPU's nominal
+dense fp16/bf16 peak. Triton's first call (autotuning) is timed apart as ``first_call_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from fastdeeplab.metrics import max_rel_error
+
+from .common import DTYPE_NAMES, Plan, RowWriter, error_text, measure_ms, peak_tflops, synchronize
+from .models import conv_layers
+
+__all__ = ["run", "shapes"]
+
+TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _category(name: str, k: int) -> tuple[int, str]:
+    """(priority, label) of a conv from its module name."""
+    if ".project." in name:
+        return 1, "ASPP projection"
+    if ".convs." in name:
+        return 0, f"ASPP {k}x{k}"
+    if name.startswith("classifier"):
+        return 4, f"head {k}x{k}"
+    for stage in ("layer3", "layer4"):
+        if f".{stage}." in name:
+            return (2 if k == 3 else 3), f"{stage} {k}x{k}"
+    stage = next((s for s in ("layer1", "layer2") if f".{s}." in name), "stem")
+    return 5, f"{stage} {k}x{k}"
+
+
+def shapes(plan: Plan) -> list[dict[str, Any]]:
+    """The distinct conv problems of the model at both output strides, in the order they are run."""
+    found: dict[tuple, dict[str, Any]] = {}
+    for output_stride in plan.output_strides:
+        for layer in conv_layers(plan.model, output_stride, plan.kernel_resolution):
+            if ".convs.4." in layer["name"]:  # image pooling: a 1x1 conv of a 1x1 map (a GEMV)
+                continue
+            key = tuple(layer[k] for k in ("cin", "cout", "h", "w", "k", "stride", "padding", "dilation"))
+            priority, label = _category(layer["name"], layer["k"])
+            entry = found.setdefault(key, dict(layer, label=label, priority=priority, names=[], strides=set()))
+            entry["names"].append(layer["name"])
+            entry["strides"].add(output_stride)
+    ordered = sorted(found.values(), key=lambda e: (e["priority"], -e["cin"] * e["k"] ** 2 * e["cout"] * e["h"] * e["w"]))
+    for e in ordered:
+        e["strides"] = sorted(e["strides"], reverse=True)
+    return ordered[: plan.kernel_max_shapes] if plan.kernel_max_shapes else ordered
+
+
+def _make(entry: dict, batch: int, dtype: torch.dtype, device: torch.device):
+    """(triton call, cuDNN call, dense FLOPs) for one problem on seeded channels-last inputs."""
+    from fastdeeplab import kernels
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    cl = torch.channels_last
+    cin, cout, h, w, k = entry["cin"], entry["cout"], entry["h"], entry["w"], entry["k"]
+    if entry["label"] == "ASPP projection":
+        cb = cin // 5
+        branches = [rand(batch, cb, h, w).relu().contiguous(memory_format=cl) for _ in range(4)]
+        pooled = rand(batch, cb).relu()
+        weight = rand(cout, cin, 1, 1, scale=(2.0 / cin) ** 0.5)
+        bias = rand(cout, scale=0.1).float()
+        packed = kernels.pack_aspp_weight(weight)
+        flop = 2.0 * batch * h * w * cout * cin
+        return (lambda: kernels.aspp_project_packed(branches, pooled, packed, bias, relu=True),
+                lambda: kernels.aspp_project_reference(branches, pooled, weight, bias.to(dtype), relu=True), flop)
+    x = rand(batch, cin, h, w).contiguous(memory_format=cl)
+    weight = rand(cout, cin, k, k, scale=(2.0 / (k * k * cin)) ** 0.5)
+    bias = rand(cout, scale=0.1).float()
+    packed = kernels.pack_weight(weight)
+    geometry = dict(stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"])
+    oh = (h + 2 * entry["padding"] - entry["dilation"] * (k - 1) - 1) // entry["stride"] + 1
+    ow = (w + 2 * entry["padding"] - entry["dilation"] * (k - 1) - 1) // entry["stride"] + 1
+    flop = 2.0 * batch * oh * ow * cout * cin * k * k
+    bias_t = bias.to(dtype)
+    return (lambda: kernels.conv_bn_relu_packed(x, packed, bias, kernel_size=k, relu=True, **geometry),
+            lambda: kernels.conv_bn_relu_reference(x, weight, bias_t, relu=True, **geometry), flop)
+
+
+def _shape_text(entry: dict, batch: int) -> str:
+    s = f"{batch}x{entry['cin']}x{entry['h']}x{entry['w']}->{entry['cout']} k{entry['k']}"
+    if entry["stride"] != 1:
+        s += f" s{entry['stride']}"
+    if entry["dilation"] != 1:
+        s += f" d{entry['dilation']}"
+    return s
+
+
+def run(plan: Plan, rows: RowWriter) -> None:
+    torch.backends.cudnn.benchmark = True
+    gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else None
+    peak = peak_tflops(gpu)
+    todo = shapes(plan)
+    print(f"kernels: {len(todo)} distinct conv problems x batches {plan.kernel_batches} x "
+          f"{[DTYPE_NAMES[d] for d in plan.kernel_dtypes]}; nominal peak {peak} TFLOP/s ({gpu})", flush=True)
+    for entry in todo:
+        for batch in plan.kernel_batches:
+            for dtype in plan.kernel_dtypes:
+                label = dict(kind="conv", layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
+                             dtype=DTYPE_NAMES[dtype], output_strides=entry["strides"], layers=len(entry["names"]),
+                             names=entry["names"][:6])
+                if plan.left() < 6:
+                    rows.row(**label, skipped="stage time limit")
+                    continue
+                if dtype == torch.bfloat16 and plan.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                    rows.row(**label, skipped="no bfloat16 on this GPU")
+                    continue
+                try:
+                    triton_call, cudnn_call, flop = _make(entry, batch, dtype, plan.device)
+                    start = time.perf_counter()
+                    got = triton_call()
+                    synchronize(plan.device)
+                    first_call_s = time.perf_counter() - start
+                    err = max_rel_error(got, cudnn_call())
+                    t_ms = measure_ms(triton_call, plan)
+                    c_ms = measure_ms(cudnn_call, plan)
+                except Exception as exc:  # noqa: BLE001 (a failing shape is a result; the next one runs)
+                    rows.row(**label, ok=False, message=error_text(exc))
+                    continue
+                t_tflops = flop / (t_ms.median * 1e-3) / 1e12
+                c_tflops = flop / (c_ms.median * 1e-3) / 1e12
+                rows.row(**label, gflop=flop / 1e9, triton_ms=t_ms.median, triton_iqr_ms=t_ms.iqr,
+                         cudnn_ms=c_ms.median, cudnn_iqr_ms=c_ms.iqr, triton_tflops=t_tflops, cudnn_tflops=c_tflops,
+                         triton_peak=t_tflops / peak if peak else None, cudnn_peak=c_tflops / peak if peak else None,
+                         speedup=c_ms.median / t_ms.median, faster="triton" if t_ms.median < c_ms.median else "cudnn",
+                         max_rel_error=err, tolerance=TOLERANCE[dtype], ok=err <= TOLERANCE[dtype],
+                         first_call_s=round(first_call_s, 3), peak_tflops_nominal=peak)

@@ -1,0 +1,212 @@
+"""Stage 3, whole model: DeepLabv3-ResNet-50 at 513×513, batch 1 and 8, OS16 and OS8, every way this project
+runs it on a GPU, all from one set of weights.
+
+Rows, per output stride and batch:
+
+* ``torchvision fp32`` — torchvision eager in float32 with TF32 off: the **reference** every row's accuracy is
+  measured against (max error relative to the logit scale, :func:`~fastdeeplab.metrics.max_rel_error`, and
+  the share of pixels whose class agrees, :func:`~fastdeeplab.metrics.pixel_agreement`); timed too;
+* ``torchvision fp16`` — torchvision eager, float16, channels-last, ``cudnn.benchmark`` on: the baseline;
+* ``optimize triton`` — ``fastdeeplab.optimize(model, backend="triton", dtype=float16)`` (per-layer dispatch
+  ``"auto"`` where ``optimize`` has it; its report becomes the ``dispatch`` rows);
+* ``optimize triton + graph`` — the same model replayed from a CUDA graph (``optimize``'s own option where it
+  has one, else captured here with ``torch.cuda.graph`` after two warm-up calls on a side stream);
+* ``optimize torch`` — ``optimize(model, backend="torch", dtype=float16)`` (cuDNN, folded BN, fused ASPP);
+* ``torch.compile`` — of the torchvision fp16 model, default mode (max-autotune alone can outlast the
+  stage): started only while more than ``Plan.compile_s`` seconds are left, else recorded as skipped.
+
+Every implementation's first call (autotuning, dispatch timing, compilation, capture) is untimed and
+reported as ``first_call_s``. Then all rows of a setting are timed **interleaved**
+(:func:`fastdeeplab.timing.interleaved`: one call each per round, the order rotated every round, CUDA
+events), and the speed-up against ``torchvision fp16`` is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fastdeeplab.metrics import logits_of, max_rel_error, pixel_agreement
+from fastdeeplab.timing import interleaved
+
+from .common import DTYPE_NAMES, GRAPH_OPTIONS, Plan, RowWriter, error_text, find_method, optimize_options, synchronize
+from .models import input_batch, load_weights, model_pair
+
+__all__ = ["run"]
+
+BASELINE = "torchvision fp16"
+REFERENCE = "torchvision fp32"
+
+
+def _captured(model: torch.nn.Module, x: Tensor) -> Callable[[], Tensor]:
+    """``model(x)["out"]`` replayed from a CUDA graph (static input and output buffers)."""
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # autotuning, dispatch timing and weight packing happen here, not in the capture
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = logits_of(model(static_x))
+
+    def replay() -> Tensor:
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+class Setting:
+    """The implementations of one output stride; :meth:`calls` binds them to one input batch."""
+
+    def __init__(self, plan: Plan, weights, output_stride: int, rows: RowWriter) -> None:
+        import fastdeeplab
+
+        self.plan, self.output_stride, self.rows = plan, output_stride, rows
+        dev, dtype = plan.device, plan.dtype
+        tv, ours = model_pair(weights, output_stride)
+        self.tv32 = tv.to(dev)
+        self.tv16 = copy.deepcopy(tv).to(dev, dtype).to(memory_format=torch.channels_last)
+        ours = ours.to(dev)
+        self.notes: dict[str, list[str]] = {}
+        self.errors: dict[str, str] = {}
+        kwargs, self.notes["optimize triton"] = optimize_options(dispatch="auto")
+        self.triton = self._build("optimize triton",
+                                  lambda: fastdeeplab.optimize(ours, backend="triton", dtype=dtype, **kwargs))
+        graph_kwargs, self.notes["optimize triton + graph"] = optimize_options(dispatch="auto", cuda_graph=True)
+        self.own_graph = any(k in GRAPH_OPTIONS for k in graph_kwargs)  # optimize() captures graphs itself
+        self.triton_graph = None
+        if self.own_graph:
+            self.triton_graph = self._build("optimize triton + graph", lambda: fastdeeplab.optimize(
+                ours, backend="triton", dtype=dtype, **graph_kwargs))
+        self.torch = self._build("optimize torch", lambda: fastdeeplab.optimize(ours, backend="torch", dtype=dtype))
+        self.compiled = None
+        self.compile_label = (f"torch.compile({plan.compile_backend}"
+                              + (f", mode={plan.compile_mode!r}" if plan.compile_mode else "") + ")")
+
+    def _build(self, name: str, make: Callable[[], torch.nn.Module]):
+        try:
+            return make()
+        except Exception as exc:  # noqa: BLE001 (an implementation that cannot be built is a row)
+            self.errors[name] = error_text(exc)
+            return None
+
+    def calls(self, x32: Tensor, x: Tensor) -> dict[str, Callable[[], Tensor] | str]:
+        """``{row: zero-argument call returning logits, or the reason it does not run}``."""
+        plan = self.plan
+        out: dict[str, Callable[[], Tensor] | str] = {
+            REFERENCE: lambda: self.tv32(x32)["out"],
+            BASELINE: lambda: self.tv16(x)["out"],
+        }
+        for name, model in (("optimize triton", self.triton), ("optimize torch", self.torch)):
+            out[name] = self.errors.get(name) or (lambda m=model: m(x)["out"])
+        graph = "optimize triton + graph"
+        if plan.device.type != "cuda":
+            out[graph] = "skipped: CUDA graphs need a GPU"
+        elif self.triton is None:
+            out[graph] = f"skipped: {self.errors['optimize triton']}"
+        elif self.own_graph:
+            out[graph] = self.errors.get(graph) or (lambda: self.triton_graph(x)["out"])
+        else:
+            out[graph] = lambda: _captured(self.triton, x)  # resolved by the first call (the capture)
+        needed = plan.compile_s
+        if plan.left() < needed:
+            out[self.compile_label] = f"skipped: {plan.left():.0f} s left in the stage, a compile is given {needed:.0f} s"
+        else:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.tv16, backend=plan.compile_backend, mode=plan.compile_mode)
+            out[self.compile_label] = lambda: self.compiled(x)["out"]
+        return out
+
+
+def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) -> None:
+    plan = setting.plan
+    dev = plan.device
+    x32 = images[:batch].to(dev)
+    x = x32.to(plan.dtype).contiguous(memory_format=torch.channels_last)
+    common = dict(kind="model", output_stride=setting.output_stride, batch=batch,
+                  input=f"{batch}x3x{plan.resolution}x{plan.resolution}")
+    with torch.no_grad():
+        reference = setting.tv32(x32)["out"].float()
+        synchronize(dev)
+        ref_labels = reference.argmax(1)
+        ready: dict[str, Callable[[], Tensor]] = {}
+        first: dict[str, dict] = {}
+        for name, call in setting.calls(x32, x).items():
+            dtype = "fp32 (TF32 off)" if name == REFERENCE else DTYPE_NAMES[plan.dtype]
+            info = dict(common, impl=name, dtype=dtype, note="; ".join(setting.notes.get(name, [])) or None)
+            if isinstance(call, str):
+                if call.startswith("skipped: "):
+                    rows.row(**info, skipped=call[len("skipped: "):])
+                else:
+                    rows.row(**info, ok=False, message=call)
+                continue
+            if plan.left() < 10:
+                rows.row(**info, skipped="stage time limit")
+                continue
+            try:
+                start = time.perf_counter()
+                result = call()
+                if callable(result):  # the CUDA graph: the first call captured it; run it once
+                    call = result
+                    result = call()
+                synchronize(dev)
+                first_s = time.perf_counter() - start
+                logits = result.float()
+                first[name] = dict(info, first_call_s=round(first_s, 3), max_rel_error=max_rel_error(logits, reference),
+                                   pixel_agreement=pixel_agreement(logits.argmax(1), ref_labels))
+                ready[name] = call
+            except Exception as exc:  # noqa: BLE001
+                rows.row(**info, ok=False, message=error_text(exc))
+        if not ready:
+            return
+        timings = interleaved(ready, rounds=plan.rounds, warmup=0, device=dev)
+    for name in ready:
+        s = timings.spread(name)
+        ratio = timings.ratio(BASELINE, name).median if BASELINE in ready else None
+        rows.row(**first[name], median_ms=s.median * 1e3, q1_ms=s.q1 * 1e3, q3_ms=s.q3 * 1e3, rounds=s.n,
+                 images_per_s=batch / s.median, speedup=ratio)
+
+
+def _dispatch_rows(setting: Setting, rows: RowWriter) -> None:
+    model = setting.triton
+    method = find_method(model, "dispatch_report") if model is not None else None
+    if method is None:
+        rows.row(kind="dispatch", output_stride=setting.output_stride, skipped="no per-layer dispatch report here")
+        return
+    try:
+        report = getattr(model, method)()
+        for r in getattr(report, "rows", None) or []:
+            rows.row(kind="dispatch", output_stride=setting.output_stride, **r)
+    except Exception as exc:  # noqa: BLE001
+        rows.row(kind="dispatch", output_stride=setting.output_stride, ok=False, message=error_text(exc))
+
+
+def run(plan: Plan, rows: RowWriter) -> None:
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False  # the fp32 reference is IEEE fp32; the fp16 rows are unaffected
+    torch.backends.cuda.matmul.allow_tf32 = False
+    weights = load_weights(plan.model)
+    images, source = input_batch(plan.resolution, max(plan.batches))
+    rows.row(kind="info", weights=weights.description, inputs=source, dtype=DTYPE_NAMES[plan.dtype],
+             rounds=plan.rounds, compile=f"backend={plan.compile_backend}, mode={plan.compile_mode}")
+    for output_stride in plan.output_strides:
+        if plan.left() < 20:
+            for batch in plan.batches:
+                rows.row(kind="model", output_stride=output_stride, batch=batch, impl="all", skipped="stage time limit")
+            continue
+        setting = Setting(plan, weights, output_stride, rows)
+        for batch in plan.batches:
+            _one_setting(setting, batch, images, rows)
+        _dispatch_rows(setting, rows)
+        del setting
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"model: done, {plan.left():.0f} s left", flush=True)

@@ -1,0 +1,600 @@
+"""The adversarial cases of issue 16, as data: one table that ``tests/test_hardening.py`` runs under pytest and
+``scripts/hardening_catalogue.py`` runs to write ``docs/HARDENING.md`` from the actual outcomes.
+
+Each :class:`Case` is a bad (or awkward) input and what it must get:
+
+* ``error``/``match`` set: a **clear error**, an exception of that type whose message matches ``match`` (for the
+  command line: exit code 1 or 2 and exactly one ``error:`` line on stderr);
+* ``error`` unset: a **correct result**; ``run`` raises ``AssertionError`` when the result is wrong.
+
+``after`` runs whatever happened and raises :class:`DataLost` when a file or device that must survive did not.
+:func:`run_case` classifies the outcome: ``clear error``, ``correct``, ``unclear error``, ``silent result``,
+``wrong result`` or ``data lost``. Only the first two pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import os
+import pickle
+import re
+import socket
+import stat
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import fastdeeplab
+from fastdeeplab import cli
+from fastdeeplab._io import atomic_path, check_output_path
+
+
+class DataLost(AssertionError):
+    """A file or device that had to survive was replaced, changed or left behind."""
+
+
+class CommandFailed(Exception):
+    """A command-line run that exited non-zero: ``rc`` and its stderr."""
+
+    def __init__(self, rc: int, stderr: str) -> None:
+        self.rc, self.stderr = rc, stderr
+        errors = [line for line in stderr.splitlines() if ": error:" in line]
+        super().__init__(errors[-1] if errors else stderr.strip())
+        self.error_lines = errors
+
+
+@dataclass
+class Case:
+    id: str
+    area: str
+    what: str  # the input tried, as a reader would describe it
+    run: Callable[[Path], object]
+    error: type[BaseException] | tuple[type[BaseException], ...] | None = None
+    match: str = ""
+    after: Callable[[Path], None] | None = None
+
+
+@dataclass
+class Outcome:
+    kind: str  # clear error | correct | unclear error | silent result | wrong result | data lost
+    message: str
+
+    @property
+    def passed(self) -> bool:
+        return self.kind in ("clear error", "correct")
+
+
+def run_case(case: Case, tmp: Path) -> Outcome:
+    """Run one case in the empty folder ``tmp`` and classify what it got."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = case.run(tmp)
+    except AssertionError as exc:
+        outcome = Outcome("data lost" if isinstance(exc, DataLost) else "wrong result", str(exc))
+    except Exception as exc:  # noqa: BLE001  (classifying every failure is the point)
+        message = str(exc).strip()
+        if case.error is None:
+            outcome = Outcome("unclear error", f"{type(exc).__name__}: {message}")
+        elif isinstance(exc, CommandFailed):
+            clear = exc.rc in (1, 2) and len(exc.error_lines) == 1 and re.search(case.match, message, re.I)
+            outcome = Outcome("clear error" if clear else "unclear error", f"exit {exc.rc}: {message}")
+        else:
+            clear = isinstance(exc, case.error) and re.search(case.match, message, re.I) and "\n" not in message
+            outcome = Outcome("clear error" if clear else "unclear error", f"{type(exc).__name__}: {message}")
+    else:
+        if case.error is None:
+            outcome = Outcome("correct", str(result) if result is not None else "as expected")
+        else:
+            outcome = Outcome("silent result", f"no error; returned {result!r:.200}")
+    if case.after is not None:
+        try:
+            case.after(tmp)
+        except DataLost as exc:
+            outcome = Outcome("data lost", str(exc))
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared, built once: a small-class model, its optimized copies, inputs.
+# --------------------------------------------------------------------------------------------------
+NUM_CLASSES = 3
+SIZE = 65
+
+
+@functools.cache
+def model() -> fastdeeplab.DeepLabV3:
+    torch.manual_seed(0)
+    return fastdeeplab.deeplabv3_resnet50(num_classes=NUM_CLASSES, output_stride=16).eval()
+
+
+@functools.cache
+def optimized(backend: str) -> torch.nn.Module:
+    if backend == "eager":
+        return model()
+    return fastdeeplab.optimize(model(), backend=backend)
+
+
+def _image(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _backends() -> list[str]:
+    import importlib.util
+
+    names = ["eager", "torch"]
+    names += [b for b, pkg in (("onnxruntime", "onnxruntime"), ("openvino", "openvino"))
+              if importlib.util.find_spec(pkg) is not None]
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def run_cli(*argv: str) -> str:
+    """Run ``fastdeeplab argv`` in-process; raise :class:`CommandFailed` on a non-zero exit."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            rc = cli.main(list(argv))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+    if rc:
+        raise CommandFailed(rc, err.getvalue())
+    return out.getvalue()
+
+
+def _same_file(path: Path, content: bytes, mode: int | None = None) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        p = tmp / path if not path.is_absolute() else path
+        if not p.is_file() or p.read_bytes() != content:
+            raise DataLost(f"{p} changed")
+        if mode is not None and stat.S_IMODE(p.stat().st_mode) != mode:
+            raise DataLost(f"{p} changed mode to {oct(stat.S_IMODE(p.stat().st_mode))}")
+    return check
+
+
+def _still(path: str, test: Callable[[int], bool], kind: str) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        p = Path(path) if path.startswith("/") else tmp / path
+        if not test(os.lstat(p).st_mode):
+            raise DataLost(f"{p} is no longer {kind}")
+    return check
+
+
+def _no_leftovers(tmp: Path) -> None:
+    temps = [p.name for p in tmp.rglob("*") if p.name.endswith(".tmp")]
+    if temps:
+        raise DataLost(f"temporary files left behind: {temps}")
+
+
+def _nothing_created(*names: str) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        made = [n for n in names if (tmp / n).exists()]
+        if made:
+            raise DataLost(f"created for an invalid argument: {made}")
+    return check
+
+
+def _read_only_file(tmp: Path) -> Path:
+    p = tmp / "scores.json"
+    p.write_bytes(b"precious")
+    p.chmod(0o444)
+    return p
+
+
+def _fifo(tmp: Path) -> Path:
+    p = tmp / "pipe"
+    os.mkfifo(p)
+    return p
+
+
+def _socket(tmp: Path) -> Path:
+    p = tmp / "sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(p))
+    s.close()
+    return p
+
+
+def _photo(tmp: Path) -> Path:
+    from PIL import Image
+
+    p = tmp / "photo.png"
+    Image.new("RGB", (40, 33), (120, 30, 200)).save(p)
+    return p
+
+
+def _dataset_dir(tmp: Path) -> Path:
+    d = tmp / "voc"
+    d.mkdir()
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------
+def _file_cases() -> list[Case]:
+    area = "file writes"
+
+    def write(path: Path | str, **kw) -> Callable[[Path], None]:
+        def go(tmp: Path) -> None:
+            with atomic_path(path if isinstance(path, str) else tmp / path, **kw) as t:
+                t.write_bytes(b"new")
+        return go
+
+    def stale(tmp: Path) -> str:
+        old = tmp / ".model.onnx.fastdeeplab-999999999-abcd.tmp"  # a pid that cannot run
+        old.write_bytes(b"x" * 1000)
+        live = tmp / ".model.onnx.fastdeeplab-1-abcd.tmp"  # pid 1 runs: another process's write in flight
+        live.write_bytes(b"y")
+        write(Path("model.onnx"))(tmp)
+        assert not old.exists(), "the stale temporary file is still there"
+        assert live.exists(), "a live process's temporary file was removed"
+        live.unlink()
+        return "the killed write's temp removed; a live one kept"
+
+    def fails_inside(tmp: Path) -> None:
+        (tmp / "model.onnx").write_bytes(b"old")
+        with atomic_path(tmp / "model.onnx") as t:
+            t.write_bytes(b"half")
+            raise RuntimeError("export failed half way")
+
+    def names_target(tmp: Path) -> None:
+        with atomic_path(tmp / "model.onnx") as t:
+            t.unlink()
+            os.rmdir(t)  # an OSError about the temporary file itself
+
+    def becomes_fifo(tmp: Path) -> None:
+        with atomic_path(tmp / "model.onnx") as t:
+            t.write_bytes(b"new")
+            os.mkfifo(tmp / "model.onnx")  # appears between validation and rename
+
+    def forced_read_only(tmp: Path) -> str:
+        p = _read_only_file(tmp)
+        write(Path(p.name), overwrite=True)(tmp)
+        assert p.read_bytes() == b"new", "not replaced"
+        assert stat.S_IMODE(p.stat().st_mode) == 0o444, "the mode changed"
+        return "replaced on request; still 0444"
+
+    def through_symlink(tmp: Path) -> str:
+        (tmp / "real.onnx").write_bytes(b"old")
+        (tmp / "link.onnx").symlink_to(tmp / "real.onnx")
+        write(Path("link.onnx"))(tmp)
+        assert (tmp / "link.onnx").is_symlink() and (tmp / "real.onnx").read_bytes() == b"new"
+        return "the file the link points to is written; the link stays"
+
+    def failed_torch_save(tmp: Path) -> None:
+        with atomic_path(tmp / "model.pt") as t:
+            torch.save({"not picklable": lambda: None}, t)
+
+    def no_dirs(tmp: Path) -> None:
+        (tmp / "file").write_bytes(b"")
+        check_output_path(tmp / "file" / "new" / "model.onnx")
+
+    def missing_parents_ok(tmp: Path) -> str:
+        check_output_path(tmp / "a" / "b" / "model.onnx")
+        assert not (tmp / "a").exists(), "validation created a folder"
+        write(Path("a/b/model.onnx"))(tmp)
+        assert (tmp / "a" / "b" / "model.onnx").read_bytes() == b"new"
+        return "validation creates nothing; the write creates the folders"
+
+    return [
+        Case("path-empty", area, 'output path ""', lambda t: check_output_path(""), ValueError, "empty"),
+        Case("path-none", area, "output path None", lambda t: check_output_path(None), ValueError, "empty"),
+        Case("path-dir", area, "an existing directory as output file", lambda t: check_output_path(t),
+             IsADirectoryError, "is a directory"),
+        Case("path-trailing-slash", area, '"out/" (ends with a separator)',
+             lambda t: check_output_path(str(t / "out") + "/"), IsADirectoryError, "directory",
+             _nothing_created("out")),
+        Case("path-dev-null", area, "/dev/null as output file", lambda t: check_output_path("/dev/null"),
+             ValueError, "character device; refusing", _still("/dev/null", stat.S_ISCHR, "a character device")),
+        Case("write-dev-null", area, "atomic write to /dev/null (root renamed over it before)",
+             write("/dev/null"), ValueError, "character device",
+             _still("/dev/null", stat.S_ISCHR, "a character device")),
+        Case("path-fifo", area, "a fifo as output file", lambda t: check_output_path(_fifo(t)), ValueError,
+             "fifo", _still("pipe", stat.S_ISFIFO, "a fifo")),
+        Case("path-socket", area, "a socket as output file", lambda t: check_output_path(_socket(t)),
+             ValueError, "socket", _still("sock", stat.S_ISSOCK, "a socket")),
+        Case("path-symlink-to-device", area, "a symlink to /dev/null",
+             lambda t: (t / "l.onnx").symlink_to("/dev/null") or check_output_path(t / "l.onnx"), ValueError,
+             "character device", _still("/dev/null", stat.S_ISCHR, "a character device")),
+        Case("path-proc", area, "/proc/x.onnx (writable for root by os.access)",
+             lambda t: check_output_path("/proc/x.onnx"), PermissionError, "/proc/x.onnx.*nothing can be created"),
+        Case("path-sys", area, "/sys/x.onnx", lambda t: check_output_path("/sys/x.onnx"), PermissionError,
+             "/sys/x.onnx.*nothing can be created"),
+        Case("path-parent-is-file", area, "a path under a regular file", no_dirs, NotADirectoryError,
+             "not a directory", _nothing_created("file/new")),
+        Case("path-read-only", area, "a read-only existing file (0444), no overwrite",
+             lambda t: check_output_path(_read_only_file(t)), PermissionError, "read-only",
+             _same_file(Path("scores.json"), b"precious", 0o444)),
+        Case("write-read-only", area, "atomic write over a read-only file, no overwrite",
+             lambda t: (_read_only_file(t), write(Path("scores.json"))(t)), PermissionError, "read-only",
+             _same_file(Path("scores.json"), b"precious", 0o444)),
+        Case("write-read-only-forced", area, "atomic write over a read-only file with overwrite=True",
+             forced_read_only),
+        Case("write-through-symlink", area, "atomic write to a symlink to a regular file", through_symlink),
+        Case("write-missing-parents", area, "a file under folders that do not exist yet", missing_parents_ok),
+        Case("write-fails-inside", area, "the work fails half way through an atomic write", fails_inside,
+             RuntimeError, "half way", lambda t: (_same_file(Path("model.onnx"), b"old")(t), _no_leftovers(t))),
+        Case("write-error-names-target", area, "an OSError about the temporary file", names_target, OSError,
+             r"model\.onnx(?!\.)", _no_leftovers),
+        Case("write-target-becomes-fifo", area, "the target turns into a fifo before the rename", becomes_fifo,
+             ValueError, "fifo; refusing", lambda t: (_still("model.onnx", stat.S_ISFIFO, "a fifo")(t),
+                                                      _no_leftovers(t))),
+        Case("write-stale-temps", area, "a temp file left by a killed write of the same target", stale),
+        Case("torch-save-fails", area, "torch.save of an unpicklable object through atomic_path",
+             failed_torch_save, (AttributeError, pickle.PicklingError, TypeError), "pickle|lambda",
+             lambda t: (_no_leftovers(t), _nothing_created("model.pt")(t))),
+    ]
+
+
+def _cli_cases() -> list[Case]:
+    area = "command line"
+
+    def c(id_: str, what: str, argv: Callable[[Path], list[str]], match: str,
+          after: Callable[[Path], None] | None = None) -> Case:
+        return Case(id_, area, what, lambda t: run_cli(*argv(t)), CommandFailed, match, after)
+
+    def eval_(*extra: str) -> Callable[[Path], list[str]]:
+        return lambda t: ["eval", "--data", str(_dataset_dir(t)), "--workers", "0", "--no-progress", *extra]
+
+    def predict(*extra: str) -> Callable[[Path], list[str]]:
+        return lambda t: ["predict", str(_photo(t)), "--out", str(t / "masks"), "--device", "cpu", *extra]
+
+    ro = lambda t: ["eval", "--data", str(_dataset_dir(t)), "--json", str(_read_only_file(t))]  # noqa: E731
+    return [
+        c("cli-unknown-command", "fastdeeplab nosuch", lambda t: ["nosuch"], "invalid choice.*bench"),
+        c("demo-runs-0", "demo --runs 0", lambda t: ["demo", "--runs", "0"], r"--runs.*>= 1"),
+        c("demo-runs-neg", "demo --runs -1", lambda t: ["demo", "--runs", "-1"], r"--runs.*>= 1"),
+        c("demo-runs-text", "demo --runs three", lambda t: ["demo", "--runs", "three"], r"--runs.*integer"),
+        c("demo-resolution-8", "demo --resolution 8", lambda t: ["demo", "--resolution", "8"],
+          r"--resolution.*>= 16"),
+        c("demo-device-tpu", "demo --device tpu", lambda t: ["demo", "--device", "tpu"],
+          r"--device.*tpu.*cpu, cuda or cuda:N"),
+        c("demo-device-cuda", "demo --device cuda:7 (no such GPU)", lambda t: ["demo", "--device", "cuda:7"],
+          r"--device.*cuda"),
+        c("demo-image-dir", "demo --image <a folder>", lambda t: ["demo", "--image", str(t)],
+          r"--image.*is a directory"),
+        c("demo-image-missing", "demo --image missing.jpg", lambda t: ["demo", "--image", str(t / "missing.jpg")],
+          r"--image.*no such file"),
+        c("demo-model-unknown", "demo --model resnet", lambda t: ["demo", "--model", "resnet"],
+          r"--model.*deeplabv3_resnet50"),
+        c("eval-scales-nan", "eval --scales nan", eval_("--scales", "nan"), r"--scales.*finite"),
+        c("eval-scales-inf", "eval --scales inf", eval_("--scales", "inf"), r"--scales.*finite"),
+        c("eval-scales-0", "eval --scales 0", eval_("--scales", "0"), r"--scales.*\(0, 8\]"),
+        c("eval-scales-neg", "eval --scales -1", eval_("--scales", "-1"), r"--scales"),
+        c("eval-data-file", "eval --data <a file>", lambda t: ["eval", "--data", str(_photo(t))],
+          r"--data.*not a directory"),
+        c("eval-data-missing", "eval --data missing/", lambda t: ["eval", "--data", str(t / "missing")],
+          r"--data.*no such directory"),
+        c("eval-json-dev-null", "eval --json /dev/null", eval_("--json", "/dev/null"),
+          r"--json.*character device", _still("/dev/null", stat.S_ISCHR, "a character device")),
+        c("eval-json-dir", "eval --json <a folder>", lambda t: eval_("--json", str(t))(t), r"--json.*is a directory"),
+        c("eval-json-proc", "eval --json /proc/x.json", eval_("--json", "/proc/x.json"),
+          r"--json.*nothing can be created"),
+        c("eval-json-read-only", "eval --json <a read-only file>", ro, r"--json.*read-only",
+          _same_file(Path("scores.json"), b"precious", 0o444)),
+        c("eval-json-parent-file", "eval --json <file>/scores.json",
+          lambda t: eval_("--json", str(_photo(t) / "s.json"))(t), r"--json.*not a directory"),
+        c("eval-device-tpu", "eval --device tpu", eval_("--device", "tpu"), r"--device.*cpu, cuda or cuda:N"),
+        c("eval-batch-0", "eval --batch-size 0", eval_("--batch-size", "0"), r"--batch-size.*>= 1"),
+        c("eval-workers-neg", "eval --workers -1", eval_("--workers", "-1"), r"--workers.*>= 0"),
+        c("eval-classes-0", "eval --num-classes 0", eval_("--num-classes", "0"), r"--num-classes.*>= 1"),
+        c("eval-classes-float", "eval --num-classes 2.5", eval_("--num-classes", "2.5"), r"--num-classes.*integer"),
+        c("eval-multi-grid-0", "eval --multi-grid 1 0 1", eval_("--multi-grid", "1", "0", "1"), r"--multi-grid.*>= 1"),
+        c("eval-output-stride-12", "eval --output-stride 12", eval_("--output-stride", "12"),
+          r"--output-stride.*choose from 8, 16, 32"),
+        c("eval-dataset-unknown", "eval --dataset coco", eval_("--dataset", "coco"), r"--dataset.*voc"),
+        c("predict-image-dir", "predict <a folder>", lambda t: ["predict", str(t), "--out", str(t / "o")],
+          r"IMAGE.*is a directory", _nothing_created("o")),
+        c("predict-image-missing", "predict missing.jpg", lambda t: ["predict", str(t / "missing.jpg"), "--out",
+                                                                     str(t / "o")], r"IMAGE.*no such file",
+          _nothing_created("o")),
+        c("predict-out-file", "predict --out <a file>",
+          lambda t: ["predict", str(_photo(t)), "--out", str(_photo(t))], r"--out.*not a directory"),
+        c("predict-out-proc", "predict --out /proc/masks", lambda t: ["predict", str(_photo(t)), "--out", "/proc/m"],
+          r"--out.*nothing can be created"),
+        c("predict-alpha-2", "predict --alpha 2", predict("--alpha", "2"), r"--alpha.*\[0, 1\]",
+          _nothing_created("masks")),
+        c("predict-alpha-nan", "predict --alpha nan", predict("--alpha", "nan"), r"--alpha.*finite"),
+        c("predict-weights-dir", "predict --weights <a folder>", lambda t: predict("--weights", str(t))(t),
+          r"is a directory", _nothing_created("masks")),
+        c("predict-weights-unknown", "predict --weights NO_SUCH_WEIGHTS", predict("--weights", "NO_SUCH_WEIGHTS"),
+          r"unknown torchvision weights.*COCO_WITH_VOC_LABELS_V1", _nothing_created("masks")),
+        c("bench-impl-unknown", "bench --impl foo", lambda t: ["bench", "--impl", "foo"],
+          r"--impl.*foo.*torchvision"),
+        c("bench-os-32", "bench --output-strides 32", lambda t: ["bench", "--output-strides", "32"],
+          r"--output-strides.*8, 16"),
+        c("bench-batch-0", "bench --batch 0", lambda t: ["bench", "--batch", "0"], r"--batch.*>= 1"),
+        c("bench-rounds-0", "bench --rounds 0", lambda t: ["bench", "--rounds", "0"], r"--rounds.*>= 1"),
+        c("bench-threads-0", "bench --threads 0", lambda t: ["bench", "--threads", "0"], r"--threads.*>= 1"),
+        c("bench-resolution-8", "bench --resolution 8", lambda t: ["bench", "--resolution", "8"],
+          r"--resolution.*>= 33"),
+        c("bench-budget-nan", "bench --time-budget nan", lambda t: ["bench", "--time-budget", "nan"],
+          r"--time-budget.*finite"),
+        c("bench-results-file", "bench --results-dir <a file>",
+          lambda t: ["bench", "--results-dir", str(_photo(t))], r"--results-dir.*not a directory"),
+        c("bench-data-missing", "bench --data missing/", lambda t: ["bench", "--data", str(t / "missing")],
+          r"--data.*no such directory"),
+        Case("python-m", area, "python -m fastdeeplab --help (the module entry point)",
+             lambda t: _python_m()),
+    ]
+
+
+def _python_m() -> str:
+    result = subprocess.run([sys.executable, "-m", "fastdeeplab", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "usage: fastdeeplab" in result.stdout, result.stderr[-500:]
+    for name in cli.COMMANDS:
+        assert name in result.stdout, f"{name} missing from --help"
+    return "prints the usage, exit 0"
+
+
+def _model_cases() -> list[Case]:
+    area = "model arguments"
+    build = fastdeeplab.deeplabv3_resnet50
+
+    def b(id_: str, what: str, kw: dict, error: type, match: str) -> Case:
+        return Case(id_, area, what, lambda t: build(**kw), error, match)
+
+    def short_name(t: Path) -> str:
+        from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
+
+        from fastdeeplab.hub import _torchvision_weights, _weights_enums
+
+        got = _torchvision_weights("COCO_WITH_VOC_LABELS_V1", _weights_enums("model", 50))
+        assert got is DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1, got
+        return str(got)
+
+    return [
+        b("os-float", "output_stride=16.0", dict(output_stride=16.0), TypeError, r"output_stride.*\(8, 16, 32\).*float"),
+        b("os-str", 'output_stride="16"', dict(output_stride="16"), TypeError, r"output_stride.*str"),
+        b("os-bool", "output_stride=True", dict(output_stride=True), TypeError, r"output_stride.*bool"),
+        b("os-12", "output_stride=12", dict(output_stride=12), ValueError, r"unknown output stride 12"),
+        b("mg-str", 'multi_grid="124"', dict(multi_grid="124"), TypeError, r"multi_grid.*list or tuple of ints"),
+        b("mg-float", "multi_grid=(1.5, 2, 4)", dict(multi_grid=(1.5, 2, 4)), TypeError, r"multi_grid.*1\.5"),
+        b("mg-zero", "multi_grid=(0, 1, 1)", dict(multi_grid=(0, 1, 1)), ValueError, r"multi_grid.*>= 1"),
+        b("mg-short", "multi_grid=(1, 2)", dict(multi_grid=(1, 2)), ValueError, r"multi_grid.*3 units"),
+        b("mg-empty", "multi_grid=()", dict(multi_grid=()), TypeError, r"multi_grid.*non-empty"),
+        b("classes-float", "num_classes=2.5", dict(num_classes=2.5), TypeError, r"num_classes.*2\.5"),
+        b("classes-bool", "num_classes=True", dict(num_classes=True), TypeError, r"num_classes.*bool"),
+        b("classes-str", 'num_classes="21"', dict(num_classes="21"), TypeError, r"num_classes.*str"),
+        b("classes-0", "num_classes=0", dict(num_classes=0), ValueError, r"num_classes must be >= 1"),
+        b("head-unknown", 'head="fcn"', dict(head="fcn"), ValueError, r"unknown head.*torchvision"),
+        b("aux-str", 'aux_loss="yes"', dict(aux_loss="yes"), TypeError, r"aux_loss"),
+        b("weights-unknown", 'weights="NO_SUCH"', dict(weights="NO_SUCH"), ValueError,
+          r"unknown torchvision weights.*COCO_WITH_VOC_LABELS_V1.*DEFAULT"),
+        Case("weights-dir", area, "weights=<a folder>", lambda t: build(weights=t), IsADirectoryError,
+             "is a directory"),
+        Case("weights-missing", area, "weights=missing.pt", lambda t: build(weights=t / "missing.pt"),
+             FileNotFoundError, "not found"),
+        Case("weights-short-name", area, 'weights="COCO_WITH_VOC_LABELS_V1" (short torchvision name)', short_name),
+        Case("set-os-float", area, "model.set_output_stride(8.0)", lambda t: model().set_output_stride(8.0),
+             TypeError, r"output_stride.*float"),
+    ]
+
+
+def _input_cases() -> list[Case]:
+    area = "model input"
+
+    def call(x: torch.Tensor) -> Callable[[Path], object]:
+        def go(t: Path) -> object:
+            with torch.no_grad():
+                return model()(x)
+        return go
+
+    x = torch.randn(1, 3, 33, 33)
+    return [
+        Case("in-float64", area, "float64 input, float32 model", call(x.double()), TypeError,
+             r"input is torch\.float64.*weights are torch\.float32"),
+        Case("in-float16", area, "float16 input, float32 model", call(x.half()), TypeError, r"torch\.float16"),
+        Case("in-bfloat16", area, "bfloat16 input, float32 model", call(x.bfloat16()), TypeError, r"torch\.bfloat16"),
+        Case("in-device", area, "input on another device (meta)", call(x.to("meta")), ValueError,
+             r"input is on meta but the model is on cpu"),
+        Case("in-uint8", area, "uint8 image", call((x * 50).to(torch.uint8)), TypeError, "floating-point"),
+        Case("in-rank3", area, "[3, H, W] without the batch", call(x[0]), ValueError, "4-D"),
+        Case("in-rgba", area, "4 channels", call(torch.randn(1, 4, 33, 33)), ValueError, "3 input channels"),
+        Case("in-empty", area, "batch of 0", call(torch.randn(0, 3, 33, 33)), ValueError, "empty batch"),
+        Case("in-tiny", area, "8x8, below the output stride", call(torch.randn(1, 3, 8, 8)), ValueError,
+             "smaller than the output stride"),
+        Case("in-list", area, "a list instead of a tensor", call([[1.0]]), TypeError, "torch.Tensor"),
+        Case("eval-api-scales-nan", area, "fastdeeplab.evaluate(..., scales=[nan])",
+             lambda t: fastdeeplab.evaluate(model(), [], scales=[float("nan")], progress=False), ValueError,
+             "scales must be finite positive"),
+    ]
+
+
+def _nonfinite_cases() -> list[Case]:
+    area = "non-finite input"
+
+    def nan_in_nan_out(backend: str, value: float) -> Callable[[Path], str]:
+        def go(t: Path) -> str:
+            x = _image()
+            x[0, 1, 7, 9] = value
+            with torch.no_grad():
+                out = optimized(backend)(x)
+            y = out["out"]
+            assert y[0].isnan().all(), f"{backend}: image 0 has {int((~y[0].isnan()).sum())} finite logits"
+            assert torch.isfinite(y[1]).all(), f"{backend}: the finite image 1 got NaN"
+            return "image with the bad value: all NaN; the other image: finite"
+        return go
+
+    cases = []
+    for backend in _backends():
+        cases.append(Case(f"nan-{backend}", area, f"one NaN pixel, backend {backend}", nan_in_nan_out(backend, float("nan"))))
+        cases.append(Case(f"inf-{backend}", area, f"one +inf pixel, backend {backend}", nan_in_nan_out(backend, float("inf"))))
+    return cases
+
+
+def _persistence_cases() -> list[Case]:
+    area = "persistence"
+
+    def round_trip(backend: str, how: str) -> Callable[[Path], str]:
+        def go(t: Path) -> str:
+            fast = optimized(backend)
+            x = _image(1)
+            with torch.no_grad():
+                before = fast(x)["out"]  # after use: the session exists
+                if how == "pickle":
+                    other = pickle.loads(pickle.dumps(fast))
+                elif how == "deepcopy":
+                    other = copy.deepcopy(fast)
+                else:
+                    torch.save(fast, t / "fast.pt")
+                    other = torch.load(t / "fast.pt", weights_only=False)
+                after = other(x)["out"]
+                again = fast(x)["out"]
+            assert torch.equal(before, after) or (before - after).abs().max() <= 1e-5 * before.abs().max()
+            assert torch.equal(before, again)
+            return "same outputs after the round trip; the original still runs"
+        return go
+
+    return [Case(f"{how}-{backend}", area, f"{how} of an optimized model after use, backend {backend}",
+                 round_trip(backend, how))
+            for backend in _backends() if backend != "eager" for how in ("pickle", "deepcopy", "torch.save")]
+
+
+def _script_cases() -> list[Case]:
+    area = "TorchScript"
+
+    def eager(t: Path) -> str:
+        scripted = torch.jit.script(model())
+        x = torch.randn(1, 3, 33, 33)
+        with torch.no_grad():
+            assert torch.equal(scripted(x)["out"], model()(x)["out"])
+        return "scripts; same outputs"
+
+    def torchvision_too(t: Path) -> str:
+        import torchvision
+
+        torch.jit.script(torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None,
+                                                                             num_classes=3))
+        return "torchvision's scripts too (the drop-in reference)"
+
+    cases = [Case("script-eager", area, "torch.jit.script(model)", eager),
+             Case("script-torchvision", area, "torch.jit.script(torchvision deeplabv3_resnet50)", torchvision_too),
+             Case("script-optimized-torch", area, "torch.jit.script(optimize(model, backend='torch'))",
+                  lambda t: torch.jit.script(optimized("torch")), RuntimeError, r"trace it instead.*script the eager")]
+    for backend in _backends():
+        if backend in ("onnxruntime", "openvino"):
+            cases.append(Case(f"script-{backend}", area, f"torch.jit.script(optimize(model, backend={backend!r}))",
+                              lambda t, b=backend: torch.jit.script(optimized(b)), RuntimeError,
+                              r"session.*Script the eager model"))
+    return cases
+
+
+def all_cases() -> list[Case]:
+    return (_file_cases() + _cli_cases() + _model_cases() + _input_cases() + _nonfinite_cases()
+            + _persistence_cases() + _script_cases())
+
+
+CASES = all_cases()

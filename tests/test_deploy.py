@@ -1,0 +1,174 @@
+"""``fastdeeplab deploy``: a Triton Inference Server model repository whose config parses with Triton's own
+schema and whose model.onnx runs in ONNX Runtime on exactly the inputs that config declares."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from _models import randomize_bn
+from test_export_onnx import TinySeg
+
+import fastdeeplab
+from fastdeeplab.export.deploy import _model_config_module, load_model_config, model_config_text
+from fastdeeplab.export.onnx import ort_session
+
+SIZE = (33, 47)
+HAS_TRITONCLIENT = importlib.util.find_spec("tritonclient") is not None
+needs_tritonclient = pytest.mark.skipif(not HAS_TRITONCLIENT, reason="Triton's config schema ships with "
+                                        "tritonclient (pip install tritonclient, in the dev extra)")
+
+
+def type_name(value: int) -> str:
+    return _model_config_module().DataType.Name(value)
+
+
+NUMPY_TYPES = {"TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinySeg:
+    torch.manual_seed(0)
+    return randomize_bn(TinySeg()).eval()
+
+
+@pytest.fixture(scope="module", params=[pytest.param(dict(), id="uint8-in-uint8-labels"),
+                                        pytest.param(dict(uint8_input=False, labels_dtype="int32", logits=True),
+                                                     id="float-in-int32-labels-logits")])
+def repo(request, tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("repo") / "model_repository"
+    report = fastdeeplab.deploy(tiny, path, input_size=SIZE, class_names=["sky", "road", "car"], **request.param)
+    return path, report, request.param
+
+
+def declared_inputs(config, batch: int = 2, size: tuple[int, int] = (29, 35)) -> dict[str, np.ndarray]:
+    """Inputs built from the config alone: the batch dimension Triton adds, -1 dims filled in."""
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for tensor in config.input:
+        dtype = NUMPY_TYPES[type_name(tensor.data_type)]
+        dims = [d if d > 0 else s for d, s in zip(tensor.dims, (3, *size))]
+        shape = ([batch] if config.max_batch_size > 0 else []) + dims
+        feeds[tensor.name] = (rng.integers(0, 256, shape).astype(dtype) if dtype == np.uint8
+                              else rng.standard_normal(shape).astype(dtype))
+    return feeds
+
+
+def test_repository_layout(repo):
+    path, report, options = repo
+    model = path / "deeplabv3"
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) == [
+        "README.md", "deeplabv3/1/model.onnx", "deeplabv3/config.pbtxt", "deeplabv3/labels.txt"]
+    assert (model / "labels.txt").read_text().splitlines() == ["sky", "road", "car"]
+    readme = (path / "README.md").read_text()
+    assert "perf_analyzer -m deeplabv3" in readme and f"input:3,{SIZE[0]},{SIZE[1]}" in readme
+    assert "tritonserver --model-repository" in readme
+    assert report.models == {"deeplabv3": model} and report.export.passed
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+@needs_tritonclient
+def test_config_parses_with_tritons_schema(repo):
+    path, report, options = repo
+    config = load_model_config(path / "deeplabv3" / "config.pbtxt")
+    assert report.validated
+    assert config.name == "deeplabv3" and config.backend == "onnxruntime" and config.max_batch_size == 8
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert [(g.count, config.instance_group[0].Kind.Name(g.kind)) for g in config.instance_group] == [(1, "KIND_CPU")]
+    (inp,) = config.input
+    uint8 = options.get("uint8_input", True)
+    assert inp.name == "input" and list(inp.dims) == [3, -1, -1]
+    assert type_name(inp.data_type) == ("TYPE_UINT8" if uint8 else "TYPE_FP32")
+    outputs = {o.name: o for o in config.output}
+    labels_type = "TYPE_UINT8" if options.get("labels_dtype", "uint8") == "uint8" else "TYPE_INT32"
+    assert type_name(outputs["labels"].data_type) == labels_type
+    assert list(outputs["labels"].dims) == [-1, -1] and outputs["labels"].label_filename == "labels.txt"
+    assert set(outputs) == ({"out", "labels"} if options.get("logits") else {"labels"})
+    if options.get("logits"):
+        assert list(outputs["out"].dims) == [3, -1, -1]
+
+
+@needs_tritonclient
+@torch.no_grad()
+def test_model_runs_on_exactly_the_declared_inputs(repo, tiny):
+    path, _, options = repo
+    config = load_model_config(path / "deeplabv3" / "config.pbtxt")
+    session = ort_session(path / "deeplabv3" / "1" / "model.onnx", threads=1)
+    assert [i.name for i in session.get_inputs()] == [t.name for t in config.input]
+    assert sorted(o.name for o in session.get_outputs()) == sorted(o.name for o in config.output)
+    feeds = declared_inputs(config)
+    names = [o.name for o in config.output]
+    got = dict(zip(names, session.run(names, feeds), strict=True))
+    for output in config.output:
+        value = got[output.name]
+        assert value.dtype == NUMPY_TYPES[type_name(output.data_type)], output.name
+        assert value.shape[0] == 2 and len(value.shape) == 1 + len(output.dims)
+        assert all(d == -1 or d == s for d, s in zip(output.dims, value.shape[1:]))
+    x = torch.from_numpy(feeds["input"])
+    if x.dtype == torch.uint8:  # the graph normalises raw pixels itself
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        x = (x.float() / 255 - mean) / std
+    expected = tiny(x)["out"].argmax(1).numpy()
+    assert (got["labels"] == expected).mean() > 0.999
+
+
+def test_refusals_before_any_work(tiny, tmp_path):
+    repo = tmp_path / "repo"
+    with pytest.raises(ValueError, match="preferred_batch_sizes"):
+        fastdeeplab.deploy(tiny, repo, max_batch_size=4, preferred_batch_sizes=(8,))
+    with pytest.raises(ValueError, match="device must be one of"):
+        fastdeeplab.deploy(tiny, repo, device="tpu")
+    with pytest.raises(ValueError, match="plain directory name"):
+        fastdeeplab.deploy(tiny, repo, name="../escape")
+    with pytest.raises(ValueError, match="nothing to serve"):
+        fastdeeplab.deploy(tiny, repo, argmax=False)
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(OSError, match="not a directory"):
+        fastdeeplab.deploy(tiny, blocker / "repo")
+    (repo / "deeplabv3").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        fastdeeplab.deploy(tiny, repo)
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(ImportError, match=r"pip install 'fastdeeplab\[tensorrt\]'"):
+            fastdeeplab.deploy(tiny, tmp_path / "trt", tensorrt=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile", "deeplabv3", "repo"]
+
+
+def test_class_names_must_match(tiny, tmp_path):
+    with pytest.raises(ValueError, match="class_names has 2 names; the model has 3 classes"):
+        fastdeeplab.deploy(tiny, tmp_path / "repo", input_size=SIZE, class_names=["a", "b"], check=False)
+    assert not (tmp_path / "repo" / "deeplabv3").exists()
+
+
+@needs_tritonclient
+def test_config_writer_types_and_schema_errors():
+    text = model_config_text("m", backend="tensorrt", inputs={"input": ("float16", ("batch", 3, "h", "w"))},
+                             outputs={"out": ("float32", ("batch", 5, "h", "w"))}, max_batch_size=0,
+                             preferred_batch_sizes=(), max_queue_delay_us=0, instances=2, kind="KIND_GPU")
+    config = load_model_config(text)
+    assert list(config.input[0].dims) == [-1, 3, -1, -1]  # no batching: the batch dim stays, dynamic
+    assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
+    from google.protobuf import text_format
+
+    with pytest.raises(text_format.ParseError, match="max_batch"):
+        load_model_config(text.replace("max_batch_size", "max_batch"))
+
+
+@needs_tritonclient
+def test_cli_writes_a_repository(tmp_path, capsys):
+    from fastdeeplab.cli import main
+
+    out = tmp_path / "repo"
+    code = main(["deploy", "--model", "deeplabv3_resnet50", "--num-classes", "2", "--input-size", "33", "33",
+                 "--max-batch-size", "2", "--preferred-batch-sizes", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "parsed with Triton's ModelConfig schema" in printed and "FAIL" not in printed
+    config = load_model_config(out / "deeplabv3" / "config.pbtxt")
+    assert config.max_batch_size == 2 and (out / "deeplabv3" / "labels.txt").read_text().split() == [
+        "class_0", "class_1"]

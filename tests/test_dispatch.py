@@ -1,0 +1,216 @@
+"""Per-layer dispatch (kernels/dispatch.py) with an injected timer, the fused residual on the Triton backend,
+and the custom ops under torch.export / torch._dynamo (CPU, TRITON_INTERPRET=1 from conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _models import randomize_bn, rel_err
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastdeeplab
+from fastdeeplab.kernels.dispatch import CACHE_ENV, Dispatcher, default_cache_path, environment_key
+
+HAS_TRITON = pytest.importorskip is not None and __import__("importlib").util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed: pip install 'fastdeeplab[triton]'")
+
+
+class FakeTimer:
+    """``timer(fn) -> µs``: runs fn once and answers from a script, recording the calls."""
+
+    def __init__(self, *answers: float) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    def __call__(self, fn) -> float:
+        fn()
+        self.calls += 1
+        return self.answers.pop(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decision logic and its cache file
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("triton_us, cudnn_us, choice", [(10.0, 20.0, "triton"), (30.0, 20.0, "cudnn"),
+                                                         (20.0, 20.0, "triton")])
+def test_auto_keeps_the_faster_and_persists(tmp_path, triton_us, cudnn_us, choice):
+    path = tmp_path / "dispatch.json"
+    ran = []
+    d = Dispatcher("auto", timer=FakeTimer(triton_us, cudnn_us), cache_path=path)
+    got = d.choose("layer1.0.conv2", "k3 | x[1,64,33,33]", lambda: ran.append("t"), lambda: ran.append("c"),
+                   device_type="cuda")
+    assert got == choice and ran == ["t", "c"]
+    assert d.choose("layer1.1.conv2", "k3 | x[1,64,33,33]", None, None, device_type="cuda") == choice  # no timing
+    data = json.loads(path.read_text())
+    (env, section), = data["envs"].items()
+    assert env == environment_key(None) and section["k3 | x[1,64,33,33]"]["choice"] == choice
+    # a new process (a new Dispatcher) reads the decision instead of timing
+    timer = FakeTimer()
+    d2 = Dispatcher("auto", timer=timer, cache_path=path)
+    assert d2.choose("layer1.0.conv2", "k3 | x[1,64,33,33]", None, None, device_type="cuda") == choice
+    assert timer.calls == 0
+    rows = d.report().rows
+    assert [r["layer"] for r in rows] == ["layer1.0.conv2", "layer1.1.conv2"]
+    assert rows[0]["triton_us"] == triton_us and rows[0]["cudnn_us"] == cudnn_us and rows[0]["choice"] == choice
+    table = d.report().table()
+    assert "triton µs" in table and "layer1.1.conv2" in table and choice in table
+
+
+def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(tmp_path):
+    path = tmp_path / "dispatch.json"
+    path.write_text("{not json")
+    d = Dispatcher("auto", timer=FakeTimer(1.0, 2.0), cache_path=path)
+    with pytest.warns(RuntimeWarning, match="unreadable dispatch cache"):
+        assert d.choose("l", "key", lambda: None, lambda: None, device_type="cuda") == "triton"
+    assert json.loads(path.read_text())["envs"][environment_key(None)]["key"]["choice"] == "triton"
+
+
+def test_forced_modes_and_errors(tmp_path):
+    for mode in ("triton", "cudnn"):
+        d = Dispatcher(mode, timer=FakeTimer(), cache_path=tmp_path / "x.json")
+        assert d.choose("l", "k", None, None, device_type="cuda") == mode and d.decided("k") == mode
+        assert not (tmp_path / "x.json").exists()
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        Dispatcher("fastest")
+    # CPU (the interpreter) without an injected timer: Triton, nothing timed, nothing written
+    d = Dispatcher("auto", cache_path=tmp_path / "y.json")
+    assert d.choose("l", "k", None, None, device_type="cpu") == "triton" and d.decided("k") is None
+
+
+def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert default_cache_path() == tmp_path / "elsewhere" / "dispatch.json"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_path() == tmp_path / "xdg" / "fastdeeplab" / "dispatch.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused modules on the Triton backend
+# ---------------------------------------------------------------------------------------------------
+class OpLog(TorchDispatchMode):
+    """Top-level ops a forward issues (a custom op's own implementation runs below the mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _bottleneck(cin=16, width=8, stride=1):
+    from torchvision.models.resnet import Bottleneck
+
+    down = None
+    if stride != 1 or cin != width * 4:
+        down = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(width * 4))
+    return randomize_bn(Bottleneck(cin, width, stride=stride, downsample=down)).eval()
+
+
+@needs_triton
+@pytest.mark.parametrize("cin, stride", [(32, 1), (16, 2)], ids=["identity", "downsample-s2"])
+@torch.no_grad()
+def test_bottleneck_residual_runs_in_the_epilogue(cin, stride):
+    """No separate add/ReLU pass: a bottleneck issues only fastdeeplab ops, and equals the unfused unit."""
+    from fastdeeplab.layers import FusedBottleneck
+
+    unit = _bottleneck(cin, 8, stride)
+    fused = FusedBottleneck(unit, backend="triton")
+    x = torch.randn(2, cin, 9, 11).contiguous(memory_format=torch.channels_last)
+    with OpLog() as log:
+        y = fused(x)
+    assert rel_err(y, unit(x)) < 1e-4
+    assert all(op.startswith("fastdeeplab.conv2d_act") for op in log.ops), log.ops
+    assert len(log.ops) == 3 + (unit.downsample is not None)
+
+
+@needs_triton
+@torch.no_grad()
+def test_dispatch_sends_a_layer_to_cudnn_with_identical_semantics(tmp_path):
+    """A timer that says cuDNN is faster: the layer runs F.conv2d + bias + residual + ReLU, same result."""
+    from fastdeeplab.layers import FusedConvBNReLU
+
+    conv, bn = nn.Conv2d(12, 20, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(20)
+    randomize_bn(nn.Sequential(bn))
+    x = torch.randn(1, 12, 9, 10).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(1, 20, 9, 10).contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for choice, answers in (("triton", (1.0, 2.0)), ("cudnn", (2.0, 1.0))):
+        layer = FusedConvBNReLU(conv, bn.eval(), relu=True, backend="triton")
+        layer.dispatcher = Dispatcher("auto", timer=FakeTimer(*answers), cache_path=tmp_path / f"{choice}.json")
+        layer.dispatch_name = "layer"
+        with OpLog() as log:
+            outs[choice] = layer(x, residual=res)
+        assert layer.dispatcher.report().rows[0]["choice"] == choice
+        kernel_calls = sum(op.startswith("fastdeeplab.conv2d_act") for op in log.ops)
+        assert kernel_calls == (2 if choice == "triton" else 1)  # the timed call + the real one; cuDNN: timing only
+        assert any("convolution" in op for op in log.ops)
+    assert rel_err(outs["triton"], outs["cudnn"]) < 1e-5
+
+
+@needs_triton
+def test_stem_always_runs_on_cudnn():
+    from fastdeeplab.layers import FusedConvBNReLU
+
+    layer = FusedConvBNReLU(nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), None, backend="triton")
+    with OpLog() as log, torch.no_grad():
+        layer(torch.randn(1, 3, 17, 17))
+    assert not any(op.startswith("fastdeeplab") for op in log.ops)
+
+
+# ---------------------------------------------------------------------------------------------------
+# optimize(dispatch=...), the report, torch.export and torch._dynamo
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(fastdeeplab.deeplabv3_resnet50(num_classes=3, output_stride=16)).eval()
+
+
+@needs_triton
+def test_optimize_dispatch_argument(model):
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        fastdeeplab.optimize(model, backend="triton", dtype=torch.float32, dispatch="fast")
+    fast = fastdeeplab.optimize(model, backend="triton", dtype=torch.float32, dispatch="cudnn")
+    assert fast.dispatcher.mode == "cudnn"
+    names = {m.dispatch_name for m in fast.modules() if getattr(m, "dispatcher", None) is fast.dispatcher}
+    assert "backbone.layer1.0.conv1" in names and "classifier.0" in names
+    with pytest.raises(ValueError, match="dispatch reports exist on the triton backend"):
+        fastdeeplab.optimize(model, backend="torch").dispatch_report()
+
+
+@needs_triton
+@torch.no_grad()
+def test_report_after_a_forward_pass(model, tmp_path):
+    """dispatch="cudnn" runs every layer in its cuDNN form (fast on the interpreter) and still equals the
+    original; the report has a row per fused layer and problem."""
+    fast = fastdeeplab.optimize(model, backend="triton", dtype=torch.float32, dispatch="cudnn")
+    x = torch.randn(1, 3, 33, 35)
+    assert rel_err(fast(x)["out"], model(x)["out"]) < 1e-4
+    rows = fast.dispatch_report().rows
+    layers = [r["layer"] for r in rows]
+    assert "backbone.layer4.2.conv3" in layers and "classifier.0" in layers
+    assert any(r["key"].startswith("aspp_branches") for r in rows) and all(r["choice"] == "cudnn" for r in rows)
+    assert "backbone.conv1" not in layers, "the stem never dispatches"
+    assert "cuDNN µs" in str(fast.dispatch_report())
+
+
+@needs_triton
+def test_export_and_dynamo_keep_the_fastdeeplab_ops(model):
+    """torch.export gives a graph holding the fastdeeplab ops (no F.conv2d detour), and dynamo finds no break."""
+    fast = fastdeeplab.optimize(model, backend="triton", dtype=torch.float32)
+    x = torch.randn(1, 3, 33, 33).contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(fast, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    ours = [t for t in targets if t.startswith("fastdeeplab.")]
+    assert sum(t.startswith("fastdeeplab.conv2d_act") for t in ours) >= 50, ours
+    assert any(t.startswith("fastdeeplab.aspp_branches") for t in ours)
+    assert any(t.startswith("fastdeeplab.aspp_project") for t in ours)
+    assert sum("convolution" in t for t in targets) == 1, "only the stem is a plain convolution"
+    explanation = torch._dynamo.explain(fast)(torch.randn(1, 3, 17, 17))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
