@@ -199,7 +199,10 @@ def format_kernel_table(rows: Sequence[dict[str, Any]]) -> str:
     header = (f"{'case':<34}{'dtype':>9} {'provider':>9} {'median us':>10} {'TFLOP/s':>8} {'% peak':>7} "
               f"{'x cuDNN':>8}  status")
     peak = next((r["peak_tflops"] for r in rows if r.get("peak_tflops")), None)
-    lines = [f"GPU: {gpu}; dense fp16/bf16 peak {_f(peak, '.0f', 'unknown')} TFLOP/s" if gpu else "", header,
+    timer = next((r["timer"] for r in rows if r.get("timer")), "?")
+    cudnn = next((r["cudnn_benchmark"] for r in rows if r.get("cudnn_benchmark") is not None), None)
+    lines = [f"GPU: {gpu}; dense fp16/bf16 peak {_f(peak, '.0f', 'unknown')} TFLOP/s; timed with {timer}; "
+             f"cuDNN rows with torch.backends.cudnn.benchmark = {cudnn}" if gpu else "", header,
              "-" * len(header)]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}"
@@ -241,12 +244,11 @@ def _spread_labels(ys: list[float], gap: float, low: float, high: float) -> list
     for i in order:
         last = max(ys[i], last + gap)
         placed[i] = last
-    overflow = last - high
-    if overflow > 0:  # shift down, then push apart from the bottom again
-        last = high + gap
+    if last > high:  # the top ones ran past the end: push down from the top, keeping the gaps
+        nxt = high + gap
         for i in reversed(order):
-            last = min(placed[i] - overflow, last - gap)
-            placed[i] = last
+            placed[i] = min(placed[i], nxt - gap)
+            nxt = placed[i]
     return placed
 
 
@@ -300,7 +302,8 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
                      loc="left")
         # labels in a column right of the axes, spread so they never overlap, joined to their points
         frac = [(y - ylim[0]) / (ylim[1] - ylim[0]) for y in ys]
-        gap = min(0.09, 1.0 / max(len(pts), 1))
+        height_pt = ax.get_position().height * fig.get_figheight() * 72
+        gap = min(1.0 / max(len(pts), 1), 11.5 / max(height_pt, 1.0))  # one 8-pt line of text, in axes units
         placed = _spread_labels(frac, gap, 0.0, 1.0)
         for r, x, y, ly in zip(pts, xs, ys, placed, strict=True):
             ax.annotate(f"{r['implementation']} OS{stride}", xy=(x, y), xycoords="data", xytext=(1.02, ly),
@@ -309,7 +312,7 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
     s = meta["settings"]
     noisy = " | NOISY RUN" if meta.get("noisy") else ""
     fig.suptitle(f"DeepLabv3-{s['backbone']} {s['resolution']}x{s['resolution']} batch {s['batch']}, "
-                 f"{s['device']} {s['dtype']}{noisy}\nweights: {str(meta['weights'].get('description', ''))[:110]}",
+                 f"{s['device']} {s['dtype']}{noisy}\nweights: {str(meta['weights'].get('description', '')).split(':')[0][:110]}",
                  fontsize=9)
     if not is_accuracy:
         fig.text(0.01, 0.005, ylabel, fontsize=8)

@@ -35,12 +35,15 @@ from ._impls import IMPLEMENTATIONS, Built, Setting, Unavailable, count_gflop, t
 from ._measure import library_versions, machine_info, peak_memory
 from ._metrics import accuracy_columns
 from ._report import COLUMNS, ROW_KEYS
-from ._weights import Weights, resolve_weights
+from ._weights import DEPTHS, Weights, _looks_like_path, resolve_weights, torchvision_weights_enum
 
 __all__ = ["BENCH_DIR", "BenchConfig", "BenchSession", "DTYPES", "SESSION_KEY", "SettingResult", "session_of"]
 
 BENCH_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Left out of --quick unless named with --impl: each costs an ONNX export per output stride (~10-20 s on 2
+# cores) and repeats a path another row already covers (optimize_openvino's graph; the ONNX Runtime runtime).
+QUICK_SKIPS = ("optimize_onnxruntime", "openvino")
 # Other processes keeping this many cores busy (on average, over a setting) make a run noisy.
 OTHERS_NOISY_CORES = 0.5
 
@@ -100,16 +103,23 @@ class BenchConfig:
             raise pytest.UsageError(f"--data {opt('data')} is not a directory")
         if opt("images") and not Path(opt("images")).is_dir():
             raise pytest.UsageError(f"--images {opt('images')} is not a directory")
+        weights = opt("weights")
+        if weights not in (None, "random", "synthetic") and not _looks_like_path(weights):
+            try:  # a torchvision weights name: check it now, with the valid names, not in every test
+                torchvision_weights_enum(weights, DEPTHS[opt("backbone")])
+            except ValueError as exc:
+                raise pytest.UsageError(str(exc)) from None
         return cls(
             resolution=resolution, batch=opt("batch"), backbone=opt("backbone"), device=device,
-            dtype=opt("dtype"), impls=[n for n in IMPL_NAMES if n in impls] or list(IMPL_NAMES),
+            dtype=opt("dtype"),
+            impls=[n for n in IMPL_NAMES if n in impls] or [n for n in IMPL_NAMES if not (quick and n in QUICK_SKIPS)],
             explicit_impls=bool(impls), output_strides=list(dict.fromkeys(strides)), weights=opt("weights"),
             download_weights=bool(opt("download_weights")), data=opt("data"),
             max_images=opt("max_images"), images=opt("images"),
             accuracy_images=max(1, opt("accuracy_images") or (2 if quick else 3)), quick=quick,
             rounds=opt("rounds"), warmup=max(0, opt("warmup")),
-            time_budget=opt("time_budget") if opt("time_budget") is not None else (4.0 if quick else 60.0),
-            min_rounds=3 if quick else 5, max_rounds=10 if quick else 50, seed=opt("seed"), threads=opt("threads"),
+            time_budget=opt("time_budget") if opt("time_budget") is not None else (8.0 if quick else 60.0),
+            min_rounds=5, max_rounds=15 if quick else 50, seed=opt("seed"), threads=opt("threads"),
             results_dir=Path(opt("results_dir")) if opt("results_dir") else BENCH_DIR / "results")
 
     @property

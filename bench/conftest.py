@@ -19,6 +19,7 @@ import sys
 TORCH_PRELOADED = "torch" in sys.modules
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib  # noqa: E402
 import datetime as _dt  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -59,14 +60,18 @@ def pytest_configure(config: pytest.Config) -> None:
     state.omp_wait_policy = os.environ.get("OMP_WAIT_POLICY", "") + (
         " (set after torch loaded: no effect)" if TORCH_PRELOADED else "")
     config.stash[_SESSION] = state
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:  # progress lines go to the terminal even while pytest captures output
-        def progress(line: str) -> None:
+    def progress(line: str) -> None:  # to the terminal even while pytest captures the tests' output
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            if reporter is None:
+                print(line, file=sys.stderr, flush=True)
+                return
             reporter.ensure_newline()
             reporter.write_line(line)
             reporter.flush()
 
-        state.progress = progress
+    state.progress = progress
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda":  # fair to cuDNN: let it pick its fastest algorithm per shape (issue 13)

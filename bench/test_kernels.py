@@ -10,13 +10,13 @@ Shapes, derived from ``--resolution`` (513: 33×33 at OS16, 65×65 at OS8) and `
 
 FLOPs are the useful work of the literal computation (2·MAC of the convolution, the projection counted on
 the full 5×256 concatenation), the same for both providers. Each provider's output is first checked against
-the reference (``max_rel_logit_error``), then timed; one round is ``inner`` back-to-back calls followed by a
-synchronisation, ``inner`` chosen so a round lasts about 2 ms.
+the reference (``max_rel_logit_error``), then timed with :func:`fastdeeplab.timing.time_cuda`
+(``triton.testing.do_bench`` with an L2 flush before every run; CUDA events where triton is missing); cuDNN
+runs with ``torch.backends.cudnn.benchmark`` on.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+
+from fastdeeplab.timing import time_cuda
 
 from ._metrics import max_rel_logit_error
 from ._session import BenchSession, session_of
@@ -181,28 +183,16 @@ def _run_kernel(benchmark: Any, bench: BenchSession, case: Case | None, dtype_na
     if not err <= TOLERANCE[dtype]:
         pytest.fail(f"{provider} {case.name} {dtype_name}: max rel error {err:.2e} > {TOLERANCE[dtype]:.0e}")
 
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize(device)
-    per_call = max((time.perf_counter() - start) / 3, 1e-6)
-    inner = max(1, int(2e-3 / per_call))
-
-    def round_() -> None:
-        for _ in range(inner):
-            call()
-        torch.cuda.synchronize(device)
-
+    # CUDA time with the L2 flushed before every run (triton.testing.do_bench, or CUDA events), cuDNN with
+    # cudnn.benchmark on (set by bench/conftest.py on CUDA): the fair comparison of issue 13.
     benchmark.group = f"kernel {case.name} {dtype_name}"
-    benchmark.pedantic(round_, rounds=cfg.rounds or (5 if cfg.quick else 20), warmup_rounds=1, iterations=1)
+    t = time_cuda(call, rep_ms=25 if cfg.quick else 100)
     flop = case.flop(cfg.batch)
     gpu = torch.cuda.get_device_name(device)
     peak = peak_tflops(gpu)
-    row.update(gpu=gpu, inner_calls=inner, tflop=flop / 1e12, peak_tflops=peak, status="ok")
-    if benchmark.stats is not None:
-        t = benchmark.stats.stats.median / inner
-        tflops = flop / t / 1e12
-        row.update(time_us_median=t * 1e6, time_us_iqr=benchmark.stats.stats.iqr / inner * 1e6, tflops=tflops,
-                   percent_of_peak=100.0 * tflops / peak if peak else None)
+    tflops = flop / (t.median / 1e3) / 1e12
+    row.update(gpu=gpu, tflop=flop / 1e12, peak_tflops=peak, status="ok", time_us_median=t.median * 1e3,
+               time_us_iqr=t.iqr * 1e3, tflops=tflops, percent_of_peak=100.0 * tflops / peak if peak else None,
+               timer="triton.testing.do_bench (L2 flushed)" if t.n == 0 else "CUDA events (L2 flushed)",
+               cudnn_benchmark=bool(torch.backends.cudnn.benchmark))
     benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})

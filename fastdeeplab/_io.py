@@ -154,6 +154,18 @@ def _regular_or_absent(target: Path, what: str) -> None:
         raise ValueError(f"{what} path {target} is now {_describe(mode)}; refusing to replace it")
 
 
+def _naming_target(exc: Exception, tmp_name: str, target: Path, what: str) -> Exception | None:
+    """``exc`` rebuilt to name ``target`` where it names the temporary file (``None``: leave it as is)."""
+    try:
+        if isinstance(exc, OSError) and exc.filename is not None and os.fspath(exc.filename) == tmp_name:
+            return type(exc)(f"cannot write {what} {target}: {exc.strerror or exc}")
+        if tmp_name in str(exc):
+            return type(exc)(str(exc).replace(tmp_name, str(target)))
+    except Exception:  # noqa: BLE001  (an exception type with an unusual constructor: keep the original)
+        return None
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = False,
                 what: str = "output") -> Iterator[Path]:
@@ -194,10 +206,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = 
         os.chmod(tmp, mode)
         try:
             yield tmp
-        except OSError as exc:
-            if exc.filename is not None and os.fspath(exc.filename) == tmp_name:
-                raise OSError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
-            raise
+        except Exception as exc:
+            renamed = _naming_target(exc, tmp_name, target, what)
+            if renamed is None:
+                raise
+            raise renamed from exc
         _regular_or_absent(target, what)
         try:
             os.replace(tmp, target)

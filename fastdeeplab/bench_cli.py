@@ -53,7 +53,8 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                      help="compute dtype of every implementation; the accuracy reference stays float32")),
     ("--impl", dict(action="append", type=_names(IMPLEMENTATIONS, "implementation"), default=None, metavar="NAME[,NAME]",
                     help=f"implementations to run (repeatable or comma list) of: {', '.join(IMPLEMENTATIONS)}; "
-                         "default: all (torch_compile only on CUDA)")),
+                         "default: all (torch_compile only on CUDA; --quick leaves out optimize_onnxruntime "
+                         "and openvino)")),
     ("--output-strides", dict(type=_names(("8", "16"), "output stride"), default="16,8", metavar="OS[,OS]", help="output strides to run (default 16,8)")),
     ("--weights", dict(default=None, metavar="NAME|PATH",
                        help="weights every implementation shares: 'random' (seeded; accuracy across output "
@@ -76,12 +77,12 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                      help="CI smoke test: resolution 129, short time budget, few rounds")),
     ("--rounds", dict(type=int_at_least(1), default=None, metavar="N",
                       help="interleaved timing rounds per output stride, one call of every implementation each "
-                           "(default: as many as fit --time-budget, 5 to 50; 3 to 10 with --quick)")),
+                           "(default: as many as fit --time-budget, 5 to 50; 5 to 15 with --quick)")),
     ("--warmup", dict(type=int_at_least(0), default=1, metavar="N",
                       help="untimed calls before timing; the first one also measures peak memory (default 1)")),
     ("--time-budget", dict(type=float_in(0.0), default=None, metavar="S",
                            help="seconds of interleaved timed rounds per output stride when --rounds is not "
-                                "given (default 60; 4 with --quick)")),
+                                "given (default 60; 8 with --quick)")),
     ("--threads", dict(type=int_at_least(1), default=None, metavar="N",
                        help="CPU threads for PyTorch, ONNX Runtime and OpenVINO (default: each library's own, "
                             "all cores); 1 resists a busy shared machine far better")),

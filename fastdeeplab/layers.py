@@ -98,10 +98,13 @@ class FusedConvBNReLU(nn.Module):
         self.backend = _check_backend(backend)
         self.dispatcher = None  # a kernels.dispatch.Dispatcher shared by an optimized model; None: always Triton
         self.dispatch_name = ""  # the module's name in the model, for the dispatch report
-        self._packed: Tensor | None = None  # the Triton kernel's [KH*KW*Cin, Cout] weight, packed once
-        self._bias32: Tensor | None = None  # the epilogue's float32 bias, converted once
         self._onednn_packed: Tensor | None = None  # oneDNN's blocked weight for the last problem shape
         self._onednn_key: tuple | None = None
+        # Triton backend: the kernel's [KH*KW*Cin, Cout] weight and float32 bias, prepared once (and again
+        # after .to()/.half()/.cuda()); non-persistent buffers, so torch.export sees them as constants
+        self.register_buffer("_packed", None, persistent=False)
+        self.register_buffer("_bias32", None, persistent=False)
+        self._prepare_triton()
 
     @property
     def in_channels(self) -> int:
@@ -115,9 +118,18 @@ class FusedConvBNReLU(nn.Module):
     def kernel_size(self) -> tuple[int, int]:
         return (self.weight.shape[2], self.weight.shape[3])
 
-    def _apply(self, fn, recurse: bool = True):  # .to()/.half()/.cuda(): repack lazily
-        self._packed = self._bias32 = self._onednn_packed = self._onednn_key = None
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse: bool = True):  # .to()/.half()/.cuda(): repack
+        self._onednn_packed = self._onednn_key = None
+        module = super()._apply(fn, recurse)
+        self._prepare_triton()
+        return module
+
+    def _prepare_triton(self) -> None:
+        if self.backend == "triton" and self.in_channels > STEM_MAX_CIN:
+            from .kernels.conv import pack_weight
+
+            self._packed = pack_weight(self.weight)
+            self._bias32 = self.bias.detach().to(torch.float32).contiguous()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.backend == "triton" and not _standard_ops_only():
@@ -156,7 +168,7 @@ class FusedConvBNReLU(nn.Module):
 
     def __getstate__(self) -> dict:  # copies and pickles never carry backend caches
         state = dict(self.__dict__)
-        state.update(_packed=None, _bias32=None, _onednn_packed=None, _onednn_key=None)
+        state.update(_onednn_packed=None, _onednn_key=None)
         return state
 
     def dispatch_key(self, x: Tensor, residual: Tensor | None) -> str:
@@ -167,10 +179,7 @@ class FusedConvBNReLU(nn.Module):
 
     def _triton_weights(self) -> tuple[Tensor, Tensor]:
         if self._packed is None:
-            from .kernels.conv import pack_weight
-
-            self._packed = pack_weight(self.weight)
-            self._bias32 = self.bias.detach().to(torch.float32).contiguous()
+            self._prepare_triton()
         return self._packed, self._bias32
 
     def _forward_kernel(self, x: Tensor, residual: Tensor | None) -> Tensor:
@@ -263,19 +272,27 @@ class FusedASPP(nn.Module):
         self.relu = any(isinstance(m, nn.ReLU) for m in aspp.project)
         self.dispatcher = None  # see FusedConvBNReLU
         self.dispatch_name = ""
-        self._packed: Tensor | None = None  # projection [5*Cb, Cout]
-        self._bias32: Tensor | None = None
-        self._branch_packed: Tensor | None = None  # the four branches [28*Cin, Cb]
-        self._branch_bias32: Tensor | None = None
+        # Triton backend: projection [5*Cb, Cout] and the four branches [28*Cin, Cb], packed once (see
+        # FusedConvBNReLU), float32 biases
+        for name in ("_packed", "_bias32", "_branch_packed", "_branch_bias32"):
+            self.register_buffer(name, None, persistent=False)
+        self._prepare_triton()
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = self._bias32 = self._branch_packed = self._branch_bias32 = None
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        self._prepare_triton()
+        return module
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.update(_packed=None, _bias32=None, _branch_packed=None, _branch_bias32=None)
-        return state
+    def _prepare_triton(self) -> None:
+        if self.backend != "triton":
+            return
+        from .kernels.aspp import pack_aspp_branch_weights, pack_aspp_weight
+
+        self._packed = pack_aspp_weight(self.weight)
+        self._bias32 = self.bias.detach().to(torch.float32).contiguous()
+        if self._groupable():
+            self._branch_packed = pack_aspp_branch_weights([b.weight for b in self.branches])
+            self._branch_bias32 = torch.cat([b.bias for b in self.branches]).to(torch.float32).contiguous()
 
     @property
     def weight(self) -> Tensor:
@@ -307,21 +324,17 @@ class FusedASPP(nn.Module):
 
     def _branches_kernel(self, x: Tensor) -> list[Tensor]:
         from .kernels import ops
-        from .kernels.aspp import pack_aspp_branch_weights
 
         if self._branch_packed is None:
-            self._branch_packed = pack_aspp_branch_weights([b.weight for b in self.branches])
-            self._branch_bias32 = torch.cat([b.bias for b in self.branches]).to(torch.float32).contiguous()
+            self._prepare_triton()
         stacked = ops.aspp_branches(x, self._branch_packed, self._branch_bias32, list(self.rates))
         return list(stacked.chunk(4))  # branch i is images [i*N, (i+1)*N): views with equal strides
 
     def _project_kernel(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
         from .kernels import ops
-        from .kernels.aspp import pack_aspp_weight
 
         if self._packed is None:
-            self._packed = pack_aspp_weight(self.weight)
-            self._bias32 = self.bias.to(torch.float32).contiguous()
+            self._prepare_triton()
         return ops.aspp_project(branches, pooled, self._packed, self._bias32, self.relu)
 
     def _project_plain(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
@@ -340,7 +353,8 @@ class FusedASPP(nn.Module):
         else:
             branches = [branch(x) for branch in self.branches]
         pooled = self.pooled(x)
-        key = (f"aspp_project {self.weight.shape[1]}->{self.weight.shape[0]} relu{int(self.relu)} "
+        cout, cb = self.pooled_weight.shape
+        key = (f"aspp_project {5 * cb}->{cout} relu{int(self.relu)} "
                f"| x{list(branches[0].shape)} {x.dtype} {x.device}")
         if _choose(self, key, x, lambda: self._project_kernel(branches, pooled),
                    lambda: self._project_plain(branches, pooled)) == "triton":

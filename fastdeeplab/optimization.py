@@ -205,7 +205,7 @@ _RUNTIMES: dict[str, type[ExportedDeepLabV3]] = {
 
 
 def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None,
-             channels_last: bool = True, dispatch: str = "auto") -> nn.Module:
+             channels_last: bool = True, dispatch: str = "auto", cuda_graph: bool = False) -> nn.Module:
     """Return an eval-only copy of ``model`` that is as fast as this device allows; ``model`` is untouched.
 
     Args:
@@ -219,6 +219,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
             cuDNN on the first CUDA call and keeps the faster (decisions cached on disk, see
             :mod:`fastdeeplab.kernels.dispatch`; ``fast.dispatch_report()`` lists them), ``"triton"`` or
             ``"cudnn"`` force one side. The RGB stem always runs on cuDNN.
+        cuda_graph: CUDA only (triton or torch backend): capture the whole forward in a CUDA graph per input
+            shape after warm-up and replay it, for batch-1 latency (:class:`fastdeeplab.cuda_graphs.CUDAGraphModel`).
 
     Returns:
         A module with the same ``forward(x) -> {"out", ["aux"]}`` contract and ``set_output_stride``.
@@ -250,6 +252,9 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
     if dispatch not in DISPATCH_MODES:
         raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
     runtime = _RUNTIMES.get(concrete)
+    if cuda_graph and (device.type != "cuda" or runtime is not None):
+        raise ValueError("cuda_graph=True needs a CUDA model on the triton or torch backend (move it with "
+                         ".cuda() first)")
     if runtime is not None and dtype not in runtime.dtypes:  # refuse before the deep copy and the fusion
         raise ValueError(f"the {concrete} backend runs {' or '.join(map(str, runtime.dtypes))}, not "
                          f"{dtype}; use backend='torch'")
@@ -258,6 +263,10 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
     # A runtime gets the float32 fused model (its graph is exported in float32) and runs it in ``dtype``.
     fused = OptimizedDeepLabV3(source, backend=layer_backend, dtype=torch.float32 if runtime else dtype,
                                channels_last=channels_last, dispatch=dispatch)
+    if cuda_graph:
+        from .cuda_graphs import CUDAGraphModel
+
+        return CUDAGraphModel(fused)
     return runtime(fused, dtype=dtype) if runtime else fused
 
 

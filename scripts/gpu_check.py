@@ -87,6 +87,24 @@ def bootstrap() -> str:
     return "installed" if installed and not _SourceKernels.used else "source checkout (path shim)"
 
 
+def squeeze_interpreter_indices() -> bool:
+    """Triton < 3.7's interpreter turns a scalar tensor into a Python index with ``int(array)``, but its
+    scalars are 1-element arrays, which NumPy 2 refuses (``range(0, n_iters)`` in the conv kernel fails);
+    Triton 3.8 squeezes first. The dry run does what 3.8 does. Returns whether it patched anything."""
+    import triton.runtime.interpreter as interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or "squeeze" in __import__("inspect").getsource(original):
+        return False
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
@@ -119,8 +137,9 @@ class Driver:
         self.log.write(line + "\n")
 
     def write(self) -> None:
-        from fastdeeplab._io import atomic_path
         from gpucheck.report import render_markdown
+
+        from fastdeeplab._io import atomic_path
 
         self.result["seconds"] = round(time.monotonic() - self.start, 1)
         with atomic_path(self.outdir / "gpucheck.json") as tmp:
@@ -205,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         from gpucheck.common import Plan, RowWriter
 
+        if args.dry_run and squeeze_interpreter_indices():
+            print("dry run: patched triton's interpreter to squeeze scalar indices, as triton 3.8 does", flush=True)
         stage = importlib.import_module(f"gpucheck.{STAGE_MODULES[args.stage]}")
         with RowWriter(args.rows) as rows:
             stage.run(Plan.make(args.dry_run, args.deadline), rows)

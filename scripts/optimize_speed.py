@@ -3,8 +3,9 @@
     python scripts/optimize_speed.py [--resolution 513] [--rounds 9] [--backends auto torch onnxruntime openvino]
                                      [--dtypes float32 bfloat16]
 
-Every implementation runs once per round, in turn, so a load spike from another tenant hits all of them alike;
-the table gives medians and each one's speed-up over torchvision eager at output stride 8, plus the largest
+Every implementation runs once per round, the order rotated every round (``fastdeeplab.timing.interleaved``),
+so a load spike from another tenant hits all of them alike; the table gives medians and each one's speed-up
+over torchvision eager at output stride 8 as the median of per-round ratios with their IQR, plus the largest
 logit error relative to the output's scale, and the share of pixels whose argmax agrees, against the eager
 reference at the same output stride.
 """
@@ -17,8 +18,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
@@ -26,6 +25,8 @@ from torchvision.models.segmentation import deeplabv3_resnet50  # noqa: E402
 
 import fastdeeplab  # noqa: E402
 from fastdeeplab.images import sample_images  # noqa: E402
+from fastdeeplab.metrics import max_rel_error, pixel_agreement  # noqa: E402
+from fastdeeplab.timing import interleaved, load_average  # noqa: E402
 
 
 def _version(module: str) -> str:
@@ -72,32 +73,31 @@ def main() -> int:
                     label += f" [{type(fast).__name__}]"
                 runs[label] = lambda m=fast: m(x)["out"]
 
-    times: dict[str, list[float]] = {k: [] for k in runs}
     errors: dict[str, float] = {}
     agreement: dict[str, float] = {}
+    load_before = load_average()["load1"]
     with torch.inference_mode():
         for name, fn in runs.items():  # warm-up; ONNX Runtime sessions are built here
             out = fn()
             ref = expected["OS8" if "OS8" in name else "OS16"]
-            errors[name] = ((out - ref).abs().max() / ref.abs().max()).item()
-            agreement[name] = (out.argmax(1) == ref.argmax(1)).float().mean().item()
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+            errors[name] = max_rel_error(out, ref)
+            agreement[name] = pixel_agreement(out.argmax(1), ref.argmax(1), ignore_index=None)
+        # one call of each per round, order rotated: load from other processes hits all alike
+        timings = interleaved(runs, rounds=args.rounds, warmup=0)
+    load = load_average()
 
-    base = statistics.median(times["torchvision eager OS8"])
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    base = "torchvision eager OS8"
+    print(f"{platform.processor() or platform.machine()}, {load['cores']} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.resolution}x{args.resolution}, batch 1, "
-          f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.2f}, "
+          f"{args.rounds} interleaved rounds, load average {load_before:.2f} before, {load['load1']:.2f} after, "
           + ", ".join(f"{m} {_version(m)}" for m in ("onnxruntime", "openvino")))
-    print("| implementation | median ms | min ms | speed-up vs torchvision OS8 | max rel. error | pixels agreeing |")
+    print("| implementation | median ms | IQR ms | speed-up vs torchvision OS8 (per-round median [q1-q3]) | "
+          "max rel. error | pixels agreeing |")
     print("|---|---|---|---|---|---|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {1000 * med:.0f} | {1000 * min(ts):.0f} | {base / med:.2f}x | {errors[name]:.1e} | "
-              f"{100 * agreement[name]:.2f}% |")
+    for name in runs:
+        t, r = timings.spread(name), timings.ratio(base, name)
+        print(f"| {name} | {1000 * t.median:.0f} | {1000 * t.iqr:.0f} | {r.median:.2f}x [{r.q1:.2f}-{r.q3:.2f}] | "
+              f"{errors[name]:.1e} | {100 * agreement[name]:.2f}% |")
     return 0
 
 

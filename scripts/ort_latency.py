@@ -4,8 +4,10 @@ For each output stride: build torchvision's ``deeplabv3_resnet50`` (OS8 as shipp
 layer3 and halving the ASPP rates, as the paper does), export it with :func:`fastdeeplab.export_onnx`
 (checked against PyTorch at the benchmark size), then time, in the same process and interleaved run by run
 so that machine noise hits both alike: eager torchvision (``torch.inference_mode``) and ONNX Runtime
-(:func:`fastdeeplab.export.onnx.ort_session`), same thread count, batch 1. Medians of ``--runs`` runs after
-one warm-up each. ``--int8`` adds the int8 QDQ graph (:func:`fastdeeplab.export.quantize.quantize_onnx`,
+(:func:`fastdeeplab.export.onnx.ort_session`), same thread count, batch 1, with
+:func:`fastdeeplab.timing.interleaved` (order rotated every round). Medians of ``--runs`` runs after one
+warm-up each; speed-ups are medians of per-round ratios. ``--int8`` adds the int8 QDQ graph
+(:func:`fastdeeplab.export.quantize.quantize_onnx`,
 calibrated on scikit-image's photographs, timed in the same interleaved loop) and the fraction of
 pixels whose class agrees with the fp32 graph on those photographs.
 
@@ -16,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import onnxruntime
@@ -34,6 +33,7 @@ from torchvision.models.segmentation import deeplabv3 as tv_deeplabv3
 import fastdeeplab
 from fastdeeplab.export.onnx import export_onnx, ort_session, physical_cores
 from fastdeeplab.export.quantize import calibration_tensor, pixel_agreement, quantize_onnx
+from fastdeeplab.timing import interleaved, load_average, spread
 
 
 def torchvision_deeplabv3(depth: int, output_stride: int, num_classes: int = 21) -> nn.Module:
@@ -60,7 +60,7 @@ def gflop(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
+    return spread(samples).median * 1e3
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {threads} threads; torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"deeplabv3_resnet{args.depth}, batch 1, {h}x{w}, medians of {args.runs} runs; "
-          f"load average {os.getloadavg()[0]:.2f} (the machine is shared: >~0.5 means other work competed)")
+          f"load average {load_average()['load1']:.2f} (the machine is shared: >~0.5 means other work competed)")
     photos = calibration_tensor(None, (h, w)) if args.int8 else None  # scikit-image's photographs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,28 +98,22 @@ def main() -> None:
             x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(stride))
             feed = {"input": x.numpy()}
             flops = gflop(tv, x)
-            times: dict[str, list[float]] = {"eager": [], **{k: [] for k in sessions}}
+            calls = {"eager": lambda: tv(x),
+                     **{k: (lambda s=session: s.run(["out"], feed)) for k, session in sessions.items()}}
             with torch.inference_mode():
-                tv(x)
-                for session in sessions.values():
-                    session.run(["out"], feed)
-                for _ in range(args.runs):  # interleaved: noise on a shared machine hits all alike
-                    start = time.perf_counter()
-                    tv(x)
-                    times["eager"].append(time.perf_counter() - start)
-                    for key, session in sessions.items():
-                        start = time.perf_counter()
-                        session.run(["out"], feed)
-                        times[key].append(time.perf_counter() - start)
+                # interleaved, order rotated per round: noise on a shared machine hits all alike
+                timings = interleaved(calls, rounds=args.runs, warmup=1)
+            times = timings.samples
+            speedup = timings.ratio("eager", "ort_fp32")
             row = {"output_stride": stride, "gflop": flops, "torchvision_eager_ms": median_ms(times["eager"]),
                    "ort_fp32_ms": median_ms(times["ort_fp32"]),
-                   "speedup": median_ms(times["eager"]) / median_ms(times["ort_fp32"]),
+                   "speedup": speedup.median, "speedup_q1": speedup.q1, "speedup_q3": speedup.q3,
                    "all_ms": {k: [round(t * 1e3) for t in v] for k, v in times.items()},
                    "ort_max_rel_err": max(e[1] for v in report.errors.values() for e in v.values()),
-                   "load_average_1min": os.getloadavg()[0]}
+                   "load_average_1min": load_average()["load1"]}
             if args.int8:
-                row.update(int8_ms=median_ms(times["ort_int8"]),
-                           int8_speedup=median_ms(times["ort_fp32"]) / median_ms(times["ort_int8"]),
+                int8 = timings.ratio("ort_fp32", "ort_int8")
+                row.update(int8_ms=median_ms(times["ort_int8"]), int8_speedup=int8.median,
                            int8_pixel_agreement=agreement)
             rows.append(row)
             print(json.dumps(row))

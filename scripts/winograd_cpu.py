@@ -24,12 +24,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from fastdeeplab.metrics import max_rel_error  # noqa: E402
+from fastdeeplab.timing import interleaved, load_average  # noqa: E402
 
 # (name, Cin, Cout, map side, dilation): DeepLabv3-ResNet-50 at 513x513
 SHAPES = [("layer4.conv2 OS8", 512, 512, 65, 4), ("layer3.conv2 OS8", 256, 256, 65, 2),
@@ -106,23 +107,14 @@ def onednn_direct(w: torch.Tensor, b: torch.Tensor, d: int, shape: list[int]):
                                                             [None], "")
 
 
-def median_ms(fn, x: torch.Tensor, rounds: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6], help="Winograd output tile sizes m")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, medians of {args.rounds}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, medians of {args.rounds} "
+          f"interleaved rounds, load average {load_average()['load1']:.2f}")
     print("| conv (Cin→Cout, map, dilation) | oneDNN direct ms | " +
           " | ".join(f"F({m},3) ms (max rel. err)" for m in args.tiles) + " |")
     print("|---|---|" + "---|" * len(args.tiles))
@@ -131,11 +123,15 @@ def main() -> int:
             x = torch.randn(1, cin, side, side).contiguous(memory_format=torch.channels_last)
             w, b = torch.randn(cout, cin, 3, 3) / (3 * cin**0.5), torch.randn(cout)
             ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), 1, d, d))
-            cells = [f"{median_ms(onednn_direct(w, b, d, list(x.shape)), x, args.rounds):.1f}"]
+            convs = {"direct": onednn_direct(w, b, d, list(x.shape))}
+            errors = {}
             for m in args.tiles:
-                conv = WinogradConv(w, b, dilation=d, m=m, side=side)
-                err = ((conv(x).double() - ref).abs().max() / ref.abs().max()).item()
-                cells.append(f"{median_ms(conv, x, args.rounds):.1f} ({err:.0e})")
+                convs[f"F({m},3)"] = conv = WinogradConv(w, b, dilation=d, m=m, side=side)
+                errors[f"F({m},3)"] = max_rel_error(conv(x), ref)
+            # interleaved, order rotated per round: load from other processes hits every variant alike
+            t = interleaved({k: (lambda c=c: c(x)) for k, c in convs.items()}, rounds=args.rounds, warmup=1)
+            cells = [f"{1000 * t.spread('direct').median:.1f}"]
+            cells += [f"{1000 * t.spread(k).median:.1f} ({errors[k]:.0e})" for k in errors]
             print(f"| {name} ({cin}→{cout}, {side}², d={d}) | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -253,6 +253,10 @@ def _file_cases() -> list[Case]:
             t.unlink()
             os.rmdir(t)  # an OSError about the temporary file itself
 
+    def message_names_target(tmp: Path) -> None:
+        with atomic_path(tmp / "model.onnx") as t:
+            raise ValueError(f"the serializer could not write {t}")
+
     def becomes_fifo(tmp: Path) -> None:
         with atomic_path(tmp / "model.onnx") as t:
             t.write_bytes(b"new")
@@ -327,6 +331,8 @@ def _file_cases() -> list[Case]:
              RuntimeError, "half way", lambda t: (_same_file(Path("model.onnx"), b"old")(t), _no_leftovers(t))),
         Case("write-error-names-target", area, "an OSError about the temporary file", names_target, OSError,
              r"model\.onnx(?!\.)", _no_leftovers),
+        Case("write-message-names-target", area, "a library error whose message names the temporary file",
+             message_names_target, ValueError, r"could not write \S*/model\.onnx$", _no_leftovers),
         Case("write-target-becomes-fifo", area, "the target turns into a fifo before the rename", becomes_fifo,
              ValueError, "fifo; refusing", lambda t: (_still("model.onnx", stat.S_ISFIFO, "a fifo")(t),
                                                       _no_leftovers(t))),
@@ -528,7 +534,30 @@ def _nonfinite_cases() -> list[Case]:
             return "image with the bad value: all NaN; the other image: finite"
         return go
 
-    cases = []
+    def contract(t: Path) -> str:
+        from fastdeeplab.runtime.base import RuntimeModel
+
+        class FusedReluRuntime(RuntimeModel):  # what TensorRT or OpenVINO give: NaN turned into confident zeros
+            backend = "fake"
+            output_stride = 16
+
+            def _build(self, x):
+                return object()
+
+            def _run(self, session, x):
+                n, _, h, w = x.shape
+                return {"out": torch.zeros(n, NUM_CLASSES, h, w), "labels": torch.zeros(n, h, w, dtype=torch.int32)}
+
+        x = _image()
+        x[1, 0, 0, 0] = float("nan")
+        out = FusedReluRuntime()(x)
+        assert torch.isfinite(out["out"][0]).all() and out["out"][1].isnan().all(), "logits"
+        assert (out["labels"][0] == 0).all() and (out["labels"][1] == -1).all(), "labels"
+        assert out["labels"].dtype == torch.int64
+        return "a runtime subclass that loses NaN still returns NaN logits and label -1"
+
+    cases = [Case("nan-runtime-contract", area, "NaN through the runtime contract (as TensorRT would run it)",
+                  contract)]
     for backend in _backends():
         cases.append(Case(f"nan-{backend}", area, f"one NaN pixel, backend {backend}", nan_in_nan_out(backend, float("nan"))))
         cases.append(Case(f"inf-{backend}", area, f"one +inf pixel, backend {backend}", nan_in_nan_out(backend, float("inf"))))

@@ -46,3 +46,32 @@ def test_suite_collects_the_grid() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     for test_id in ("os16-torchvision", "os16-optimize_onnxruntime", "os8-torchvision", "os8-optimize_onnxruntime"):
         assert f"test_deeplab[{test_id}]" in done.stdout
+
+
+def test_weights_options_translate() -> None:
+    args = _parse(["--weights", "COCO_WITH_VOC_LABELS_V1", "--download-weights"])
+    assert bench_cli.pytest_arguments(args) == ["--weights", "COCO_WITH_VOC_LABELS_V1", "--download-weights"]
+
+
+def test_fastdeeplab_bench_hides_pytest_benchmark_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastdeeplab bench` passes --benchmark-quiet (the project's table comes last), unless asked otherwise."""
+    seen: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench_cli.subprocess, "run", fake_run)
+    assert bench_cli.run(_parse(["--quick"])) == 0
+    assert "--benchmark-quiet" in seen[-1] and "--quick" in seen[-1]
+    bench_cli.run(_parse(["--quick", "--", "--benchmark-verbose"]))
+    assert "--benchmark-quiet" not in seen[-1]
+
+
+@pytest.mark.skipif(not (ROOT / "bench" / "conftest.py").is_file(), reason="needs the source checkout")
+def test_unknown_weights_name_is_a_usage_error_listing_the_valid_ones() -> None:
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_latency_accuracy.py"), "--collect-only", "-q",
+           "--quick", "--weights", "COCO", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "COCO_WITH_VOC_LABELS_V1" in done.stderr + done.stdout and "DEFAULT" in done.stderr + done.stdout

@@ -73,3 +73,56 @@ def test_json_and_plot_are_written(tmp_path: Path, rows: list[dict]) -> None:
     png = write_plot(tmp_path / "results" / "latest.png", _meta(), rows)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in (tmp_path / "results").iterdir() if p.name.endswith(".tmp")]  # atomic writes
+
+
+def _ratio_row(impl: str, os_: int, latency: float, ratio: tuple[float, float, float], **kw: object) -> dict:
+    row = _row(impl, os_, latency, kw.pop("agreement", None))
+    row.update(latency_ms_q1=latency * 0.9, latency_ms_q3=latency * 1.1, speedup_same_os_q1=ratio[0],
+               speedup_vs_torchvision_same_os=ratio[1], speedup_same_os_q3=ratio[2], **kw)
+    return row
+
+
+def test_table_shows_ratio_intervals_noise_and_na(rows: list[dict]) -> None:
+    meta = {**_meta(), "weights": {"kind": "random", "description": "random (seed 0)"}, "noisy": True,
+            "noisy_reasons": ["OS8: load average 3.10 before > 2 cores"],
+            "advice": "rerun on a quieter machine, or with --threads 1"}
+    table_rows = [
+        _ratio_row("torchvision", 16, 300.0, (1.0, 1.0, 1.0), pixel_agreement_same_os=1.0),
+        _ratio_row("optimize_openvino", 16, 100.0, (2.8, 3.0, 3.3), pixel_agreement_same_os=0.9999,
+                   accuracy_note="n/a (random weights)"),
+        _ratio_row("torchvision", 8, 900.0, (1.0, 1.0, 1.0), agreement=1.0),
+    ]
+    add_speedups(table_rows)
+    table = format_table(meta, table_rows)
+    assert "3.00x [2.80-3.30]" in table  # the per-round ratio with its interval, not the ratio of medians
+    assert "NOISY RUN" in table and "--threads 1" in table and "load average 3.10 before" in table
+    line = next(x for x in table.splitlines() if x.startswith("optimize_openvino"))
+    assert line.count("n/a") == 2  # agree8 and mIoU; the same-OS agreement stays
+    assert "0.9999" in line
+    quiet = format_table({**meta, "noisy": False}, table_rows)
+    assert "NOISY" not in quiet
+
+
+def test_synthetic_header_says_synthetic() -> None:
+    meta = {**_meta(), "weights": {"kind": "synthetic", "description": "synthetic: DeepLabv3 trained on synthetic scenes"}}
+    row = _ratio_row("torchvision", 8, 100.0, (1.0, 1.0, 1.0), miou_ground_truth=0.6458)
+    table = format_table(meta, [row])
+    assert "weights: synthetic" in table and "held-out synthetic scenes" in table
+    assert "0.6458" in table
+
+
+def test_plot_uses_speedup_for_random_weights(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench._report import _plot_axis, _spread_labels
+
+    meta = {**_meta(), "weights": {"kind": "random", "description": "random (seed 0)"}}
+    assert _plot_axis(meta)[0] == "speedup_vs_torchvision_same_os"
+    assert _plot_axis({**meta, "weights": {"kind": "synthetic"}})[0] == "miou_ground_truth"
+    rows = [_ratio_row(f"impl{i}", os_, 100.0 + i, (1.0 + i / 100, 1.0 + i / 50, 1.0 + i / 25))
+            for os_ in (16, 8) for i in range(12)]
+    png = write_plot(tmp_path / "p.png", meta, rows)
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    placed = _spread_labels([0.5] * 12 + [0.0, 1.0], 0.05, 0.0, 1.0)  # crowded points: labels kept apart
+    ordered = sorted(placed)
+    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(ordered, ordered[1:]))
+    assert 0.0 <= ordered[0] and ordered[-1] <= 1.0

@@ -155,7 +155,10 @@ def test_eval_command_rebuilds_the_trained_architecture(tmp_path, mixed_sizes, c
     saved = json.loads(out.read_text())
     assert saved["confusion"] == expected["confusion"].tolist()
     assert saved["mIoU"] == pytest.approx(expected["mIoU"])
-    assert "mIoU" in capsys.readouterr().out
+    assert saved["output_stride"] == 16
+    printed = capsys.readouterr().out
+    # one unit on the console: percent, with the output stride used
+    assert f"mIoU {100 * expected['mIoU']:.2f}%" in printed and "output stride 16" in printed, printed
 
 
 def test_optimized_model_evaluates_like_the_original(model, mixed_sizes):

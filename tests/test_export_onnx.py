@@ -389,3 +389,24 @@ def test_cli_exports_a_checked_graph(tmp_path, capsys):
     assert code == 0 and out.is_file(), printed
     assert "PASS  tensorrt_ops" in printed and "FAIL" not in printed
     assert {o.name for o in onnx.load(str(out)).graph.output} == {"out", "labels"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param(["--keep-fp32", "classifier.4"], "--keep-fp32 applies to --precision fp16", id="keep-fp32-fp32"),
+        pytest.param(["--int8-flavour", "tensorrt"], "--int8-flavour applies", id="flavour-without-int8"),
+        pytest.param(["--precision", "int8", "--calibration-images", "{tmp}/nope"], "calibration image folder not "
+                     "found", id="missing-calibration-folder"),
+        pytest.param(["--format", "tensorrt", "--profile", "1x3x65x65", "--min-shape", "1x3x33x33"],
+                     "--profile or --min-shape", id="profile-and-min-shape"),
+    ],
+)
+def test_cli_refuses_before_exporting(tmp_path, capsys, extra, message):
+    from fastdeeplab.cli import main
+
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--num-classes", "2", "--input-size", "33", "33", "--out", str(out)]
+                + [e.replace("{tmp}", str(tmp_path)) for e in extra])
+    assert code == 1 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing exported

@@ -163,3 +163,24 @@ def test_tensorrt_int8_accuracy_against_pytorch(photos, tmp_path):
     error = max_rel_error(got, expected)
     agree = pixel_agreement(got.argmax(1), expected.argmax(1), ignore_index=None)
     assert 0 < error < 0.15 and agree > 0.95, (error, agree)
+
+
+def test_uint8_input_graph_quantizes_for_tensorrt(photos, tmp_path):
+    """The deploy graph (raw uint8 pixels in, uint8 labels out) calibrates on pixels and stays TensorRT-ready."""
+    from fastdeeplab.export.checks import check_qdq_graph
+    from fastdeeplab.export.quantize import to_pixels
+
+    torch.manual_seed(0)
+    model = SmallSeg().eval()
+    with torch.no_grad():
+        model.head[1].bias.zero_()
+    fp32 = tmp_path / "u8.onnx"
+    export_onnx(model, fp32, input_size=SIZE, uint8_input=True, argmax=True, labels_dtype="uint8")
+    int8 = onnx.load(str(quantize_onnx(fp32, tmp_path / "u8.int8.onnx", photos, input_size=SIZE,
+                                       tensorrt_compatible=True)))
+    assert check_qdq_graph(int8).ok and check_tensorrt(int8).ok, str(check_tensorrt(int8))
+    pixels = to_pixels(photos).numpy()
+    assert pixels.dtype == np.uint8
+    ours = ort_session(int8).run(["labels"], {"input": pixels})[0]
+    reference = ort_session(fp32).run(["labels"], {"input": pixels})[0]
+    assert ours.dtype == np.uint8 and (ours == reference).mean() > 0.9

@@ -19,6 +19,7 @@ def use_snippet() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_use_snippet_runs(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnx")

@@ -469,3 +469,44 @@ def test_engine_with_two_profiles_and_its_report(tiny_onnx, tmp_path):
         runner(torch.randn(1, 3, 100, 100, device="cuda"))
     with pytest.raises(ValueError, match="runs on a CUDA GPU"):
         runner(torch.randn(1, 3, 33, 33))
+
+
+@pytest.mark.parametrize(
+    "source, target, ok",
+    [
+        pytest.param(TensorProto.UINT8, TensorProto.FLOAT, True, id="uint8-to-fp32"),
+        pytest.param(TensorProto.UINT8, TensorProto.FLOAT16, True, id="uint8-to-fp16"),
+        pytest.param(TensorProto.FLOAT, TensorProto.UINT8, True, id="fp32-to-uint8"),
+        pytest.param(TensorProto.INT64, TensorProto.UINT8, False, id="int64-to-uint8"),
+        pytest.param(TensorProto.UINT8, TensorProto.INT32, False, id="uint8-to-int32"),
+    ],
+)
+def test_uint8_casts(source, target, ok):
+    model = graph([helper.make_node("Cast", ["x"], ["y"], name="cast", to=target)],
+                  inputs=[helper.make_tensor_value_info("x", source, [1, 3, 8, 8])],
+                  outputs=[helper.make_tensor_value_info("y", target, [1, 3, 8, 8])])
+    found = issues(model)
+    assert (not found) == ok, found
+    if not ok:
+        assert "'cast' (Cast)" in found[0] and "uint8 only from or to FP32 or FP16" in found[0]
+
+
+def test_build_report_without_a_gpu_check(tmp_path):
+    """The report beside the engine (its measured parts need TensorRT and a GPU; check=False leaves them out)."""
+    import json
+
+    from fastdeeplab.export.engine_report import report_paths, write_engine_report
+    from fastdeeplab.runtime.tensorrt import make_profiles
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\0" * 64)  # only its size is read without check
+    paths = report_paths(engine)
+    assert {k: p.name for k, p in paths.items()} == {"build": "m.build.json", "layers": "m.layers.json",
+                                                      "profile": "m.profile.json"}
+    report = write_engine_report(engine, reference=tmp_path / "m.onnx", graph=tmp_path / "m.fp16.onnx",
+                                 precision="fp16", profiles=make_profiles([(1, 65, 65), (2, 129, 257)]),
+                                 build_seconds=1.234, check=False, images=None, tensorrt_version="10.8.0")
+    saved = json.loads(paths["build"].read_text())
+    assert saved == json.loads(json.dumps(report)) and saved["strongly_typed"] and saved["engine_bytes"] == 64
+    assert saved["profiles"][1] == {"min": [1, 3, 65, 129], "opt": [2, 3, 129, 257], "max": [2, 3, 129, 257]}
+    assert saved["accuracy"] == [] and not paths["layers"].exists() and not paths["profile"].exists()

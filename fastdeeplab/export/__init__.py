@@ -5,7 +5,7 @@ engines, Triton Inference Server repositories.
   rewrites in :mod:`fastdeeplab.export.passes`, the checks that run the graph in :mod:`fastdeeplab.export.verify`
 * :func:`build_tensorrt_engine` — :mod:`fastdeeplab.export.tensorrt` (its self-check:
   :mod:`fastdeeplab.export.engine_report`)
-* :func:`deploy` — :mod:`fastdeeplab.export.deploy`
+* :func:`fastdeeplab.deploy` — :mod:`fastdeeplab.export.deploy` (the module; the function is top-level)
 * re-exported from :mod:`fastdeeplab.runtime`: :func:`ort_session`, :func:`openvino_compiled_model`,
   :class:`TensorRTModel`
 * :func:`quantize_onnx` / :func:`compare_quantized` — :mod:`fastdeeplab.export.quantize`
@@ -30,7 +30,6 @@ _LAZY = {
     "TensorRTModel": "..runtime.tensorrt",
     "build_tensorrt_engine": "tensorrt",
     "graph_precision": "tensorrt",
-    "deploy": "deploy",
     "DeployReport": "deploy",
     "load_model_config": "deploy",
     "QuantizationReport": "quantize",

@@ -7,6 +7,9 @@ what it claims.
 * :func:`check_qdq_graph` — an int8 Q/DQ graph: every Conv's input and weight dequantized, int8 weights,
   int8 zero points of 0 (what TensorRT's explicit quantization takes);
 
+One concern in one file (a little over 500 lines): what can be said of a graph without running it. The checks
+that run it against PyTorch are in :mod:`fastdeeplab.export.verify`.
+
 The list ships with the package (``tensorrt_onnx_ops.tsv``: op, supported ``Y``/``N``, data types,
 restriction), a conservative baseline taken from onnx-tensorrt's ``docs/operators.md`` (TensorRT 8.5,
 opsets up to 17): newer TensorRT releases accept at least these. Each node is checked for
@@ -19,7 +22,8 @@ opsets up to 17): newer TensorRT releases accept at least these. Each node is ch
   constants (``Conv``'s ``W``, ``Slice``/``Squeeze``'s ``axes``, ``TopK``'s ``K`` …; a
   ``DequantizeLinear`` of a constant counts as a constant, so QDQ graphs pass), zero points that must be
   zero, 2-D/3-D-only convolutions and pools, ``Resize`` modes and coordinate transformation modes,
-  ``MaxPool`` indices, ``Einsum`` ellipses, input ranks.
+  ``MaxPool`` indices, ``Einsum`` ellipses, input ranks, and casts to or from uint8 only with FP32/FP16
+  (TensorRT 10's rule for uint8 network inputs and outputs; the one row newer than 8.5).
 
 Restrictions that need more than the graph (``If`` branch shapes …) are listed as unchecked, not passed.
 

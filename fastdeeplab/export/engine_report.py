@@ -71,12 +71,9 @@ def _image_batches(images: Any, shape: Sequence[int], max_batches: int = 4) -> t
 
 
 def _pixels(x: Tensor) -> Tensor:
-    """Normalised RGB back to the uint8 pixels an engine with in-graph normalisation takes."""
-    from ..images import IMAGENET_MEAN, IMAGENET_STD
+    from .quantize import to_pixels
 
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return to_pixels(x)
 
 
 def _layer_profiler(trt: Any) -> Any:

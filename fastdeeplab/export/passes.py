@@ -289,7 +289,6 @@ def convert_float16(proto: onnx.ModelProto, *, keep_fp32: Iterable[str] = (),
 
     A name in ``keep_fp32`` that matches no node raises ``ValueError`` listing the module paths there are.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     F, H = TensorProto.FLOAT, TensorProto.FLOAT16

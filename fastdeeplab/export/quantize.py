@@ -46,6 +46,7 @@ __all__ = [
     "compare_quantized",
     "pixel_agreement",
     "quantize_onnx",
+    "to_pixels",
 ]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -122,6 +123,8 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     if Path(out_path).expanduser().resolve() == fp32_path.resolve():
         raise ValueError(f"out_path would overwrite the fp32 graph {fp32_path}")
     images = calibration_tensor(calibration_images_or_tensors, input_size, max_images=max_images)
+    if _takes_pixels(fp32_path):  # a graph that normalises uint8 pixels itself (export_onnx(uint8_input=True))
+        images = to_pixels(images)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -162,6 +165,22 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
             if not qdq.ok:
                 raise ValueError(f"the Q/DQ graph is not what TensorRT's explicit quantization takes: {qdq}")
     return Path(out_path)
+
+
+def to_pixels(images: Tensor) -> Tensor:
+    """ImageNet-normalised RGB ``[M, 3, H, W]`` back to the uint8 pixels a ``uint8_input`` graph takes."""
+    from ..images import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _takes_pixels(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
 @dataclass

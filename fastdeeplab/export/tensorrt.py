@@ -44,7 +44,6 @@ from torch import Tensor
 
 from .._io import atomic_path, check_output_path
 from ..runtime.tensorrt import (
-    INSTALL_HINT,
     Profile,
     check_profile,
     create_logger,
@@ -62,7 +61,6 @@ __all__ = [
     "PRECISIONS",
     "CalibrationBatches",
     "Profile",
-    "TensorRTModel",
     "build_tensorrt_engine",
     "check_profile",
     "graph_precision",
@@ -78,11 +76,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MIN_SHAPE = (1, 3, 257, 257)
 DEFAULT_OPT_SHAPE = (1, 3, 513, 513)
 DEFAULT_MAX_SHAPE = (4, 3, 1025, 1025)
-_INSTALL_HINT = INSTALL_HINT
-
-
-def _require_tensorrt() -> Any:
-    return require_tensorrt()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +115,8 @@ def graph_precision(model: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 class CalibrationBatches:
     """Image batches ``[N, 3, H, W]`` float32 at a fixed shape, loaded lazily: what the build's engine check
-    runs (and what calibration sees).
+    runs at each profile's ``opt`` shape (int8 calibration reads its images with
+    :func:`fastdeeplab.export.quantize.calibration_tensor`).
 
     ``source`` is a folder of images (each resized to ``H×W`` and normalised with ImageNet mean/std) or a
     tensor ``[M, 3, H, W]`` already normalised. A last, partial batch is filled by repeating the first

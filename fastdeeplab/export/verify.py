@@ -51,8 +51,8 @@ def run_checks(report: ExportReport, proto: onnx.ModelProto, path: Path, referen
     import onnx
 
     from ..metrics import max_rel_error, pixel_agreement
-    from .onnx import _MIN_OPSET, INPUT_NAME, LABELS_NAME, TOLERANCES, CheckResult, ExportCheckError
     from .checks import check_fp16_graph, check_tensorrt
+    from .onnx import _MIN_OPSET, INPUT_NAME, LABELS_NAME, TOLERANCES, CheckResult, ExportCheckError
 
     def record(name: str, passed: bool, message: str, node: str | None = None) -> None:
         report.checks[name] = CheckResult(passed, message)

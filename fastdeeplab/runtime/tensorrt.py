@@ -350,7 +350,8 @@ class TensorRTModel(RuntimeModel):
         profile = select_profile(self.profiles, tuple(x.shape))
         name = self.input_names[0]
         x = x.to(self.tensor_dtypes[name]).contiguous()
-        return run_engine(session, profile, {name: x}, self.output_names, self.tensor_dtypes, self.device)
+        with torch.cuda.device(self.device):  # the engine's GPU and its current stream, whatever is current
+            return run_engine(session, profile, {name: x}, self.output_names, self.tensor_dtypes, self.device)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if self.input_dtype != torch.uint8:

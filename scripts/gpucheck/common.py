@@ -17,8 +17,8 @@ import torch
 
 from fastdeeplab.timing import Spread, spread, time_call, time_cuda
 
-__all__ = ["DTYPE_NAMES", "GRAPH_OPTIONS", "Plan", "RowWriter", "error_text", "find_method", "measure_ms", "optimize_options",
-           "peak_tflops", "synchronize"]
+__all__ = ["DTYPE_NAMES", "GRAPH_OPTIONS", "Plan", "RowWriter", "error_text", "find_method", "gpu_configs",
+           "measure_ms", "optimize_options", "peak_tflops", "synchronize"]
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -36,7 +36,7 @@ class Plan:
     kernel_resolution: int
     kernel_batches: tuple[int, ...]
     kernel_dtypes: tuple[torch.dtype, ...]
-    kernel_max_shapes: int | None  # None: every shape (the deadline still applies)
+    kernel_max_shapes: int | None  # None: every shape (the deadline still applies); else the cheapest few
     warmup_ms: float
     rep_ms: float
     # whole model
@@ -55,9 +55,9 @@ class Plan:
         deadline = deadline if deadline is not None else time.time() + 3600
         if dry_run:
             return cls(dry_run=True, deadline=deadline, device=torch.device("cpu"), check_input=(1, 3, 17, 19),
-                       kernel_resolution=33, kernel_batches=(1, 2), kernel_dtypes=(torch.float16,),
-                       kernel_max_shapes=3, warmup_ms=0, rep_ms=0, model="tiny", resolution=17, batches=(1,),
-                       output_strides=(16, 8), dtype=torch.float16, rounds=1, compile_backend="eager",
+                       kernel_resolution=33, kernel_batches=(1,), kernel_dtypes=(torch.bfloat16,),
+                       kernel_max_shapes=4, warmup_ms=0, rep_ms=0, model="tiny", resolution=17, batches=(1,),
+                       output_strides=(16, 8), dtype=torch.bfloat16, rounds=1, compile_backend="eager",
                        compile_mode=None, compile_s=30)
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA GPU here: run with --dry-run on a CPU")
@@ -111,10 +111,19 @@ def synchronize(device: torch.device) -> None:
 
 def measure_ms(fn: Callable[[], object], plan: Plan) -> Spread:
     """A kernel's time in milliseconds: ``time_cuda`` (``triton.testing.do_bench``, L2 flushed before every
-    run) on the GPU; in the dry run two plain calls (the plumbing, not a measurement)."""
+    run) on the GPU; in the dry run one plain call (the plumbing, not a measurement)."""
     if plan.device.type == "cuda":
         return time_cuda(fn, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
-    return spread([time_call(fn) * 1e3 for _ in range(2)])
+    return spread([time_call(fn) * 1e3])
+
+
+def gpu_configs(module) -> list:
+    """A kernel module's GPU autotune configs, also under the interpreter (where the autotuner itself only
+    has the small interpreter config): the dry run then runs the GPU tilings' index arithmetic on the CPU."""
+    try:
+        return module.get_autotune_configs(for_interpreter=False)
+    except TypeError:
+        return module.get_autotune_configs()
 
 
 def peak_tflops(gpu_name: str | None) -> float | None:

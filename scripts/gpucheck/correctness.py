@@ -3,11 +3,12 @@ optimized model against eager PyTorch at OS16 and OS8.
 
 * **Kernels.** A fixed subset of the interpreter suite's shapes (``tests/test_kernel_conv.py``,
   ``tests/test_kernel_aspp.py``: rates 1–36, maps smaller than the rate, odd sizes, channel counts off the
-  block sizes, a 1×1 map), plus on the GPU a few DeepLab-sized problems that fill whole tiles. Each in fp32
-  with TF32 off, fp16 and bf16, at the suite's tolerances (``tests/_assert.py``), output poisoned with NaN
-  first (an unwritten element fails). Each case runs one autotune config, taken in turn, so every config
-  is checked on some shapes at the cost of one compile per case rather than one per config. The residual
-  epilogue is checked too where the launcher has one.
+  block sizes, a 1×1 map), plus on the GPU a few more and DeepLab-sized problems that fill whole tiles.
+  Each in fp32 with TF32 off, fp16 and bf16, at the suite's tolerances (``tests/_assert.py``), output
+  poisoned with NaN first (an unwritten element fails). Each case runs one of the GPU autotune configs,
+  taken in turn, so every config is checked on some shapes at the cost of one compile per case rather than
+  one per config (the dry run runs those GPU tilings under the interpreter). The residual epilogue and the
+  grouped launch of ASPP's four branches (autotuned) are checked too where the kernels have them.
 * **Whole model.** ``optimize(model, backend="triton", dtype=float32)`` (the kernels forced everywhere when
   ``optimize`` has per-layer dispatch) against the eager fastdeeplab model, TF32 off on both sides, at
   OS16 and OS8, on odd-sized photographs: max error relative to the logit scale < 1e-4 (the test suite's
@@ -23,29 +24,32 @@ import torch
 
 from fastdeeplab.metrics import max_rel_error, pixel_agreement
 
-from .common import Plan, RowWriter, error_text, optimize_options, synchronize
+from .common import Plan, RowWriter, error_text, gpu_configs, optimize_options, synchronize
 from .models import input_batch, load_weights, model_pair
 
 __all__ = ["run"]
 
 # (n, cin, h, w, cout, k, stride, dilation, relu): tests/test_kernel_conv.py's ids, a fixed subset.
 CONV_CASES = [
-    (2, 24, 9, 11, 40, 3, 1, 1, True),
-    (2, 16, 19, 20, 36, 3, 1, 12, True),
     (1, 24, 13, 11, 20, 3, 1, 24, False),
     (1, 40, 9, 7, 35, 3, 1, 36, True),     # map smaller than the rate: only the centre tap is live
     (2, 19, 13, 17, 21, 3, 2, 1, True),    # stride 2
     (2, 33, 11, 13, 17, 1, 1, 1, True),    # 1x1
     (1, 8, 1, 1, 8, 3, 1, 6, True),        # 1x1 map
 ]
-GPU_CONV_CASES = [  # DeepLab-sized: whole tiles, long K loops (GPU only: the interpreter would take minutes)
-    (2, 256, 33, 33, 256, 3, 1, 2, True),
+GPU_CONV_CASES = [  # GPU only: the interpreter takes seconds for each of these
+    (2, 24, 9, 11, 40, 3, 1, 1, True),
+    (2, 16, 19, 20, 36, 3, 1, 12, True),
+    (2, 256, 33, 33, 256, 3, 1, 2, True),   # DeepLab-sized: whole tiles, long K loops
     (1, 2048, 33, 33, 256, 3, 1, 18, True),
     (1, 1024, 65, 65, 256, 1, 1, 1, False),
 ]
 # (n, cb, h, w, cout, relu): tests/test_kernel_aspp.py's ids
 ASPP_CASES = [(2, 24, 7, 9, 40, True), (1, 33, 11, 13, 17, True), (2, 8, 1, 1, 8, True)]
 GPU_ASPP_CASES = [(2, 256, 33, 33, 256, True)]
+# (n, cin, h, w, cb, rates): the grouped launch of ASPP's four branches, where the kernels have it
+BRANCH_CASES = [(1, 20, 9, 11, 24, (6, 12, 18)), (1, 16, 5, 7, 16, (12, 24, 36))]
+GPU_BRANCH_CASES = [(2, 512, 33, 33, 256, (6, 12, 18))]
 DTYPE_IDS = ("fp32-ieee", "fp16", "bf16")
 MODEL_TOLERANCE = 1e-4  # tests/test_optimize.py
 
@@ -79,10 +83,10 @@ def _check(rows: RowWriter, kernel: str, case: str, dtype_id: str, config, got: 
 
 
 def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
+    import fastdeeplab.kernels.conv as conv_kernels
     from fastdeeplab.kernels import conv_bn_relu_packed, conv_bn_relu_reference, pack_weight
-    from fastdeeplab.kernels.conv import get_autotune_configs
 
-    configs = get_autotune_configs()
+    configs = gpu_configs(conv_kernels)
     has_residual = "residual" in inspect.signature(conv_bn_relu_packed).parameters
     cases = CONV_CASES + ([] if plan.dry_run else GPU_CONV_CASES)
     dev = plan.device
@@ -128,10 +132,10 @@ def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
 
 
 def _aspp_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
+    import fastdeeplab.kernels.aspp as aspp_kernels
     from fastdeeplab.kernels import aspp_project_packed, aspp_project_reference, pack_aspp_weight
-    from fastdeeplab.kernels.aspp import get_autotune_configs
 
-    configs = get_autotune_configs()
+    configs = gpu_configs(aspp_kernels)
     dev = plan.device
     turn = 0
     for n, cb, h, w, cout, relu in ASPP_CASES + ([] if plan.dry_run else GPU_ASPP_CASES):
@@ -164,6 +168,41 @@ def _aspp_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
                          config=_config_label(config), ok=False, message=error_text(exc))
 
 
+def _branch_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
+    import fastdeeplab.kernels.aspp as aspp_kernels
+    import fastdeeplab.kernels.reference as reference
+
+    if not hasattr(aspp_kernels, "aspp_branches_packed") or not hasattr(reference, "aspp_branches_reference"):
+        rows.row(kind="kernel", kernel="aspp_branches", skipped="no grouped ASPP launch in this checkout")
+        return
+    dev = plan.device
+    for n, cin, h, w, cb, rates in BRANCH_CASES + ([] if plan.dry_run else GPU_BRANCH_CASES):
+        cid = f"N{n}-C{cin}-H{h}-W{w}-Cb{cb}-r{'/'.join(map(str, rates))}"
+        for dtype_id in DTYPE_IDS:
+            if plan.left() < 5:
+                rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id, skipped="stage time limit")
+                continue
+            dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
+            start = time.perf_counter()
+            try:
+                x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+                weights = [(torch.randn(cb, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
+                           for k in (1, 3, 3, 3)]
+                biases = [0.5 * torch.randn(cb, device=dev) for _ in range(4)]
+                out = torch.full((4 * n, cb, h, w), float("nan"), device=dev, dtype=dtype)
+                out = out.contiguous(memory_format=torch.channels_last)
+                got = aspp_kernels.aspp_branches_packed(x, aspp_kernels.pack_aspp_branch_weights(weights),
+                                                        torch.cat(biases), rates, allow_tf32=allow_tf32, out=out)
+                synchronize(dev)
+                expected = torch.cat(reference.aspp_branches_reference(
+                    x.double(), [wt.double() for wt in weights], [b.double() for b in biases], rates))
+                _check(rows, "aspp_branches", cid, dtype_id, None, got, expected, atol, rtol,
+                       time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001
+                rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id, ok=False,
+                         message=error_text(exc))
+
+
 @torch.no_grad()
 def _whole_model(plan: Plan, rows: RowWriter) -> None:
     import fastdeeplab
@@ -174,7 +213,7 @@ def _whole_model(plan: Plan, rows: RowWriter) -> None:
     x, source = input_batch(max(h, w), n)
     x = x[:, :, :h, :w].contiguous().to(plan.device)
     for output_stride in plan.output_strides:
-        label = dict(kind="model", output_stride=output_stride, dtype="fp32 (TF32 off)",
+        label = dict(kind="model_check", output_stride=output_stride, dtype="fp32 (TF32 off)",
                      input=f"{n}x3x{h}x{w} {source}", optimize=f"backend='triton' {kwargs or ''}".strip())
         if plan.left() < 10:
             rows.row(**label, skipped="stage time limit")
@@ -202,5 +241,6 @@ def run(plan: Plan, rows: RowWriter) -> None:
     tolerances = _tolerances()
     _conv_cases(plan, rows, tolerances)
     _aspp_cases(plan, rows, tolerances)
+    _branch_cases(plan, rows, tolerances)
     _whole_model(plan, rows)
     print(f"correctness: done, {plan.left():.0f} s left", flush=True)

@@ -2,7 +2,8 @@
 
 The shapes are read off the model itself (forward pre-hooks on the meta device, OS16 and OS8), deduplicated
 (the stem, layer1 and layer2 are the same at both strides), and run in this order, so that the ones the
-issue names come first should the stage run out of time: the ASPP branches, the ASPP projection (the fused
+issue names come first should the stage run out of time: the ASPP branches (and, where the kernels have it,
+the grouped launch of all four against cuDNN's four convolutions), the ASPP projection (the fused
 :func:`~fastdeeplab.kernels.aspp_project` against the literal concatenation + 1×1 that torchvision runs),
 layer3/layer4 3×3, layer3/layer4 1×1, the head, then the stem, layer1 and layer2.
 
@@ -24,12 +25,22 @@ import torch
 
 from fastdeeplab.metrics import max_rel_error
 
-from .common import DTYPE_NAMES, Plan, RowWriter, error_text, measure_ms, peak_tflops, synchronize
+from .common import (
+    DTYPE_NAMES,
+    Plan,
+    RowWriter,
+    error_text,
+    gpu_configs,
+    measure_ms,
+    peak_tflops,
+    synchronize,
+)
 from .models import conv_layers
 
 __all__ = ["run", "shapes"]
 
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
+GROUPED = "ASPP branches (grouped)"
 
 
 def _category(name: str, k: int) -> tuple[int, str]:
@@ -59,16 +70,48 @@ def shapes(plan: Plan) -> list[dict[str, Any]]:
             entry = found.setdefault(key, dict(layer, label=label, priority=priority, names=[], strides=set()))
             entry["names"].append(layer["name"])
             entry["strides"].add(output_stride)
-    ordered = sorted(found.values(), key=lambda e: (e["priority"], -e["cin"] * e["k"] ** 2 * e["cout"] * e["h"] * e["w"]))
+    _add_grouped_branches(found)
+
+    def cost(e: dict) -> int:
+        return e["cin"] * e["k"] ** 2 * e["cout"] * e["h"] * e["w"]
+
+    ordered = sorted(found.values(), key=lambda e: (e["priority"], -cost(e)))
     for e in ordered:
         e["strides"] = sorted(e["strides"], reverse=True)
-    return ordered[: plan.kernel_max_shapes] if plan.kernel_max_shapes else ordered
+    if plan.kernel_max_shapes:  # the dry run: the cheapest 3x3, 1x1, projection and grouped-branch problems
+        kinds: dict = {}
+        for e in sorted(ordered, key=cost):
+            kinds.setdefault(e["label"] if e["label"] in ("ASPP projection", GROUPED) else e["k"], e)
+        ordered = list(kinds.values())[: plan.kernel_max_shapes]
+    return ordered
 
 
-def _make(entry: dict, batch: int, dtype: torch.dtype, device: torch.device):
-    """(triton call, cuDNN call, dense FLOPs) for one problem on seeded channels-last inputs."""
+def _add_grouped_branches(found: dict) -> None:
+    """Where the kernels have the grouped ASPP launch (its four branches in one kernel), one more problem per
+    output stride: that launch against cuDNN's four convolutions."""
+    import fastdeeplab.kernels.aspp as aspp_kernels
+
+    if not hasattr(aspp_kernels, "aspp_branches_packed"):
+        return
+    atrous = [e for e in found.values() if e["label"] == "ASPP 3x3"]
+    for one in [e for e in found.values() if e["label"] == "ASPP 1x1"]:
+        rates = sorted(e["dilation"] for e in atrous if (e["h"], e["w"], e["cin"]) == (one["h"], one["w"], one["cin"]))
+        if len(rates) != 3:
+            continue
+        key = ("grouped", one["cin"], one["cout"], one["h"], one["w"], *rates)
+        found[key] = dict(one, label=GROUPED, priority=0, k=3, padding=0, dilation=0,
+                          rates=tuple(rates), names=["classifier.0.convs.0-3"], strides=set(one["strides"]))
+
+
+def _make(entry: dict, batch: int, dtype: torch.dtype, plan: Plan):
+    """(triton call, cuDNN call, dense FLOPs) for one problem on seeded channels-last inputs. The Triton
+    launchers autotune on the GPU; in the dry run they take the first GPU config (under the interpreter)."""
+    import fastdeeplab.kernels.aspp as aspp_kernels
+    import fastdeeplab.kernels.conv as conv_kernels
+
     from fastdeeplab import kernels
 
+    device = plan.device
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -76,6 +119,19 @@ def _make(entry: dict, batch: int, dtype: torch.dtype, device: torch.device):
 
     cl = torch.channels_last
     cin, cout, h, w, k = entry["cin"], entry["cout"], entry["h"], entry["w"], entry["k"]
+    if entry["label"] == GROUPED:
+        from fastdeeplab.kernels.reference import aspp_branches_reference
+
+        x = rand(batch, cin, h, w).contiguous(memory_format=cl)
+        weights = [rand(cout, cin, kk, kk, scale=(2.0 / (kk * kk * cin)) ** 0.5) for kk in (1, 3, 3, 3)]
+        biases = [rand(cout, scale=0.1) for _ in range(4)]
+        packed = aspp_kernels.pack_aspp_branch_weights(weights)
+        bias = torch.cat(biases).float()
+        rates = entry["rates"]
+        config = {"config": gpu_configs(conv_kernels)[0]} if plan.dry_run else {}
+        flop = 2.0 * batch * h * w * cout * cin * 28
+        return (lambda: aspp_kernels.aspp_branches_packed(x, packed, bias, rates, **config),
+                lambda: torch.cat(aspp_branches_reference(x, weights, biases, rates)), flop)
     if entry["label"] == "ASPP projection":
         cb = cin // 5
         branches = [rand(batch, cb, h, w).relu().contiguous(memory_format=cl) for _ in range(4)]
@@ -84,7 +140,8 @@ def _make(entry: dict, batch: int, dtype: torch.dtype, device: torch.device):
         bias = rand(cout, scale=0.1).float()
         packed = kernels.pack_aspp_weight(weight)
         flop = 2.0 * batch * h * w * cout * cin
-        return (lambda: kernels.aspp_project_packed(branches, pooled, packed, bias, relu=True),
+        config = {"config": gpu_configs(aspp_kernels)[0]} if plan.dry_run else {}
+        return (lambda: kernels.aspp_project_packed(branches, pooled, packed, bias, relu=True, **config),
                 lambda: kernels.aspp_project_reference(branches, pooled, weight, bias.to(dtype), relu=True), flop)
     x = rand(batch, cin, h, w).contiguous(memory_format=cl)
     weight = rand(cout, cin, k, k, scale=(2.0 / (k * k * cin)) ** 0.5)
@@ -95,12 +152,15 @@ def _make(entry: dict, batch: int, dtype: torch.dtype, device: torch.device):
     ow = (w + 2 * entry["padding"] - entry["dilation"] * (k - 1) - 1) // entry["stride"] + 1
     flop = 2.0 * batch * oh * ow * cout * cin * k * k
     bias_t = bias.to(dtype)
-    return (lambda: kernels.conv_bn_relu_packed(x, packed, bias, kernel_size=k, relu=True, **geometry),
+    config = {"config": gpu_configs(conv_kernels)[0]} if plan.dry_run else {}
+    return (lambda: kernels.conv_bn_relu_packed(x, packed, bias, kernel_size=k, relu=True, **geometry, **config),
             lambda: kernels.conv_bn_relu_reference(x, weight, bias_t, relu=True, **geometry), flop)
 
 
 def _shape_text(entry: dict, batch: int) -> str:
     s = f"{batch}x{entry['cin']}x{entry['h']}x{entry['w']}->{entry['cout']} k{entry['k']}"
+    if "rates" in entry:
+        return f"{batch}x{entry['cin']}x{entry['h']}x{entry['w']}->4x{entry['cout']} 1x1+3x3 r{'/'.join(map(str, entry['rates']))}"
     if entry["stride"] != 1:
         s += f" s{entry['stride']}"
     if entry["dilation"] != 1:
@@ -128,7 +188,7 @@ def run(plan: Plan, rows: RowWriter) -> None:
                     rows.row(**label, skipped="no bfloat16 on this GPU")
                     continue
                 try:
-                    triton_call, cudnn_call, flop = _make(entry, batch, dtype, plan.device)
+                    triton_call, cudnn_call, flop = _make(entry, batch, dtype, plan)
                     start = time.perf_counter()
                     got = triton_call()
                     synchronize(plan.device)

@@ -5,7 +5,7 @@ are in the torch hub cache, else the bench suite's seeded random weights whose B
 photographs (``bench._impls.resolve_weights``: finite, O(1) logits, so fp16 does not overflow), and
 ``fastdeeplab.from_torchvision`` of it. In the dry run: a *tiny* DeepLabv3 with the same structure (stem,
 four bottleneck stages, ASPP with image pooling, the torchvision head) but narrow stages, so the Triton
-interpreter runs a whole model in seconds (3×3 stem, planes 8–64 instead of 64–512, 1/1/2/2 units); its torchvision twin is torchvision's ``DeepLabV3`` and
+interpreter runs a whole model in seconds (3×3 stem, planes 8–64 instead of 64–512, 1/1/1/2 units); its torchvision twin is torchvision's ``DeepLabV3`` and
 ``DeepLabHead`` around the same modules, loaded from the same state dict (strict).
 """
 
@@ -21,7 +21,7 @@ __all__ = ["ModelWeights", "conv_layers", "input_batch", "load_weights", "model_
 
 NUM_CLASSES = 21
 TINY_WIDTHS = (8, 16, 32, 64)  # bottleneck planes per stage (outputs 4x): ResNet-50 has 64, 128, 256, 512
-TINY_UNITS = (1, 1, 2, 2)  # ResNet-50: 3, 4, 6, 3
+TINY_UNITS = (1, 1, 1, 2)  # ResNet-50: 3, 4, 6, 3 (two units in layer4: a dilated unit at OS16)
 
 
 @dataclass

@@ -6,7 +6,8 @@ Rows, per output stride and batch:
 * ``torchvision fp32`` — torchvision eager in float32 with TF32 off: the **reference** every row's accuracy is
   measured against (max error relative to the logit scale, :func:`~fastdeeplab.metrics.max_rel_error`, and
   the share of pixels whose class agrees, :func:`~fastdeeplab.metrics.pixel_agreement`); timed too;
-* ``torchvision fp16`` — torchvision eager, float16, channels-last, ``cudnn.benchmark`` on: the baseline;
+* ``torchvision fp16`` — torchvision eager, float16, channels-last, ``cudnn.benchmark`` on: the baseline
+  (the dry run runs bfloat16 wherever this says float16: the CPU has no float16 convolutions to fuse);
 * ``optimize triton`` — ``fastdeeplab.optimize(model, backend="triton", dtype=float16)`` (per-layer dispatch
   ``"auto"`` where ``optimize`` has it; its report becomes the ``dispatch`` rows);
 * ``optimize triton + graph`` — the same model replayed from a CUDA graph (``optimize``'s own option where it
@@ -33,13 +34,26 @@ from torch import Tensor
 from fastdeeplab.metrics import logits_of, max_rel_error, pixel_agreement
 from fastdeeplab.timing import interleaved
 
-from .common import DTYPE_NAMES, GRAPH_OPTIONS, Plan, RowWriter, error_text, find_method, optimize_options, synchronize
+from .common import (
+    DTYPE_NAMES,
+    GRAPH_OPTIONS,
+    Plan,
+    RowWriter,
+    error_text,
+    find_method,
+    optimize_options,
+    synchronize,
+)
 from .models import input_batch, load_weights, model_pair
 
 __all__ = ["run"]
 
-BASELINE = "torchvision fp16"
 REFERENCE = "torchvision fp32"
+
+
+def baseline(plan: Plan) -> str:
+    """The row the speed-ups are taken against: torchvision eager in the plan's dtype (fp16 on the GPU)."""
+    return f"torchvision {DTYPE_NAMES[plan.dtype]}"
 
 
 def _captured(model: torch.nn.Module, x: Tensor) -> Callable[[], Tensor]:
@@ -72,7 +86,7 @@ class Setting:
         dev, dtype = plan.device, plan.dtype
         tv, ours = model_pair(weights, output_stride)
         self.tv32 = tv.to(dev)
-        self.tv16 = copy.deepcopy(tv).to(dev, dtype).to(memory_format=torch.channels_last)
+        self.tv_fast = copy.deepcopy(tv).to(dev, dtype).to(memory_format=torch.channels_last)
         ours = ours.to(dev)
         self.notes: dict[str, list[str]] = {}
         self.errors: dict[str, str] = {}
@@ -102,7 +116,7 @@ class Setting:
         plan = self.plan
         out: dict[str, Callable[[], Tensor] | str] = {
             REFERENCE: lambda: self.tv32(x32)["out"],
-            BASELINE: lambda: self.tv16(x)["out"],
+            baseline(plan): lambda: self.tv_fast(x)["out"],
         }
         for name, model in (("optimize triton", self.triton), ("optimize torch", self.torch)):
             out[name] = self.errors.get(name) or (lambda m=model: m(x)["out"])
@@ -120,7 +134,7 @@ class Setting:
             out[self.compile_label] = f"skipped: {plan.left():.0f} s left in the stage, a compile is given {needed:.0f} s"
         else:
             if self.compiled is None:
-                self.compiled = torch.compile(self.tv16, backend=plan.compile_backend, mode=plan.compile_mode)
+                self.compiled = torch.compile(self.tv_fast, backend=plan.compile_backend, mode=plan.compile_mode)
             out[self.compile_label] = lambda: self.compiled(x)["out"]
         return out
 
@@ -137,7 +151,12 @@ def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) 
         synchronize(dev)
         ref_labels = reference.argmax(1)
         ready: dict[str, Callable[[], Tensor]] = {}
-        first: dict[str, dict] = {}
+        info_of: dict[str, dict] = {}
+        first_s: dict[str, float] = {}
+        last: dict[str, Tensor] = {}
+        # On the GPU each call's first run (autotuning, dispatch timing, compilation, capture) is untimed; the
+        # dry run has one round and no separate first run (each interpreted forward costs seconds).
+        warm_first = dev.type == "cuda"
         for name, call in setting.calls(x32, x).items():
             dtype = "fp32 (TF32 off)" if name == REFERENCE else DTYPE_NAMES[plan.dtype]
             info = dict(common, impl=name, dtype=dtype, note="; ".join(setting.notes.get(name, [])) or None)
@@ -151,27 +170,43 @@ def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) 
                 rows.row(**info, skipped="stage time limit")
                 continue
             try:
-                start = time.perf_counter()
-                result = call()
-                if callable(result):  # the CUDA graph: the first call captured it; run it once
-                    call = result
+                if warm_first:
+                    start = time.perf_counter()
                     result = call()
-                synchronize(dev)
-                first_s = time.perf_counter() - start
-                logits = result.float()
-                first[name] = dict(info, first_call_s=round(first_s, 3), max_rel_error=max_rel_error(logits, reference),
-                                   pixel_agreement=pixel_agreement(logits.argmax(1), ref_labels))
-                ready[name] = call
+                    if callable(result):  # the CUDA graph: the first call captured it; replay it once
+                        call = result
+                        result = call()
+                    synchronize(dev)
+                    first_s[name] = time.perf_counter() - start
+                    last[name] = result
+                ready[name], info_of[name] = call, info
             except Exception as exc:  # noqa: BLE001
                 rows.row(**info, ok=False, message=error_text(exc))
         if not ready:
             return
-        timings = interleaved(ready, rounds=plan.rounds, warmup=0, device=dev)
+
+        def keeping(name: str, call: Callable[[], Tensor]) -> Callable[[], None]:
+            def run() -> None:
+                last[name] = call()
+            return run
+
+        try:
+            timings = interleaved({n: keeping(n, c) for n, c in ready.items()}, rounds=plan.rounds, warmup=0,
+                                  device=dev)
+        except Exception as exc:  # noqa: BLE001 (e.g. out of memory at batch 8: the setting's rows say so)
+            message = error_text(exc)
+            for name in ready:
+                rows.row(**info_of[name], ok=False, message=f"while timing: {message}")
+            return
+    base = baseline(plan)
     for name in ready:
         s = timings.spread(name)
-        ratio = timings.ratio(BASELINE, name).median if BASELINE in ready else None
-        rows.row(**first[name], median_ms=s.median * 1e3, q1_ms=s.q1 * 1e3, q3_ms=s.q3 * 1e3, rounds=s.n,
-                 images_per_s=batch / s.median, speedup=ratio)
+        logits = last[name].float()
+        rows.row(**info_of[name], first_call_s=round(first_s.get(name, timings.samples[name][0]), 3),
+                 max_rel_error=max_rel_error(logits, reference),
+                 pixel_agreement=pixel_agreement(logits.argmax(1), ref_labels),
+                 median_ms=s.median * 1e3, q1_ms=s.q1 * 1e3, q3_ms=s.q3 * 1e3, rounds=s.n,
+                 images_per_s=batch / s.median, speedup=timings.ratio(base, name).median if base in ready else None)
 
 
 def _dispatch_rows(setting: Setting, rows: RowWriter) -> None:
