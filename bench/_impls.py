@@ -248,24 +248,30 @@ class _TorchvisionOut(nn.Module):
 
 def _export_torchvision(reference: nn.Module, s: Setting) -> Path:
     """What a user without fastdeeplab does: ``torch.onnx.export`` of torchvision's own model (BatchNorm
-    left to the runtime to fold, dynamic batch/height/width), once per setting."""
+    left to the runtime to fold, dynamic batch/height/width), once per setting. The TorchScript exporter
+    (``dynamo=False``, 2-3x faster to export here) where this torch still has it, else the dynamo one."""
     def make() -> Path:
-        from torch.export import Dim
-
-        _require("onnx", "onnx")
-        _require("onnxscript", "onnx")
-        path = s.workdir / f"torchvision-os{s.output_stride}-{s.resolution}.onnx"
-        x = torch.zeros(2, 3, s.resolution, s.resolution)
-        dims = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=33, max=4096),
-                3: Dim("width", min=33, max=4096)}
         import warnings
 
+        _require("onnx", "onnx")
+        path = s.workdir / f"torchvision-os{s.output_stride}-{s.resolution}.onnx"
+        model = _TorchvisionOut(copy.deepcopy(reference).cpu().float()).eval()
+        x = torch.zeros(1, 3, s.resolution, s.resolution)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_TorchvisionOut(copy.deepcopy(reference).cpu().float().eval()), (x,), str(path),
-                              dynamo=True, input_names=["input"], output_names=["out"],
-                              dynamic_shapes=({k: v for k, v in dims.items()},), external_data=False,
-                              verbose=False)
+            try:
+                torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["out"],
+                                  dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
+                                                "out": {0: "batch", 2: "height", 3: "width"}}, opset_version=17)
+            except Exception:  # no TorchScript exporter in this torch: the dynamo one
+                from torch.export import Dim
+
+                _require("onnxscript", "onnx")
+                dims = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=33, max=4096),
+                        3: Dim("width", min=33, max=4096)}
+                torch.onnx.export(model, (torch.zeros(2, 3, s.resolution, s.resolution),), str(path), dynamo=True,
+                                  input_names=["input"], output_names=["out"], dynamic_shapes=(dims,),
+                                  external_data=False, verbose=False)
         return path
     return s.shared_artifact("torchvision.onnx", make)
 

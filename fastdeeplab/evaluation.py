@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .metrics import ConfusionMatrix, logits_of
 
-__all__ = ["PAPER_SCALES", "build_inference_model", "configure_parser", "evaluate", "model_logits", "run", "segment"]
+__all__ = ["PAPER_SCALES", "as_device", "build_inference_model", "configure_parser", "evaluate", "model_logits", "run",
+           "segment"]
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 """The input scales of the paper's multi-scale inference (§4.2, Table 6)."""
@@ -97,6 +98,14 @@ def _groups_of_equal_size(images: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def as_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or a ``ValueError`` that lists what is accepted (torch lists 20 device types)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
@@ -133,7 +142,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     scales = _check_scales(scales)
-    run_device = torch.device(device) if device is not None else _model_device(model)
+    run_device = as_device(device) if device is not None else _model_device(model)
     if device is not None and _model_device(model) != run_device:
         model.to(run_device)
     param = next(iter(model.parameters()), None)

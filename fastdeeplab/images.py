@@ -74,6 +74,10 @@ def sample_images(size: int | tuple[int, int] = 513, count: int | None = None,
     names: list[str] = []
     images: list[Image.Image] = []
     if folder is not None:
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise NotADirectoryError(f"image folder {folder}: Not a directory")
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"image folder not found: {folder}")
         files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found in {folder}")

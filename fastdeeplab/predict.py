@@ -25,7 +25,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .data.palette import CITYSCAPES_PALETTE, colorize, overlay, voc_palette
-from .evaluation import _add_model_arguments, _device, build_inference_model, segment
+from .evaluation import _add_model_arguments, _device, as_device, build_inference_model, segment
 from .images import load_image, normalize
 
 __all__ = ["PALETTES", "check_outputs", "configure_parser", "predict_mask", "run", "write_prediction"]
@@ -41,7 +41,7 @@ def predict_mask(model: nn.Module, image: Image.Image, *, scales: Sequence[float
     The model should be in eval mode.
     """
     param = next(iter(model.parameters()), None)
-    run_device = torch.device(device) if device is not None else (param.device if param is not None else "cpu")
+    run_device = as_device(device) if device is not None else (param.device if param is not None else "cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = normalize(image)[None].to(run_device, dtype)
     classes = segment(model, x, scales=scales, flip=flip).argmax(1)[0].cpu().numpy()

@@ -47,7 +47,7 @@ from ._utils import (
     resolve_input_precision,
     wrap_kernel,
 )
-from .conv import WORK_SLACK, conv_tile, grouped_tile, num_m_tiles
+from .conv import WORK_SLACK, conv_tile, ensure_tma_allocator, grouped_tile, num_m_tiles, tma_eligible
 from .conv import get_autotune_configs as get_branch_configs
 from .work import ConvGeometry, executed_macs, tiling_of
 
@@ -308,7 +308,7 @@ def _aspp_branches_kernel(
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # as in the conv kernel
     # Meta-parameters (the conv kernel's)
     BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, RASTER: tl.constexpr,
+    GROUP_M: tl.constexpr, RASTER: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Grid axis 1 is the branch. Blocks are issued in linear order, so the heaviest branch (the smallest
     # rate, fewest dead taps) goes first and the 1×1 branch (1/9 of a 3×3's work) last.
@@ -328,7 +328,7 @@ def _aspp_branches_kernel(
               stride_xn, stride_xh, stride_xw, 0, 0, 0, stride_on, stride_oh, stride_ow,
               1, 1, pad, pad, dil, dil, ks, ks, 3, 3,
               HAS_BIAS, False, APPLY_RELU, False, INPUT_PRECISION, DOT_IN_FP32,
-              RASTER, BLOCK_OH, BLOCK_OW, BLOCK_N, BLOCK_K)
+              RASTER, BLOCK_OH, BLOCK_OW, BLOCK_N, BLOCK_K, USE_TMA)
 
 
 def _branch_geometries(a: dict) -> list[ConvGeometry]:
@@ -340,7 +340,9 @@ def prune_branches_by_executed_work(configs: list, named_args: dict, **kwargs) -
     """Like :func:`fastdeeplab.kernels.conv.prune_by_executed_work`, summed over the four branches."""
     if len(configs) <= 1:
         return configs
-    geoms = _branch_geometries({**named_args, **kwargs})
+    a = {**named_args, **kwargs}
+    configs = tma_eligible(configs, a, stride=(1, 1), channels=(a["C_IN"], a["CB"]))
+    geoms = _branch_geometries(a)
     work = [sum(executed_macs(g, tiling_of(c.kwargs)) for g in geoms) for c in configs]
     best = min(work)
     return [c for c, w in zip(configs, work) if w <= WORK_SLACK * best]
@@ -422,8 +424,10 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
         kernel = _aspp_branches_kernel
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         meta.setdefault("RASTER", False)
+        meta.setdefault("USE_TMA", False)
     else:
         kernel, meta = _aspp_branches_autotuned, {}
+    ensure_tma_allocator(x, config is None or meta["USE_TMA"])
     with launch_guard(x):
         wrap_kernel(kernel)[grid](
             x, packed_weight, bias if bias is not None else out, out,

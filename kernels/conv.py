@@ -81,22 +81,29 @@ __all__ = [
 WORK_SLACK = 1.25
 
 
-def _config(oh: int, ow: int, bn: int, bk: int, warps: int, stages: int, raster: bool) -> triton.Config:
+def _config(oh: int, ow: int, bn: int, bk: int, warps: int, stages: int, raster: bool,
+            tma: bool = False) -> triton.Config:
     return triton.Config({"BLOCK_OH": oh, "BLOCK_OW": ow, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                          "RASTER": raster}, num_warps=warps, num_stages=stages)
+                          "RASTER": raster, "USE_TMA": tma}, num_warps=warps, num_stages=stages)
+
+
+def tma_available() -> bool:
+    """Whether the installed Triton has device-side TMA tensor descriptors (``tl.make_tensor_descriptor``)."""
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
 def get_autotune_configs(*, for_interpreter: bool | None = None, kind: str = "all") -> list[triton.Config]:
     """The tilings the autotuner chooses from, one ``triton.Config`` each.
 
-    ``kind``: ``"spatial"``, ``"raster"`` or ``"all"`` (spatial first, so index 0 stays the 8×8×128 tile).
+    ``kind``: ``"spatial"``, ``"raster"``, ``"tma"`` or ``"all"`` (spatial first, so index 0 stays the 8×8×128
+    tile; ``"all"`` ends with the TMA configs where :func:`tma_available`; the prune drops them off Hopper).
     Every GPU config compiles with zero register spills and uses tensor cores (``mma.sync`` on sm_80,
     ``wgmma`` on sm_90) for float16, bfloat16 and TF32; ``python -m fastdeeplab.kernels.aot`` checks it.
     Under the Triton interpreter (``for_interpreter``, default: whether ``TRITON_INTERPRET`` is set) the list
     holds the single :func:`get_interpreter_config`, so no time goes into "benchmarking" on the CPU.
     """
-    if kind not in ("all", "spatial", "raster"):
-        raise ValueError(f"kind must be 'all', 'spatial' or 'raster', got {kind!r}")
+    if kind not in ("all", "spatial", "raster", "tma"):
+        raise ValueError(f"kind must be 'all', 'spatial', 'raster' or 'tma', got {kind!r}")
     if for_interpreter is None:
         for_interpreter = interpreting()
     if for_interpreter:
@@ -121,6 +128,10 @@ def get_autotune_configs(*, for_interpreter: bool | None = None, kind: str = "al
         out += [_config(*t, raster=False) for t in spatial]
     if kind in ("all", "raster"):
         out += [_config(*t, raster=True) for t in raster]
+    # Hopper TMA: spatial tiles whose A box is [1, BLOCK_OH, BLOCK_OW, BLOCK_K] of the NHWC input
+    tma = [(8, 8, 128, 64, 4, 3), (8, 16, 128, 32, 8, 3)]
+    if kind in ("all", "tma") and tma_available():
+        out += [_config(*t, raster=False, tma=True) for t in tma]
     return out
 
 
@@ -128,7 +139,8 @@ def get_interpreter_config(*, raster: bool = False) -> triton.Config:
     """The config used under ``TRITON_INTERPRET=1``: small and non-square (spatial 4×8, raster 32 rows), so
     CPU tests cover partial tiles, several output-channel tiles and several channel blocks."""
     return triton.Config({"BLOCK_OH": 1 if raster else 4, "BLOCK_OW": 32 if raster else 8, "BLOCK_N": 32,
-                          "BLOCK_K": 16, "GROUP_M": 2, "RASTER": raster}, num_warps=4, num_stages=1)
+                          "BLOCK_K": 16, "GROUP_M": 2, "RASTER": raster, "USE_TMA": False}, num_warps=4,
+                         num_stages=1)
 
 
 def prune_by_executed_work(configs: list, named_args: dict, **kwargs) -> list:
@@ -138,6 +150,7 @@ def prune_by_executed_work(configs: list, named_args: dict, **kwargs) -> list:
     if len(configs) <= 1:
         return configs
     a = {**named_args, **kwargs}
+    configs = tma_eligible(configs, a, stride=(a["STRIDE_H"], a["STRIDE_W"]), channels=(a["C_IN"], a["C_OUT"]))
     g = ConvGeometry(n=a["N"], cin=a["C_IN"], h=a["H"], w=a["W"], cout=a["C_OUT"], k=a["KH"],
                      stride=a["STRIDE_H"], dilation=a["DIL_H"], padding=a["PAD_H"])
     if a["KH"] != a["KW"] or a["STRIDE_H"] != a["STRIDE_W"] or a["DIL_H"] != a["DIL_W"] or a["PAD_H"] != a["PAD_W"]:
@@ -145,6 +158,34 @@ def prune_by_executed_work(configs: list, named_args: dict, **kwargs) -> list:
     work = [executed_macs(g, tiling_of(c.kwargs)) for c in configs]
     best = min(work)
     return [c for c, w in zip(configs, work) if w <= WORK_SLACK * best]
+
+
+def tma_eligible(configs: list, args: dict, *, stride: tuple[int, int], channels: tuple[int, ...]) -> list:
+    """Drop the TMA configs unless the device is sm_90+, the conv has stride 1 and every row of the NHWC
+    input and packed weight is 16-byte aligned (TMA's stride rule)."""
+    x = args.get("x_ptr")
+    elem = x.element_size() if hasattr(x, "element_size") else 2
+    device = args.get("DEVICE_KEY", -1)
+    ok = (stride == (1, 1) and all(c * elem % 16 == 0 for c in channels) and device >= 0
+          and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9)
+    kept = [c for c in configs if ok or not c.kwargs.get("USE_TMA", False)]
+    return kept or configs[:1]
+
+
+def ensure_tma_allocator(x: Tensor, config_may_use_tma: bool) -> None:
+    """Device-side tensor descriptors need a global scratch allocator (``triton.set_allocator``), set once."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET or not config_may_use_tma or x.device.type != "cuda" or not tma_available():
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+    _ALLOCATOR_SET = True
+
+
+_ALLOCATOR_SET = False
 
 
 @triton.jit
@@ -187,7 +228,7 @@ def conv_tile(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr, COUNT_TAPS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     RASTER: tl.constexpr, BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program's ``BLOCK_M × BLOCK_N`` output tile: the K loop over live taps and channel blocks, then
     the epilogue (bias, residual, ReLU, cast, store). Shared by the conv and grouped-ASPP kernels."""
@@ -272,6 +313,14 @@ def conv_tile(
     tap_step_h = DIL_H * stride_xh
     tap_step_w = DIL_W * stride_xw
 
+    if USE_TMA:
+        # Hopper: A and B tiles through TMA tensor descriptors (stride-1 spatial tiles only; see
+        # prune_by_executed_work). A box that reaches past the map reads zeros, which replaces the masks of
+        # dead pixels; channels past C_IN read zeros too, so the B rows they meet (the next tap's) add nothing.
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C_IN], strides=[stride_xn, stride_xh, stride_xw, 1],
+                                           block_shape=[1, BLOCK_OH, BLOCK_OW, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KS_H * KS_W * C_IN, C_OUT], strides=[C_OUT, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     taps = 0
     for it in range(0, n_iters):
@@ -284,10 +333,15 @@ def conv_tile(
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c = c0 + rk
         c_ok = c < C_IN
-        a = tl.load(x_tile + (x_rows + (dkh * tap_step_h + dkw * tap_step_w))[:, None] + c[None, :],
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        w_rows = ((kh_lo + dkh) * KS_W + (kw_lo + dkw)) * C_IN + c
-        b = tl.load(w_cols + w_rows[:, None] * C_OUT, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if USE_TMA:
+            a = x_desc.load([img, oh_first - PAD_H + (kh_lo + dkh) * DIL_H, ow_first - PAD_W + (kw_lo + dkw) * DIL_W,
+                             c0]).reshape(BLOCK_M, BLOCK_K)
+            b = w_desc.load([((kh_lo + dkh) * KS_W + (kw_lo + dkw)) * C_IN + c0, pid_n * BLOCK_N])
+        else:
+            a = tl.load(x_tile + (x_rows + (dkh * tap_step_h + dkw * tap_step_w))[:, None] + c[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            w_rows = ((kh_lo + dkh) * KS_W + (kw_lo + dkw)) * C_IN + c
+            b = tl.load(w_cols + w_rows[:, None] * C_OUT, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -345,6 +399,7 @@ def _conv_bn_relu_kernel(
     BLOCK_K: tl.constexpr,  # input channels per K step
     GROUP_M: tl.constexpr,  # M tiles per L2 swizzle group
     RASTER: tl.constexpr,  # raster-order M tiles (True) or BLOCK_OH × BLOCK_OW spatial patches (False)
+    USE_TMA: tl.constexpr,  # load A and B through TMA tensor descriptors (sm_90+, stride 1, spatial tiles)
 ):
     pid = tl.program_id(0)
     num_pid_m = num_m_tiles(N, OH, OW, RASTER, BLOCK_OH, BLOCK_OW)
@@ -355,7 +410,7 @@ def _conv_bn_relu_kernel(
               stride_xn, stride_xh, stride_xw, stride_rn, stride_rh, stride_rw, stride_on, stride_oh, stride_ow,
               STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, KH, KW,
               HAS_BIAS, HAS_RESIDUAL, APPLY_RELU, COUNT_TAPS, INPUT_PRECISION, DOT_IN_FP32,
-              RASTER, BLOCK_OH, BLOCK_OW, BLOCK_N, BLOCK_K)
+              RASTER, BLOCK_OH, BLOCK_OW, BLOCK_N, BLOCK_K, USE_TMA)
 
 
 AUTOTUNE_KEY = ["C_IN", "C_OUT", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "M_BUCKET", "DEVICE_KEY"]
@@ -528,6 +583,9 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
     if config is not None:
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         meta.setdefault("RASTER", False)
+        meta.setdefault("USE_TMA", False)
+        if meta["USE_TMA"] and (sh, sw) != (1, 1):
+            raise ValueError("TMA configs run stride-1 convolutions only")
         if return_tap_counts:
             counts = torch.full(grid(meta), -1, dtype=torch.int32, device=x.device)
         kernel = _conv_bn_relu_kernel
@@ -535,6 +593,7 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
         kernel = _conv1x1_autotuned if (kh, kw) == (1, 1) else _conv_autotuned
         meta = {}
     res = residual if residual is not None else out
+    ensure_tma_allocator(x, config is None or meta["USE_TMA"])
     with launch_guard(x):
         wrap_kernel(kernel)[grid](
             x, packed_weight, bias if bias is not None else out, res, out, counts if counts is not None else out,

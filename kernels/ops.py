@@ -64,7 +64,7 @@ def _interpreter_config(x: Tensor, *, raster: bool = False):
     import triton
 
     tile = {"BLOCK_OH": 1, "BLOCK_OW": 64} if raster else {"BLOCK_OH": 8, "BLOCK_OW": 8}
-    return triton.Config({**tile, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8, "RASTER": raster},
+    return triton.Config({**tile, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8, "RASTER": raster, "USE_TMA": False},
                          num_warps=4, num_stages=1)
 
 

@@ -153,7 +153,8 @@ class Driver:
         limit = entry["limit_s"]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--rows", str(rows_path),
                "--deadline", str(time.time() + limit), *(["--dry-run"] if self.dry_run else []), str(self.outdir)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the per-layer dispatch decisions are measured afresh in this run, not read from an earlier one's cache
+        env = dict(os.environ, PYTHONUNBUFFERED="1", FASTDEEPLAB_CACHE_DIR=str(workdir / "fastdeeplab-cache"))
         if self.dry_run:
             env["TRITON_INTERPRET"] = "1"
         self.say(f"stage {name}: started (limit {limit} s)")

@@ -24,7 +24,7 @@ KINDS = ("clear error", "correct", "unclear error", "silent result", "wrong resu
 
 
 def _cell(text: str, limit: int = 220) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
+    text = " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             outcome = run_case(case, Path(tmp))
-            outcome.message = outcome.message.replace(os.path.realpath(tmp), "<tmp>").replace(tmp, "<tmp>")
+            outcome.message = outcome.message.replace(os.path.realpath(tmp), "$TMP").replace(tmp, "$TMP")
         rows.append((case, outcome))
         print(f"{outcome.kind:>13}  {case.id}", file=sys.stderr, flush=True)
     totals = Counter(o.kind for _, o in rows)

@@ -489,6 +489,18 @@ def _model_cases() -> list[Case]:
     ]
 
 
+def _sample_images(**kw):
+    from fastdeeplab.images import sample_images
+
+    return sample_images(33, **kw)
+
+
+def _load_image(path):
+    from fastdeeplab.images import load_image
+
+    return load_image(path)
+
+
 def _input_cases() -> list[Case]:
     area = "model input"
 
@@ -513,6 +525,15 @@ def _input_cases() -> list[Case]:
         Case("in-tiny", area, "8x8, below the output stride", call(torch.randn(1, 3, 8, 8)), ValueError,
              "smaller than the output stride"),
         Case("in-list", area, "a list instead of a tensor", call([[1.0]]), TypeError, "torch.Tensor"),
+        Case("images-folder-file", area, "sample_images(folder=<a file>)",
+             lambda t: _sample_images(folder=_photo(t)), NotADirectoryError, "not a directory"),
+        Case("images-folder-missing", area, "sample_images(folder=missing/)",
+             lambda t: _sample_images(folder=t / "missing"), FileNotFoundError, "image folder not found"),
+        Case("load-image-dir", area, "load_image(<a folder>)", lambda t: _load_image(t), IsADirectoryError,
+             "is a directory"),
+        Case("eval-api-device-tpu", area, 'fastdeeplab.evaluate(..., device="tpu")',
+             lambda t: fastdeeplab.evaluate(model(), [], device="tpu", progress=False), ValueError,
+             "unknown device 'tpu'; expected 'cpu', 'cuda'"),
         Case("eval-api-scales-nan", area, "fastdeeplab.evaluate(..., scales=[nan])",
              lambda t: fastdeeplab.evaluate(model(), [], scales=[float("nan")], progress=False), ValueError,
              "scales must be finite positive"),

@@ -116,8 +116,8 @@ class RuntimeModel(nn.Module):
         return super().train(False)
 
     def __prepare_scriptable__(self) -> RuntimeModel:  # called by torch.jit.script
-        raise RuntimeError(f"torch.jit.script cannot compile this {type(self).__name__}: it runs a "
-                           f"{self.backend} session, not TorchScript. Script the eager model instead "
+        raise RuntimeError(f"torch.jit.script cannot compile this {type(self).__name__}: it holds a "
+                           f"session of the {self.backend} backend, not TorchScript. Script the eager model instead "
                            "(torch.jit.script(model)), or deploy the ONNX file of "
                            "fastdeeplab.export_onnx(model, 'model.onnx') with the runtime itself")
 

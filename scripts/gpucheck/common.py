@@ -17,7 +17,7 @@ import torch
 
 from fastdeeplab.timing import Spread, spread, time_call, time_cuda
 
-__all__ = ["DTYPE_NAMES", "GRAPH_OPTIONS", "Plan", "RowWriter", "error_text", "find_method", "gpu_configs",
+__all__ = ["DTYPE_NAMES", "Plan", "RowWriter", "error_text", "find_method", "gpu_configs",
            "measure_ms", "optimize_options", "peak_tflops", "synchronize"]
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -49,6 +49,7 @@ class Plan:
     compile_backend: str  # torch.compile backend: "inductor" on the GPU, "eager" in the dry run (seconds)
     compile_mode: str | None
     compile_s: float  # what one torch.compile is given: it is skipped when less time is left
+    compile_batches: tuple[int, ...]  # batch sizes compiled for (each new one is a recompile)
 
     @classmethod
     def make(cls, dry_run: bool, deadline: float | None) -> Plan:
@@ -58,14 +59,14 @@ class Plan:
                        kernel_resolution=33, kernel_batches=(1,), kernel_dtypes=(torch.bfloat16,),
                        kernel_max_shapes=4, warmup_ms=0, rep_ms=0, model="tiny", resolution=17, batches=(1,),
                        output_strides=(16, 8), dtype=torch.bfloat16, rounds=1, compile_backend="eager",
-                       compile_mode=None, compile_s=30)
+                       compile_mode=None, compile_s=30, compile_batches=(1,))
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA GPU here: run with --dry-run on a CPU")
         return cls(dry_run=False, deadline=deadline, device=torch.device("cuda"), check_input=(2, 3, 97, 129),
                    kernel_resolution=513, kernel_batches=(1, 8), kernel_dtypes=(torch.float16, torch.bfloat16),
                    kernel_max_shapes=None, warmup_ms=10, rep_ms=40, model="resnet50", resolution=513,
                    batches=(1, 8), output_strides=(16, 8), dtype=torch.float16, rounds=15,
-                   compile_backend="inductor", compile_mode="default", compile_s=60)
+                   compile_backend="inductor", compile_mode="default", compile_s=60, compile_batches=(8,))
 
     def left(self) -> float:
         """Seconds until the stage's deadline."""
@@ -146,14 +147,11 @@ def find_method(obj: object, *names: str) -> str | None:
     return next((n for n in names if callable(getattr(obj, n, None))), None)
 
 
-GRAPH_OPTIONS = ("cuda_graph", "cuda_graphs", "graphs", "capture_graph", "use_cuda_graph")
-
-
-def optimize_options(*, dispatch: str | None = None, cuda_graph: bool = False) -> tuple[dict[str, Any], list[str]]:
+def optimize_options(*, dispatch: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Keyword arguments for ``fastdeeplab.optimize`` that this checkout supports, and notes on what it lacks.
 
     ``dispatch``: the per-layer Triton/cuDNN choice (``"triton"`` forces the kernels everywhere, ``"auto"``
-    measures). ``cuda_graph``: ask ``optimize`` to capture a CUDA graph, where it can.
+    measures each layer against cuDNN once).
     """
     import fastdeeplab
 
@@ -165,10 +163,4 @@ def optimize_options(*, dispatch: str | None = None, cuda_graph: bool = False) -
             kwargs["dispatch"] = dispatch
         else:
             notes.append("per-layer dispatch: not available in this checkout (Triton everywhere)")
-    if cuda_graph:
-        name = next((n for n in GRAPH_OPTIONS if n in params), None)
-        if name:
-            kwargs[name] = True
-        else:
-            notes.append("optimize() has no CUDA-graph option: captured here with torch.cuda.graph")
     return kwargs, notes

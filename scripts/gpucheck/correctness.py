@@ -82,6 +82,16 @@ def _check(rows: RowWriter, kernel: str, case: str, dtype_id: str, config, got: 
              message=message, seconds=round(seconds, 3))
 
 
+def _eligible(conv_kernels, configs: list, x: torch.Tensor, stride: int, channels: tuple[int, ...]) -> list:
+    """The configs the autotuner itself would consider here: TMA tilings need sm_90, stride 1 and 16-byte
+    aligned rows (``kernels.conv.tma_eligible``, where the kernels have TMA configs)."""
+    keep = getattr(conv_kernels, "tma_eligible", None)
+    if keep is None:
+        return configs
+    device = x.device.index if x.device.type == "cuda" and x.device.index is not None else -1
+    return keep(configs, {"x_ptr": x, "DEVICE_KEY": device}, stride=(stride, stride), channels=channels)
+
+
 def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
     import fastdeeplab.kernels.conv as conv_kernels
     from fastdeeplab.kernels import conv_bn_relu_packed, conv_bn_relu_reference, pack_weight
@@ -102,11 +112,12 @@ def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
                 rows.row(kind="kernel", kernel="conv_bn_relu", case=cid, dtype=dtype_id, skipped="stage time limit")
                 continue
             dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
-            config = configs[turn % len(configs)]
+            x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+            eligible = _eligible(conv_kernels, configs, x, stride, (cin, cout))
+            config = eligible[turn % len(eligible)]
             turn += 1
             start = time.perf_counter()
             try:
-                x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
                 weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
                 bias = 0.5 * torch.randn(cout, device=dev)
                 oh, ow = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
