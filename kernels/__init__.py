@@ -7,6 +7,10 @@ stubs that raise ``ImportError`` (naming ``pip install 'fastdeeplab[triton]'``) 
 
 >>> from fastdeeplab.kernels import fold_bn, conv_bn_relu_reference   # torch only
 >>> from fastdeeplab.kernels import conv_bn_relu, aspp_project          # Triton kernels (lazy)
+
+Submodules: ``conv`` (implicit-GEMM conv + bias + residual + ReLU, spatial/raster/TMA tilings), ``aspp``
+(grouped ASPP branches, fused projection), ``ops`` (the torch custom ops), ``dispatch`` (per-layer
+Triton-vs-cuDNN choice), ``work`` (the executed-work model), ``reference`` (the PyTorch twins), ``aot``.
 """
 
 from __future__ import annotations
@@ -17,28 +21,34 @@ from typing import TYPE_CHECKING, Any
 from ._utils import TRITON_EXTRA_HINT, triton_available
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .aspp import aspp_project, aspp_project_packed, pack_aspp_weight
+    from .aspp import aspp_branches_packed, aspp_project, aspp_project_packed, pack_aspp_branch_weights, pack_aspp_weight
     from .conv import TapCounts, conv_bn_relu, conv_bn_relu_packed, pack_weight
     from .reference import (
+        aspp_branches_reference,
         aspp_project_reference,
         conv_bn_relu_module_reference,
         conv_bn_relu_reference,
         fold_bn,
     )
 
-_REFERENCE = ("fold_bn", "conv_bn_relu_reference", "conv_bn_relu_module_reference", "aspp_project_reference")
+_REFERENCE = ("fold_bn", "conv_bn_relu_reference", "conv_bn_relu_module_reference", "aspp_project_reference",
+              "aspp_branches_reference")
 _TRITON = {
     "conv_bn_relu": "conv",
     "conv_bn_relu_packed": "conv",
     "pack_weight": "conv",
     "TapCounts": "conv",
     "aspp_project": "aspp",
+    "aspp_branches_packed": "aspp",
+    "pack_aspp_branch_weights": "aspp",
     "aspp_project_packed": "aspp",
     "pack_aspp_weight": "aspp",
 }
 
 __all__ = [
     "TapCounts",
+    "aspp_branches_packed",
+    "aspp_branches_reference",
     "aspp_project",
     "aspp_project_packed",
     "aspp_project_reference",
@@ -47,6 +57,7 @@ __all__ = [
     "conv_bn_relu_packed",
     "conv_bn_relu_reference",
     "fold_bn",
+    "pack_aspp_branch_weights",
     "pack_aspp_weight",
     "pack_weight",
     "triton_available",

@@ -145,3 +145,27 @@ def wrap_kernel(kernel):
     if wrap is None or interpreting():
         return kernel
     return wrap(kernel)
+
+
+def patch_interpreter_indices() -> bool:
+    """Triton < 3.7's interpreter turns a scalar tensor into a Python index with ``int(array)``, but its
+    scalars are 1-element arrays, which NumPy 2 refuses (the kernels' ``range(0, n_iters)`` fails); Triton
+    3.8 squeezes first. Under ``TRITON_INTERPRET=1`` the kernel modules apply the same squeeze on import.
+    Compiled kernels are unaffected. Returns whether it patched anything."""
+    if not interpreting():
+        return False
+    import inspect
+
+    import triton.runtime.interpreter as interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_fastdeeplab_squeeze", False) or "squeeze" in inspect.getsource(original):
+        return False
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._fastdeeplab_squeeze = True
+    interpreter._patch_lang_tensor = patched
+    return True

@@ -3,7 +3,8 @@
 For each kernel × config × dtype × architecture this builds the kernel with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``, runs the
 PTX through the ``ptxas -v`` that ships with Triton, and reports registers per thread, spill bytes, Triton's
-shared-memory allocation and which tensor-core instruction the PTX uses (``mma.sync`` or ``wgmma``).
+shared-memory allocation, which tensor-core instruction the PTX uses (``mma.sync`` or ``wgmma``) and whether
+it loads through TMA (``cp.async.bulk.tensor``, required of the ``USE_TMA`` configs on sm_90).
 
     python -m fastdeeplab.kernels.aot                    # all kernels, sm_80 and sm_90, fp16 / bf16 / tf32
     python -m fastdeeplab.kernels.aot --arch 90 --kernel aspp_project --markdown
@@ -60,11 +61,12 @@ class KernelSpec:
     configs_kind: str | None = None  # its ``kind=`` argument, if any
 
 
-# Sizes the JIT does not specialise (do_not_specialize) stay plain i32 here: N, H, W, OH, OW, batch strides.
+# Sizes the JIT does not specialise (do_not_specialize) stay plain i32 here: N, H, W, OH, OW.
 _CONV_COMMON = dict(
     module="conv", fn="_conv_bn_relu_kernel",
     data_ptrs=("x_ptr", "w_ptr", "res_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",), i32_ptrs=("taps_ptr",),
-    aligned_ints=("C_IN", "C_OUT", "stride_xh", "stride_xw", "stride_rh", "stride_rw", "stride_oh", "stride_ow"),
+    aligned_ints=("C_IN", "C_OUT", "stride_xn", "stride_xh", "stride_xw", "stride_rn", "stride_rh", "stride_rw",
+                  "stride_on", "stride_oh", "stride_ow"),
 )
 _CONV_FLAGS = (("HAS_BIAS", True), ("APPLY_RELU", True), ("COUNT_TAPS", False), ("DOT_IN_FP32", False))
 
@@ -78,14 +80,16 @@ KERNELS: dict[str, KernelSpec] = {
                                    flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", True), *_CONV_FLAGS)),
     "aspp_branches": KernelSpec(
         module="aspp", fn="_aspp_branches_kernel", data_ptrs=("x_ptr", "w_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",),
-        i32_ptrs=(), aligned_ints=("C_IN", "CB", "stride_xh", "stride_xw", "stride_oh", "stride_ow"),
+        i32_ptrs=(), aligned_ints=("C_IN", "CB", "stride_xn", "stride_xh", "stride_xw", "stride_on", "stride_oh",
+                                   "stride_ow"),
         flags=(("HAS_BIAS", True), ("APPLY_RELU", True), ("DOT_IN_FP32", False)), configs_fn="get_branch_configs",
     ),
     "aspp_project": KernelSpec(
         module="aspp", fn="_aspp_project_kernel",
         data_ptrs=("b0_ptr", "b1_ptr", "b2_ptr", "b3_ptr", "pooled_ptr", "w_ptr", "out_ptr"),
         fp32_ptrs=("bias_ptr",), i32_ptrs=(),
-        aligned_ints=("CB", "C_OUT", "stride_bh", "stride_bw", "stride_pn", "stride_oh", "stride_ow"),
+        aligned_ints=("CB", "C_OUT", "stride_bn", "stride_bh", "stride_bw", "stride_pn", "stride_on", "stride_oh",
+                      "stride_ow"),
         flags=(("HAS_BIAS", True), ("APPLY_RELU", True), ("DOT_IN_FP32", False)),
     ),
 }
@@ -132,6 +136,7 @@ def _config_label(cfg) -> str:
     kw = cfg.kwargs
     if "BLOCK_OH" in kw:
         shape = "raster" if kw.get("RASTER") else f"{kw['BLOCK_OH']}x{kw['BLOCK_OW']} px"
+        shape += ", TMA" if kw.get("USE_TMA") else ""
         tile = f"{kw['BLOCK_OH'] * kw['BLOCK_OW']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} ({shape})"
     else:
         tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
@@ -165,7 +170,7 @@ def _compile_in_process(job: CompileJob) -> dict:
         cfg = _configs(spec)[job.config]
     row = {**asdict(job), "config_label": _config_label(cfg), "ok": False, "error": None, "registers": None,
            "spill_stores": None, "spill_loads": None, "stack_bytes": None, "smem_bytes": None,
-           "smem_limit": SMEM_LIMIT[job.arch], "tensor_cores": "none"}
+           "smem_limit": SMEM_LIMIT[job.arch], "tensor_cores": "none", "tma": False}
     try:
         fn = getattr(importlib.import_module(f"fastdeeplab.kernels.{spec.module}"), spec.fn)
         if not isinstance(fn, JITFunction):
@@ -174,6 +179,9 @@ def _compile_in_process(job: CompileJob) -> dict:
         constexprs = dict(spec.flags)
         constexprs["INPUT_PRECISION"] = "tf32"
         constexprs.update(cfg.kwargs)
+        for name in ("RASTER", "USE_TMA"):  # tiling flags a custom config may leave out: spatial, cp.async
+            if name in fn.arg_names:
+                constexprs.setdefault(name, False)
         signature, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in constexprs:
@@ -198,6 +206,7 @@ def _compile_in_process(job: CompileJob) -> dict:
         ptx = compiled.asm["ptx"]
         row["smem_bytes"] = int(compiled.metadata.shared)
         row["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+        row["tma"] = "cp.async.bulk.tensor" in ptx
         ptxas = ptxas_path()
         if ptxas is None:
             raise RuntimeError("ptxas not found (it ships with triton's NVIDIA backend)")
@@ -220,6 +229,8 @@ def _compile_in_process(job: CompileJob) -> dict:
             problems.append(f"shared memory {row['smem_bytes']} > {row['smem_limit']}")
         if row["tensor_cores"] != TENSOR_CORE_OP[job.arch]:
             problems.append(f"expected {TENSOR_CORE_OP[job.arch]} in the PTX, found {row['tensor_cores']}")
+        if cfg.kwargs.get("USE_TMA") and job.arch >= 90 and not row["tma"]:
+            problems.append("a TMA config without cp.async.bulk.tensor in the PTX")
         row["ok"] = not problems
         row["error"] = "; ".join(problems) or None
     except Exception as e:  # noqa: BLE001 - report every failure as a row
@@ -276,14 +287,14 @@ def all_jobs(kernels: Sequence[str], archs: Sequence[int], dtypes: Sequence[str]
 
 def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
     head = ["kernel", "#", "config (MxNxK, warps, stages)", "dtype", "arch", "regs", "spills (st+ld B)",
-            "smem B", "tensor cores", "status"]
+            "smem B", "tensor cores", "TMA", "status"]
     body = []
     for r in rows:
         spills = "-" if r["spill_stores"] is None else f"{r['spill_stores']}+{r['spill_loads']}"
         body.append([r["kernel"], str(r["config"]), r["config_label"], r["dtype"], f"sm_{r['arch']}",
                      "-" if r["registers"] is None else str(r["registers"]), spills,
                      "-" if r["smem_bytes"] is None else str(r["smem_bytes"]), r["tensor_cores"],
-                     "ok" if r["ok"] else f"FAIL: {r['error']}"])
+                     "cp.async.bulk.tensor" if r.get("tma") else "-", "ok" if r["ok"] else f"FAIL: {r['error']}"])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -319,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(rows, markdown=args.markdown))
         bad = [r for r in rows if not r["ok"]]
         print(f"\n{len(rows) - len(bad)}/{len(rows)} builds compile with 0 spills, fit in shared memory and "
-              "use tensor cores" + ("" if not bad else f"; {len(bad)} FAILED"))
+              "use tensor cores" + ("" if not bad else f"; {len(bad)} FAILED")
+              + f"; {sum(bool(r.get('tma')) for r in rows)} load through TMA (cp.async.bulk.tensor)")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -86,7 +86,7 @@ def get_interpreter_config() -> triton.Config:
     return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)
 
 
-@triton.jit(do_not_specialize=["N", "HW", "W", "M_BUCKET", "DEVICE_KEY", "stride_bn", "stride_on"])
+@triton.jit(do_not_specialize=["N", "HW", "W", "M_BUCKET", "DEVICE_KEY"])
 def _aspp_project_kernel(
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,  # *T the 4 spatial branches [N, CB, H, W] channels-last, identical strides
     pooled_ptr,  # *T pooled branch [N, CB]: (n, c) at n*stride_pn + c
@@ -292,7 +292,7 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
 # --------------------------------------------------------------------------------------------------
 # The four spatial branches in one grouped launch
 # --------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["N", "H", "W", "M_BUCKET", "DEVICE_KEY", "stride_xn", "stride_on", "stride_ob"])
+@triton.jit(do_not_specialize=["N", "H", "W", "M_BUCKET", "DEVICE_KEY", "stride_ob"])
 def _aspp_branches_kernel(
     x_ptr,  # *T input [N, C_IN, H, W] channels-last, shared by the four branches
     w_ptr,  # *T packed weights [28*C_IN, CB]: rows 0.. the 1×1 branch, C_IN + (i-1)*9*C_IN.. atrous branch i

@@ -33,6 +33,16 @@ the tuned tiling. Sizes are not specialised (``do_not_specialize``) and, where t
 tuning results are cached on disk across processes (``cache_results``). An early prune drops every config
 that would execute over 1.25× the MMA work of the leanest one for the layer (:func:`executed_rows`).
 
+**Hopper.** Configs with ``USE_TMA`` load A (a ``[1, BLOCK_OH, BLOCK_OW, BLOCK_K]`` box of the NHWC input)
+and B through TMA tensor descriptors (``tl.make_tensor_descriptor``); out-of-bounds boxes read zeros, which
+replaces the dead-pixel masks. They sit in the autotune list beside the ``cp.async`` configs; the prune drops
+them off sm_90+ and for strided convs (:func:`tma_eligible`).
+
+This file is longer than the project's ~500-line guide because it holds one kernel body
+(:func:`conv_tile`) that both the conv kernel and the grouped ASPP kernel (:mod:`.aspp`) run, with its
+config lists, prune and launcher next to it; splitting them would separate the tile maths from the
+tilings it must agree with.
+
 >>> import torch
 >>> from fastdeeplab.kernels import conv_bn_relu
 >>> x = torch.randn(2, 16, 9, 9, device="cuda").to(memory_format=torch.channels_last)  # doctest: +SKIP
@@ -62,10 +72,13 @@ from ._utils import (
     launch_guard,
     m_bucket,
     pair,
+    patch_interpreter_indices,
     resolve_input_precision,
     wrap_kernel,
 )
 from .work import ConvGeometry, executed_macs, tiling_of
+
+patch_interpreter_indices()  # triton 3.6's interpreter + NumPy 2 (a no-op on GPUs and on triton 3.8)
 
 __all__ = [
     "TapCounts",
@@ -120,7 +133,7 @@ def get_autotune_configs(*, for_interpreter: bool | None = None, kind: str = "al
     raster = [
         (1, 64, 128, 32, 4, 4),   # 64×128×32
         (1, 64, 64, 64, 4, 3),    # 64×64×64: most CTAs on 33×33 at batch 1 (18×4 per 256-channel conv)
-        (1, 128, 64, 32, 4, 4),   # 128×64×32
+        (1, 128, 64, 32, 8, 4),   # 128×64×32 (8 warps: 4 spill on sm_80 with the raster addressing)
         (1, 128, 128, 32, 8, 3),  # 128×128×32, 8 warps: the big-GEMM tile for 1×1 convs at batch 8
     ]
     out = []
@@ -369,7 +382,9 @@ def conv_tile(
         tl.store(taps_ptr, taps)
 
 
-_NOT_SPECIALISED = ["N", "H", "W", "OH", "OW", "M_BUCKET", "DEVICE_KEY", "stride_xn", "stride_rn", "stride_on"]
+# Sizes that change with the image or batch are never specialised (no recompiles per size); strides keep
+# their divisibility-by-16 specialisation: they are multiples of the channel count, which the key holds.
+_NOT_SPECIALISED = ["N", "H", "W", "OH", "OW", "M_BUCKET", "DEVICE_KEY"]
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)

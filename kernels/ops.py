@@ -28,6 +28,7 @@ without running a kernel. The ONNX export never sees these ops: fused modules ex
 """
 
 # No ``from __future__ import annotations``: torch.library infers the op schemas from these annotations.
+import functools
 from typing import List, Optional
 
 import torch
@@ -132,6 +133,7 @@ def _aspp_project_reference(branches: List[Tensor], pooled: Tensor, packed_weigh
 
 
 def _dispatching(kernel, reference):
+    @functools.wraps(kernel)  # keeps the annotated signature: torch 2.11's triton_op infers a schema from it
     def impl(*args):
         x = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
         return kernel(*args) if _use_kernels(x) else reference(*args)

@@ -42,9 +42,10 @@ def _work():
 
 
 def _after_tilings(k: int):
-    """The new autotune list as Tilings (from the configs' meta-parameters; no triton needed)."""
+    """The new autotune list as Tilings (kernels/conv.get_autotune_configs' tiles, copied so that no triton
+    is needed; the TMA configs' tiles are the last two spatial ones)."""
     work = _work()
-    spatial = [(8, 8, 128, 32), (8, 8, 64, 64), (8, 16, 64, 32), (4, 16, 128, 64), (8, 16, 128, 32)]
+    spatial = [(8, 8, 128, 32), (8, 8, 64, 64), (8, 16, 64, 32), (4, 16, 128, 64), (8, 16, 128, 32), (8, 8, 128, 64)]
     raster = [(1, 64, 128, 32), (1, 64, 64, 64), (1, 128, 64, 32), (1, 128, 128, 32)]
     tiles = [work.Tiling(oh * ow, n, kk, block_ow=ow, raster=True) for oh, ow, n, kk in raster]
     if k > 1:

@@ -13,21 +13,19 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 DRY=0
-for arg in "$@"; do
-    case "$arg" in
+OUTDIR=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[$i]}" in
         --dry-run) DRY=1 ;;
         -h|--help) exec "$PY" "$ROOT/scripts/gpu_check.py" --help ;;
-    esac
-done
-OUTDIR=""
-for arg in "$@"; do
-    case "$arg" in
+        --stages) i=$((i + 1)) ;;  # its value is not the output folder
         -*) ;;
-        *) OUTDIR="$arg" ;;
+        *) OUTDIR="${args[$i]}" ;;
     esac
 done
 if [ -z "$OUTDIR" ]; then
-    echo "usage: bash scripts/gpu_check.sh [--dry-run] OUTDIR" >&2
+    echo "usage: bash scripts/gpu_check.sh [--dry-run] [--stages correctness,kernels,model] OUTDIR" >&2
     exit 2
 fi
 mkdir -p "$OUTDIR" || exit 2
@@ -44,7 +42,7 @@ installed() {  # is fastdeeplab importable from outside the checkout? (finds it 
 if [ "$DRY" = 0 ] && ! installed; then
     echo "[gpu_check] fastdeeplab is not installed: trying pip install --no-build-isolation --no-deps --no-index -e ." \
         | tee -a "$LOG"
-    (cd "$ROOT" && timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q -e . >>"$LOG" 2>&1) \
+    (cd "$ROOT" && timeout 30 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q -e . >>"$LOG" 2>&1) \
         && echo "[gpu_check] pip install -e . worked" | tee -a "$LOG" \
         || echo "[gpu_check] pip install -e . failed (see the log); using the source-checkout path shim" | tee -a "$LOG"
 fi

@@ -65,3 +65,18 @@ def test_markdown_table_lists_every_row(rows):
     table = format_table(rows, markdown=True).splitlines()
     assert table[0].startswith("| kernel |") and len(table) == 2 + len(rows)
     assert all("| ok |" in line for line in table[2:])
+
+
+@needs_ptxas
+def test_tma_configs_load_through_tma_on_sm90():
+    """The TMA configs compile to cp.async.bulk.tensor + wgmma on sm_90 (and to plain loads on sm_80)."""
+    from fastdeeplab.kernels.conv import get_autotune_configs, tma_available
+
+    if not tma_available():
+        pytest.skip("this triton has no tl.make_tensor_descriptor")
+    first = next(i for i, c in enumerate(get_autotune_configs(for_interpreter=False)) if c.kwargs["USE_TMA"])
+    sm90, sm80 = compile_reports([CompileJob("conv3x3", first, 90, "fp16"), CompileJob("conv3x3", first, 80, "fp16")],
+                                 workers=1)
+    assert sm90["ok"] and sm90["tma"] and sm90["tensor_cores"] == "wgmma", sm90
+    assert sm80["ok"] and not sm80["tma"], sm80
+    assert "TMA" in sm90["config_label"]

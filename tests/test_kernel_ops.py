@@ -260,3 +260,82 @@ def test_custom_ops_are_registered_and_match_the_reference():
     assert tuple(fake.shape) == (2, 24, 5, 4)
     with torch.no_grad():
         assert tuple(F.conv2d(x, weight, stride=2, padding=2, dilation=2).shape) == tuple(fake.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hopper TMA configs (tensor descriptors; out-of-bounds boxes read zeros instead of masked loads)
+# ---------------------------------------------------------------------------------------------------
+TMA = pytest.param(type(SPATIAL)({**SPATIAL.kwargs, "USE_TMA": True}, num_warps=4, num_stages=1), id="tma4x8")
+needs_tma = pytest.mark.skipif(
+    not __import__("fastdeeplab.kernels.conv", fromlist=["tma_available"]).tma_available()
+    or (ON_GPU and torch.cuda.get_device_capability()[0] < 9),
+    reason="TMA descriptors need triton with tl.make_tensor_descriptor (and sm_90+ on a GPU)")
+
+
+@needs_tma
+@pytest.mark.parametrize("config", [TMA])
+@pytest.mark.parametrize("dtype, allow_tf32, atol, rtol", KERNEL_DTYPES)
+@pytest.mark.parametrize("n, cin, h, w, cout, dilation, residual", [
+    pytest.param(2, 16, 9, 11, 24, 2, True, id="N2-C16-H9-W11-d2-residual"),
+    pytest.param(1, 24, 13, 13, 40, 6, False, id="N1-C24-H13-W13-d6"),
+    pytest.param(1, 8, 33, 33, 8, 24, True, id="N1-C8-H33-W33-d24-residual"),
+])
+def test_tma_config_matches_reference(n, cin, h, w, cout, dilation, residual, dtype, allow_tf32, atol, rtol, config):
+    _skip_bf16(dtype)
+    x, weight, bias, res = _conv_inputs(n, cin, h, w, cout, 3, dtype)
+    res = res if residual else None
+    expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), padding=dilation,
+                                      dilation=dilation, residual=None if res is None else res.double())
+    y = conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=3, padding=dilation, dilation=dilation,
+                            residual=res, allow_tf32=allow_tf32, out=_poisoned(expected.shape, dtype), config=config)
+    assert_close_verbose(y, expected, atol=atol, rtol=rtol, dims="NCHW")
+
+
+@needs_tma
+def test_tma_grouped_branches_and_eligibility():
+    x, weights, biases = _branch_inputs(1, 16, 11, 9, 16, torch.float32)
+    rates = (2, 4, 8)
+    expected = aspp_branches_reference(x.double(), [wt.double() for wt in weights], [b.double() for b in biases],
+                                       rates)
+    y = aspp_branches_packed(x, pack_aspp_branch_weights(weights), torch.cat(biases), rates, allow_tf32=False,
+                             out=_poisoned((4, 16, 11, 9), torch.float32), config=TMA.values[0])
+    for i, (got, exp) in enumerate(zip(y.chunk(4), expected)):
+        assert_close_verbose(got, exp, atol=1e-4, rtol=1e-4, name=f"TMA branch {i}")
+    from fastdeeplab.kernels.conv import tma_eligible
+
+    configs = get_autotune_configs(for_interpreter=False)
+    assert any(c.kwargs["USE_TMA"] for c in configs)
+    args = {"DEVICE_KEY": -1}  # no GPU: never TMA
+    assert not any(c.kwargs["USE_TMA"] for c in tma_eligible(configs, args, stride=(1, 1), channels=(64, 64)))
+    with pytest.raises(ValueError, match="stride-1"):
+        conv_bn_relu_packed(x, pack_weight(weights[1]), biases[1], kernel_size=3, stride=2, padding=1,
+                            config=TMA.values[0])
+
+
+def test_ops_are_triton_ops_outside_the_interpreter():
+    """Without TRITON_INTERPRET the ops are torch.library.triton_ops (where torch has them) whose CPU kernel is
+    the reference twin; torch.export keeps them as one node each."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from fastdeeplab.kernels import ops\n"
+        "from fastdeeplab.kernels.conv import pack_weight\n"
+        "from fastdeeplab.kernels.reference import conv_bn_relu_reference\n"
+        "assert ops.TRITON_OPS == hasattr(torch.library, 'triton_op'), ops.TRITON_OPS\n"
+        "x, w, b = torch.randn(1, 8, 6, 7), torch.randn(16, 8, 3, 3), torch.randn(16)\n"
+        "r = torch.randn(1, 16, 6, 7)\n"
+        "y = ops.conv2d_act(x, pack_weight(w), b, r, [3, 3], [1, 1], [1, 1], [1, 1], True)\n"
+        "assert torch.allclose(y, conv_bn_relu_reference(x, w, b, padding=1, residual=r), atol=1e-5)\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return ops.conv2d_act(x, pack_weight(w), b, None, [3, 3], [1, 1], [1, 1], [1, 1], True)\n"
+        "ep = torch.export.export(M(), (x,))\n"
+        "assert any('fastdeeplab.conv2d_act' in str(n.target) for n in ep.graph.nodes), ep.graph\n"
+        "print('ok', ops.TRITON_OPS)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]

@@ -64,7 +64,7 @@ class Plan:
             raise RuntimeError("no CUDA GPU here: run with --dry-run on a CPU")
         return cls(dry_run=False, deadline=deadline, device=torch.device("cuda"), check_input=(2, 3, 97, 129),
                    kernel_resolution=513, kernel_batches=(1, 8), kernel_dtypes=(torch.float16, torch.bfloat16),
-                   kernel_max_shapes=None, warmup_ms=10, rep_ms=40, model="resnet50", resolution=513,
+                   kernel_max_shapes=None, warmup_ms=5, rep_ms=25, model="resnet50", resolution=513,
                    batches=(1, 8), output_strides=(16, 8), dtype=torch.float16, rounds=15,
                    compile_backend="inductor", compile_mode="default", compile_s=60, compile_batches=(8,))
 

@@ -8,7 +8,7 @@ optimized model against eager PyTorch at OS16 and OS8.
   poisoned with NaN first (an unwritten element fails). Each case runs one of the GPU autotune configs,
   taken in turn, so every config is checked on some shapes at the cost of one compile per case rather than
   one per config (the dry run runs those GPU tilings under the interpreter). The residual epilogue and the
-  grouped launch of ASPP's four branches (autotuned) are checked too where the kernels have them.
+  grouped launch of ASPP's four branches are checked too where the kernels have them.
 * **Whole model.** ``optimize(model, backend="triton", dtype=float32)`` (the kernels forced everywhere when
   ``optimize`` has per-layer dispatch) against the eager fastdeeplab model, TF32 off on both sides, at
   OS16 and OS8, on odd-sized photographs: max error relative to the logit scale < 1e-4 (the test suite's
@@ -61,9 +61,9 @@ def _tolerances() -> dict[str, tuple[torch.dtype, bool | None, float, float]]:
     return {p.id: tuple(p.values) for p in KERNEL_DTYPES if p.id in DTYPE_IDS}
 
 
-def _config_label(config) -> str:
+def _config_label(config) -> str | None:
     if config is None:
-        return "autotuned"
+        return None
     kw = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
     return f"{kw},w{config.num_warps},s{config.num_stages}"
 
@@ -112,12 +112,13 @@ def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
                 rows.row(kind="kernel", kernel="conv_bn_relu", case=cid, dtype=dtype_id, skipped="stage time limit")
                 continue
             dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
-            x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
-            eligible = _eligible(conv_kernels, configs, x, stride, (cin, cout))
-            config = eligible[turn % len(eligible)]
-            turn += 1
+            config = None
             start = time.perf_counter()
             try:
+                x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+                eligible = _eligible(conv_kernels, configs, x, stride, (cin, cout))
+                config = eligible[turn % len(eligible)]
+                turn += 1
                 weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
                 bias = 0.5 * torch.randn(cout, device=dev)
                 oh, ow = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
@@ -186,7 +187,11 @@ def _branch_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
     if not hasattr(aspp_kernels, "aspp_branches_packed") or not hasattr(reference, "aspp_branches_reference"):
         rows.row(kind="kernel", kernel="aspp_branches", skipped="no grouped ASPP launch in this checkout")
         return
+    import fastdeeplab.kernels.conv as conv_kernels
+
+    configs = gpu_configs(conv_kernels)  # the grouped launch takes conv configs
     dev = plan.device
+    turn = 0
     for n, cin, h, w, cb, rates in BRANCH_CASES + ([] if plan.dry_run else GPU_BRANCH_CASES):
         cid = f"N{n}-C{cin}-H{h}-W{w}-Cb{cb}-r{'/'.join(map(str, rates))}"
         for dtype_id in DTYPE_IDS:
@@ -194,24 +199,29 @@ def _branch_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
                 rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id, skipped="stage time limit")
                 continue
             dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
+            config = None
             start = time.perf_counter()
             try:
                 x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+                eligible = _eligible(conv_kernels, configs, x, 1, (cin, cb))
+                config = eligible[turn % len(eligible)]
+                turn += 1
                 weights = [(torch.randn(cb, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
                            for k in (1, 3, 3, 3)]
                 biases = [0.5 * torch.randn(cb, device=dev) for _ in range(4)]
                 out = torch.full((4 * n, cb, h, w), float("nan"), device=dev, dtype=dtype)
                 out = out.contiguous(memory_format=torch.channels_last)
                 got = aspp_kernels.aspp_branches_packed(x, aspp_kernels.pack_aspp_branch_weights(weights),
-                                                        torch.cat(biases), rates, allow_tf32=allow_tf32, out=out)
+                                                        torch.cat(biases), rates, allow_tf32=allow_tf32, out=out,
+                                                        config=config)
                 synchronize(dev)
                 expected = torch.cat(reference.aspp_branches_reference(
                     x.double(), [wt.double() for wt in weights], [b.double() for b in biases], rates))
-                _check(rows, "aspp_branches", cid, dtype_id, None, got, expected, atol, rtol,
+                _check(rows, "aspp_branches", cid, dtype_id, config, got, expected, atol, rtol,
                        time.perf_counter() - start)
             except Exception as exc:  # noqa: BLE001
-                rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id, ok=False,
-                         message=error_text(exc))
+                rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id,
+                         config=_config_label(config), ok=False, message=error_text(exc))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ the grouped launch of all four against cuDNN's four convolutions), the ASPP proj
 :func:`~fastdeeplab.kernels.aspp_project` against the literal concatenation + 1×1 that torchvision runs),
 layer3/layer4 3×3, layer3/layer4 1×1, the head, then the stem, layer1 and layer2.
 
-Each shape at batch 1 and 8, fp16 and bf16: the two outputs are compared (max error relative to the scale:
+Each shape at batch 1 and 8, in fp16, then all again in bf16: the two outputs are compared (max error relative to the scale:
 < 2e-2 fp16, < 5e-2 bf16, the bench suite's bounds), then each is timed by :func:`fastdeeplab.timing.time_cuda`
 (``triton.testing.do_bench``, L2 flushed before every run, median). cuDNN runs with ``cudnn.benchmark`` on,
 channels-last, as ``conv2d + bias`` then ReLU (the plain-PyTorch twin,
@@ -112,10 +112,10 @@ def _make(entry: dict, batch: int, dtype: torch.dtype, plan: Plan):
     from fastdeeplab import kernels
 
     device = plan.device
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # on the device: batch-8 inputs are 10^8 numbers
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     cl = torch.channels_last
     cin, cout, h, w, k = entry["cin"], entry["cout"], entry["h"], entry["w"], entry["k"]
@@ -175,9 +175,9 @@ def run(plan: Plan, rows: RowWriter) -> None:
     todo = shapes(plan)
     print(f"kernels: {len(todo)} distinct conv problems x batches {plan.kernel_batches} x "
           f"{[DTYPE_NAMES[d] for d in plan.kernel_dtypes]}; nominal peak {peak} TFLOP/s ({gpu})", flush=True)
-    for entry in todo:
-        for batch in plan.kernel_batches:
-            for dtype in plan.kernel_dtypes:
+    for dtype in plan.kernel_dtypes:  # every problem in fp16 before any in bf16: the limit cuts bf16 first
+        for entry in todo:
+            for batch in plan.kernel_batches:
                 label = dict(kind="conv", layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
                              dtype=DTYPE_NAMES[dtype], output_strides=entry["strides"], layers=len(entry["names"]),
                              names=entry["names"][:6])

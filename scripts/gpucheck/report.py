@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["render_markdown"]
+__all__ = ["render_markdown", "render_summary"]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -37,7 +37,8 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "model": [("OS", "output_stride", ""), ("batch", "batch", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
               ("median ms", "median_ms", ".2f"), ("IQR ms", "iqr", ".2f"), ("img/s", "images_per_s", ".1f"),
               ("vs torchvision eager", "speedup", ".2f"), ("max rel err", "max_rel_error", "sci"),
-              ("pixels agree", "pixel_agreement", "pct"), ("1st call s", "first_call_s", ".1f")],
+              ("tolerance", "tolerance", "sci"), ("pixels agree", "pixel_agreement", "pct"),
+              ("1st call s", "first_call_s", ".1f")],
     "dispatch": [("OS", "output_stride", ""), ("layer", "layer", ""), ("problem", "key", ""),
                  ("Triton µs", "triton_us", ".1f"), ("cuDNN µs", "cudnn_us", ".1f"), ("choice", "choice", "")],
 }
@@ -78,7 +79,23 @@ def _dispatch_summary(rows: list[dict[str, Any]]) -> list[str]:
     return [f"- OS{os_}: {n} problems run on {choice}" for (os_, choice), n in sorted(counts.items())]
 
 
-def render_markdown(result: dict[str, Any]) -> str:
+def render_summary(result: dict[str, Any]) -> str:
+    """What the driver prints last (a console keeps the end of the output): the header, the stage table,
+    the failures, the dispatch counts and the whole-model table."""
+    full = render_markdown(result, kinds=("model",))
+    failures = [f"- {name}: {r.get('kernel') or r.get('layer') or r.get('impl') or r.get('kind')} "
+                f"{r.get('case') or r.get('shape') or ''} {r.get('dtype') or ''}: {_note(r)}"
+                for name, stage in result.get("stages", {}).items() for r in stage.get("rows", [])
+                if r.get("ok") is False]
+    dispatch = [r for stage in result.get("stages", {}).values() for r in stage.get("rows", [])
+                if r.get("kind") == "dispatch"]
+    extra = (["", "Failed checks:", *failures[:20]] if failures else []) + (
+        ["", "Dispatch:", *_dispatch_summary(dispatch)] if dispatch else [])
+    return full + "\n".join(extra) + ("\n" if extra else "")
+
+
+def render_markdown(result: dict[str, Any], kinds: tuple[str, ...] | None = None) -> str:
+    """The whole report; ``kinds`` limits the tables to those row kinds."""
     env = result.get("environment") or {}
     versions = env.get("versions") or {}
     gpu = env.get("gpu") or {}
@@ -113,6 +130,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             if r.get("kind") == "info":
                 out.append("- " + ", ".join(f"{k}: {v}" for k, v in r.items() if k != "kind"))
         for kind in COLUMNS:
+            if kinds is not None and kind not in kinds:
+                continue
             chosen = [r for r in rows if r.get("kind") == kind]
             if not chosen:
                 continue
@@ -120,7 +139,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             if kind == "dispatch":
                 out += _dispatch_summary(chosen) + [""]
             out += _table(kind, chosen)
-        other = [r for r in rows if r.get("kind") not in COLUMNS and r.get("kind") != "info"]
+        other = [r for r in rows if r.get("kind") not in COLUMNS and r.get("kind") != "info" and kinds is None]
         for r in other:
             out.append(f"- {r}")
     return "\n".join(out) + "\n"
