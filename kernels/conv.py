@@ -1,5 +1,8 @@
 """Fused dilated convolution + folded BatchNorm + [residual] + ReLU: a channels-last implicit GEMM in Triton.
 
+One concern in one file (hence its length): the conv kernel, its two tilings (spatial and raster), its
+autotune configs and pruning, and the launcher that validates arguments for it all change together.
+
 The GEMM view of a ``KH×KW`` convolution with ``groups=1``: ``M = N·OH·OW`` output pixels, ``N = Cout``
 output channels read from a weight packed once as ``[KH·KW·Cin, Cout]`` (:func:`pack_weight`), and
 ``K = KH·KW·Cin`` walked taps-outer, channel-blocks-inner in one software-pipelined loop, so every A tile is
