@@ -88,24 +88,6 @@ def bootstrap() -> str:
     return "installed" if installed and not _SourceKernels.used else "source checkout (path shim)"
 
 
-def squeeze_interpreter_indices() -> bool:
-    """Triton < 3.7's interpreter turns a scalar tensor into a Python index with ``int(array)``, but its
-    scalars are 1-element arrays, which NumPy 2 refuses (``range(0, n_iters)`` in the conv kernel fails);
-    Triton 3.8 squeezes first. The dry run does what 3.8 does. Returns whether it patched anything."""
-    import triton.runtime.interpreter as interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or "squeeze" in __import__("inspect").getsource(original):
-        return False
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
-    return True
-
-
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
@@ -226,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     import_mode = bootstrap()
 
     if args.stage:
+        from fastdeeplab.kernels._utils import patch_interpreter_indices
         from gpucheck.common import Plan, RowWriter
 
-        if args.dry_run and squeeze_interpreter_indices():
+        if args.dry_run and patch_interpreter_indices():
             print("dry run: patched triton's interpreter to squeeze scalar indices, as triton 3.8 does", flush=True)
         stage = importlib.import_module(f"gpucheck.{STAGE_MODULES[args.stage]}")
         with RowWriter(args.rows) as rows:

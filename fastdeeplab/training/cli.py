@@ -13,27 +13,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from ..cli import int_at_least
 from .loop import logger, train
 from .recipes import overfit_demo
 
 __all__ = ["configure_parser", "run"]
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -44,19 +30,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", dest="train_split", metavar="NAME", default=None,
                         help="training split, e.g. train, train_aug, trainval (default: the config's train_split)")
     parser.add_argument("--out", dest="out_dir", metavar="DIR", help="checkpoints and logs (resumed if present)")
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=None, metavar="N",
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None, metavar="N",
                         help="images per process and iteration (>= 1)")
-    parser.add_argument("--crop-size", type=_int_at_least(1), default=None, metavar="PIXELS")
-    parser.add_argument("--workers", dest="num_workers", type=_int_at_least(0), default=None, metavar="N",
+    parser.add_argument("--crop-size", type=int_at_least(1), default=None, metavar="PIXELS")
+    parser.add_argument("--workers", dest="num_workers", type=int_at_least(0), default=None, metavar="N",
                         help="data loading processes (>= 0)")
-    parser.add_argument("--num-classes", type=_int_at_least(1), default=None, metavar="K")
+    parser.add_argument("--num-classes", type=int_at_least(1), default=None, metavar="K")
     parser.add_argument("--weights-backbone", default=None,
                         help="ImageNet backbone weights: torchvision name (ResNet50_Weights.IMAGENET1K_V1) or file")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=None)
+    parser.add_argument("--seed", type=int_at_least(0), default=None)
     parser.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                         help="start afresh even if OUT holds a checkpoint")
-    parser.add_argument("--stop-after", type=_int_at_least(1), default=None, metavar="N",
+    parser.add_argument("--stop-after", type=int_at_least(1), default=None, metavar="N",
                         help="stop (with a checkpoint) after N >= 1 iterations of this run")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field, value in YAML syntax, e.g. --set 'bootstrap_classes=[2, 9]'")
