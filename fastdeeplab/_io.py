@@ -12,7 +12,13 @@ The rules, for every write:
   ``/proc`` is writable for root, but nothing can be created in it);
 * validation creates nothing: missing parent folders are created by :func:`atomic_path` when the work is done;
 * temporary files are ``.<name>.fastdeeplab-<pid>-<random><suffix>.tmp`` next to the target; one left by a
-  process that no longer runs (a killed export) is removed by the next write of the same target.
+  process that no longer runs (a killed export) is removed by the next write of the same target;
+* no output of a command replaces one of its inputs (:func:`check_not_input`): paths are compared as files
+  (symbolic and hard links, ``./x`` and ``x``), not as strings.
+
+And for every read of a file the package did not just write (caches, configs, lists):
+:func:`read_regular_file` reads regular files only (never blocks on a fifo or reads ``/dev/zero`` forever)
+and at most a bounded number of bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "check_output_path", "check_writable_dir", "stale_temp_files"]
+__all__ = ["atomic_path", "check_not_input", "check_output_path", "check_writable_dir", "read_regular_file",
+           "same_file", "stale_temp_files"]
 
 _TAG = "fastdeeplab"
 _ACTIVE: set[str] = set()  # temporary files this process is writing right now
@@ -222,3 +229,63 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = 
         raise
     finally:
         _ACTIVE.discard(tmp_name)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same resolved path, or (both existing) the same inode, so
+    symbolic links, hard links and other spellings (``./x``, ``d/../x``) compare equal."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if os.path.realpath(pa) == os.path.realpath(pb):
+        return True
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:  # one of them does not exist (yet): the resolved paths decided
+        return False
+
+
+def check_not_input(output: str | os.PathLike, inputs, *, what: str = "output") -> None:
+    """Raise ``ValueError`` naming both when ``output`` is the same file as one of ``inputs`` (``None``
+    entries are skipped): a command never replaces its own input. Call it before any work."""
+    for name, path in (inputs.items() if isinstance(inputs, dict) else ((None, p) for p in inputs)):
+        if path is None:
+            continue
+        if same_file(output, path):
+            label = f"the {name} input" if name else "an input"
+            raise ValueError(f"{what} path {os.fspath(output)} is {label} of this command ({os.fspath(path)}); "
+                             f"writing it would replace that file: give another {what} path")
+
+
+def read_regular_file(path: str | os.PathLike, *, max_bytes: int, what: str = "file",
+                      binary: bool = False) -> str | bytes:
+    """The contents of ``path`` (text, UTF-8, a leading BOM dropped; or bytes), read safely: only a regular
+    file (a fifo, device or folder is refused without opening it, so nothing blocks), and at most
+    ``max_bytes`` (a larger file is refused before it is read). Errors are one line naming ``path``:
+    ``FileNotFoundError``, ``ValueError`` (not a regular file, too large, not UTF-8) or ``OSError``."""
+    p = Path(path).expanduser()
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {os.fspath(path)} does not exist") from None
+    except OSError as exc:
+        raise OSError(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {os.fspath(path)} is {_describe(st.st_mode)}, not a regular file")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{what} {os.fspath(path)} is {st.st_size} bytes, more than the {max_bytes} allowed")
+    try:
+        # O_NONBLOCK: if the path was swapped for a fifo since the stat, open does not wait for a writer
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"{what} {os.fspath(path)} is not a regular file")
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise OSError(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} {os.fspath(path)} is more than the {max_bytes} bytes allowed")
+    if binary:
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {os.fspath(path)} is not UTF-8 text (byte {exc.start})") from None
