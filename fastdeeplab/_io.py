@@ -31,8 +31,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "check_not_input", "check_output_path", "check_writable_dir", "read_regular_file",
-           "same_file", "stale_temp_files"]
+__all__ = ["atomic_path", "check_not_input", "check_output_path", "check_writable_dir", "json_text",
+           "read_regular_file", "same_file", "stale_temp_files"]
 
 _TAG = "fastdeeplab"
 _ACTIVE: set[str] = set()  # temporary files this process is writing right now
@@ -253,6 +253,32 @@ def check_not_input(output: str | os.PathLike, inputs, *, what: str = "output") 
             label = f"the {name} input" if name else "an input"
             raise ValueError(f"{what} path {os.fspath(output)} is {label} of this command ({os.fspath(path)}); "
                              f"writing it would replace that file: give another {what} path")
+
+
+def _strict(value):
+    """``value`` with every non-finite float replaced by ``None`` (tensors and numpy values as lists/numbers)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # torch tensors, numpy arrays and scalars
+    if callable(tolist) and type(value).__module__.split(".")[0] in ("torch", "numpy"):
+        return _strict(tolist())
+    return value
+
+
+def json_text(obj, **kwargs) -> str:
+    """Strict JSON (RFC 8259) of ``obj``: NaN and infinities, which ``json.dumps`` writes as the non-JSON
+    tokens ``NaN``/``Infinity``, become ``null`` (an undefined score, e.g. the IoU of a class absent from
+    truth and prediction); tensors and numpy values become lists and numbers. Every JSON file the package
+    writes goes through this, so strict parsers (``jq``, browsers, Go, Rust) read it."""
+    import json
+
+    return json.dumps(_strict(obj), allow_nan=False, **kwargs)
 
 
 def read_regular_file(path: str | os.PathLike, *, max_bytes: int, what: str = "file",
