@@ -25,6 +25,7 @@ __all__ = [
     "aspp_project_reference",
     "conv_bn_relu_module_reference",
     "conv_bn_relu_reference",
+    "depthwise_conv_act_reference",
     "fold_bn",
 ]
 
@@ -49,6 +50,41 @@ def conv_bn_relu_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
+
+
+DEPTHWISE_ACTIVATIONS = ("none", "relu", "hardswish")
+
+
+def depthwise_conv_act_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: IntPair = 1,
+                                 padding: IntPair = 0, dilation: IntPair = 1, activation: str = "none",
+                                 se_scale: Tensor | None = None) -> Tensor:
+    """``act(depthwise_conv2d(x, weight) + bias) * se_scale[n, c]``: the twin of
+    :func:`fastdeeplab.kernels.depthwise_conv_act`.
+
+    The order is MobileNetV3's inverted residual (torchvision ``InvertedResidual``): depthwise conv → BN
+    (folded into ``weight``/``bias``) → activation → squeeze-excitation, whose output is the activated map
+    times a per-(image, channel) scale; ``se_scale`` is that scale, already computed.
+
+    Args:
+        x: ``[N, C, H, W]``, any memory format; float64 works (tests use it as the exact reference).
+        weight: ``[C, 1, KH, KW]``, one filter per channel (``groups=C``).
+        bias: ``[C]`` or ``None``.
+        activation: ``"none"``, ``"relu"`` or ``"hardswish"``.
+        se_scale: ``[N, C]`` multiplied in after the activation, or ``None``.
+    Returns:
+        ``[N, C, OH, OW]`` in ``x``'s dtype.
+    """
+    if activation not in DEPTHWISE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {DEPTHWISE_ACTIVATIONS}, got {activation!r}")
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride=stride,
+                 padding=padding, dilation=dilation, groups=x.shape[1])
+    if activation == "relu":
+        y = F.relu(y)
+    elif activation == "hardswish":
+        y = F.hardswish(y)
+    if se_scale is not None:
+        y = y * se_scale.to(x.dtype)[:, :, None, None]
+    return y
 
 
 def aspp_branches_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
