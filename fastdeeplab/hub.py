@@ -22,10 +22,12 @@ from .model import (
     check_int,
     check_ints,
 )
+from .mobilenet import deeplabv3_mobilenet_v3_large, from_torchvision_mobilenet
 
 __all__ = [
     "deeplabv3_cascade_resnet50",
     "deeplabv3_cascade_resnet101",
+    "deeplabv3_mobilenet_v3_large",
     "deeplabv3_resnet50",
     "deeplabv3_resnet101",
     "from_torchvision",
@@ -293,6 +295,9 @@ def deeplabv3_cascade_resnet101(*, weights: Any = None, weights_backbone: Any = 
                       aspp_rates=ASPP_RATES_AT_OS16, cascade_blocks=blocks)
 
 
+register_model(deeplabv3_mobilenet_v3_large)  # fastdeeplab/mobilenet.py: backbone, plan and builder
+
+
 # --------------------------------------------------------------------------------------------------
 # Conversion from torchvision
 # --------------------------------------------------------------------------------------------------
@@ -304,8 +309,8 @@ def _infer_output_stride(backbone: nn.Module) -> int:
 
 
 def from_torchvision(model: nn.Module) -> DeepLabV3:
-    """Convert a torchvision ``DeepLabV3`` (ResNet-50 or -101, any classes, aux head or not) into a
-    fastdeeplab model with the same weights and the same outputs. The torchvision model is not modified.
+    """Convert a torchvision ``DeepLabV3`` (ResNet-50, -101 or MobileNetV3-Large, any classes, aux head or not)
+    into a fastdeeplab model with the same weights and the same outputs. The torchvision model is not modified.
     """
     from torchvision.models.segmentation.deeplabv3 import ASPP as TvASPP
     from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as TvDeepLabV3
@@ -313,8 +318,10 @@ def from_torchvision(model: nn.Module) -> DeepLabV3:
     if not isinstance(model, TvDeepLabV3):
         raise TypeError(f"expected a torchvision DeepLabV3, got {type(model).__name__}")
     backbone = model.backbone
+    if not hasattr(backbone, "layer4") and hasattr(backbone, "16"):
+        return from_torchvision_mobilenet(model)
     if not hasattr(backbone, "layer4") or not hasattr(backbone["layer4"][0], "conv3"):
-        raise TypeError("only ResNet-50/101 backbones are supported (MobileNetV3 DeepLabV3 is not)")
+        raise TypeError("only ResNet-50/101 and MobileNetV3-Large backbones are supported")
     units = tuple(len(backbone[f"layer{i}"]) for i in range(1, 5))
     depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}.get(units)
     if depth is None:

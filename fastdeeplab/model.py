@@ -457,12 +457,19 @@ class DeepLabV3(nn.Module):
 
     @property
     def plan(self) -> AtrousPlan:
-        return atrous_plan(self.output_stride, self.backbone.units, self.multi_grid, self.aspp_rates_at_os16)
+        return self._atrous_plan(self.output_stride)
+
+    def _atrous_plan(self, output_stride: int) -> AtrousPlan:
+        """The backbone's own plan when it has one (MobileNetV3: ``backbone.atrous_plan``), else the ResNet's."""
+        own = getattr(self.backbone, "atrous_plan", None)
+        if own is not None:
+            return own(output_stride, self.multi_grid, self.aspp_rates_at_os16)
+        return atrous_plan(output_stride, self.backbone.units, self.multi_grid, self.aspp_rates_at_os16)
 
     def set_output_stride(self, output_stride: int) -> DeepLabV3:
         """Switch to output stride 8, 16 or 32 in place: strides, dilations (multi-grid included) and ASPP
         rates change, parameters and buffers do not. Returns ``self``."""
-        plan = atrous_plan(output_stride, self.backbone.units, self.multi_grid, self.aspp_rates_at_os16)
+        plan = self._atrous_plan(output_stride)
         self.backbone.apply_plan(plan)
         if self.aspp is not None:
             self.aspp.set_rates(plan.aspp_rates)
@@ -480,7 +487,8 @@ class DeepLabV3(nn.Module):
         if not torch.jit.is_scripting():
             if not capturing_graph():
                 check_input(x, self.output_stride)
-                check_input_matches(x, self.backbone["conv1"].weight)
+                stem = getattr(self.backbone, "stem", None)  # MobileNetV3's features[0][0]; a ResNet's conv1
+                check_input_matches(x, (self.backbone["conv1"] if stem is None else stem).weight)
                 checked = True
         size = x.shape[-2:]
         features = self.backbone(x)

@@ -1,0 +1,168 @@
+"""DeepLabV3-MobileNetV3-Large: drop-in for torchvision's builder, output stride 8/16/32 on the same weights,
+optimize() on every CPU backend, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import randomize_bn, rel_err
+from torchvision.models import mobilenet_v3_large as tv_mobilenet_v3_large
+from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large as tv_builder
+
+import fastdeeplab
+from fastdeeplab.mobilenet import MOBILENET_ASPP_RATES, depthwise_conv, mobilenet_atrous_plan
+
+
+def _tv(aux: bool, classes: int = 21, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(tv_builder(weights=None, weights_backbone=None, num_classes=classes, aux_loss=aux)).eval()
+
+
+def _photos(size) -> torch.Tensor:
+    """Real photographs (scikit-image's) when installed, else a random batch."""
+    try:
+        from fastdeeplab.images import sample_images
+
+        return sample_images(size, count=2)[1]
+    except ImportError:
+        return torch.randn(2, 3, *size)
+
+
+@pytest.mark.parametrize("aux, classes, size", [(True, 21, (129, 161)), (False, 19, (97, 131))])
+@torch.no_grad()
+def test_same_outputs_as_torchvision(aux, classes, size):
+    tv = _tv(aux, classes)
+    ours = fastdeeplab.deeplabv3_mobilenet_v3_large(num_classes=classes, aux_loss=aux).eval()
+    ours.load_state_dict(tv.state_dict(), strict=True)  # same names: torchvision's checkpoint loads strictly
+    converted = fastdeeplab.from_torchvision(tv)
+    assert not converted.training and converted.aux_classifier is not None if aux else True
+    x = _photos(size)
+    expected = tv(x)
+    assert set(ours(x)) == set(expected) == ({"out", "aux"} if aux else {"out"})
+    for model in (ours, converted):
+        got = model(x)
+        for key in expected:
+            assert got[key].shape == expected[key].shape
+            assert rel_err(got[key], expected[key]) < 1e-4, key
+    assert ours.output_stride == 16 and ours.aspp.rates == MOBILENET_ASPP_RATES
+
+
+def test_parameters_and_names_match_torchvision():
+    ours = fastdeeplab.deeplabv3_mobilenet_v3_large(aux_loss=True)
+    tv = tv_builder(weights=None, weights_backbone=None, aux_loss=True)
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == 11_029_328  # torchvision's meta["num_params"]
+    # aux off: torchvision's COCO checkpoint (aux weights included) still loads, its aux keys dropped
+    no_aux = fastdeeplab.deeplabv3_mobilenet_v3_large()
+    fastdeeplab.load_checkpoint(no_aux, tv.state_dict())
+
+
+def test_weights_names_and_registry(tmp_path):
+    from torchvision.models.segmentation import DeepLabV3_MobileNet_V3_Large_Weights as W
+
+    from fastdeeplab.hub import _torchvision_weights
+    from fastdeeplab.mobilenet import _weights_enums
+
+    enums = _weights_enums("model")
+    assert _torchvision_weights("COCO_WITH_VOC_LABELS_V1", enums) is W.COCO_WITH_VOC_LABELS_V1
+    assert _torchvision_weights("DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT", enums) is W.DEFAULT
+    assert _torchvision_weights(W.DEFAULT, enums) is W.DEFAULT
+    with pytest.raises(ValueError, match="COCO_WITH_VOC_LABELS_V1"):
+        fastdeeplab.deeplabv3_mobilenet_v3_large(weights="NOT_A_WEIGHT")
+    assert "deeplabv3_mobilenet_v3_large" in fastdeeplab.list_models()
+    model = fastdeeplab.get_model("deeplabv3_mobilenet_v3_large", num_classes=5, output_stride=8)
+    assert model.output_stride == 8 and model.classifier[-1].out_channels == 5
+    # a checkpoint path loads strictly
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    again = fastdeeplab.get_model("deeplabv3_mobilenet_v3_large", weights=str(path), num_classes=5)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    # the ImageNet backbone from a file with torchvision's classifier names
+    backbone = tmp_path / "mnv3.pt"
+    torch.save(tv_mobilenet_v3_large(weights=None).state_dict(), backbone)
+    fastdeeplab.deeplabv3_mobilenet_v3_large(weights_backbone=str(backbone))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(output_stride=4), ValueError, "output stride"),
+    (dict(output_stride=16.0), TypeError, "output_stride"),
+    (dict(multi_grid=(1, 2, 4)), ValueError, "multi_grid"),
+    (dict(head="cascade"), ValueError, "head"),
+    (dict(aspp_rates=(0, 1, 2)), ValueError, "aspp_rates"),
+    (dict(aux_loss="yes"), TypeError, "aux_loss"),
+])
+def test_bad_arguments_are_refused_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastdeeplab.deeplabv3_mobilenet_v3_large(**kwargs)
+
+
+def test_from_torchvision_refuses_other_backbones():
+    tv = _tv(False)
+    tv.backbone["16"] = torch.nn.Identity()
+    with pytest.raises(TypeError, match="MobileNetV3-Large"):
+        fastdeeplab.from_torchvision(tv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output stride
+# --------------------------------------------------------------------------------------------------
+NOMINAL = (1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1)
+
+
+@pytest.mark.parametrize("os_, strided, dilations", [
+    (32, {"2", "4", "7", "13"}, {}),
+    (16, {"2", "4", "7"}, {"13": 2, "14": 2, "15": 2}),
+    (8, {"2", "4"}, {**{str(i): 2 for i in range(7, 13)}, "13": 4, "14": 4, "15": 4}),
+])
+def test_plan(os_, strided, dilations):
+    plan = mobilenet_atrous_plan(os_, NOMINAL)
+    for name, (stride, (dilation,)) in plan.stages.items():
+        assert stride == (2 if name in strided else 1), name
+        assert dilation == dilations.get(name, 1), name
+    assert plan.aspp_rates == MOBILENET_ASPP_RATES  # torchvision's head: fixed rates
+    follow = mobilenet_atrous_plan(os_, NOMINAL, (6, 12, 18), aspp_follows_stride=True).aspp_rates
+    assert follow == tuple(round(r * 16 / os_) for r in (6, 12, 18))
+
+
+@torch.no_grad()
+def test_output_stride_switch_on_the_same_weights():
+    model = randomize_bn(fastdeeplab.deeplabv3_mobilenet_v3_large(aux_loss=True)).eval()
+    x = torch.randn(1, 3, 96, 128)
+    ref = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for os_ in (8, 32, 16):
+        model.set_output_stride(os_)
+        feats = model.backbone(x)
+        assert feats["out"].shape[-2:] == (96 // os_, 128 // os_)
+        assert feats["aux"].shape[-2:] == (12, 16)  # C2 stays at OS8
+        out = model(x)
+        assert out["out"].shape == ref["out"].shape and torch.isfinite(out["out"]).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    back = model(x)  # back at 16: torchvision's geometry, bit for bit the same outputs
+    assert all(torch.equal(back[k], ref[k]) for k in ref)
+
+
+@torch.no_grad()
+def test_output_stride_32_is_the_undilated_imagenet_network():
+    model = randomize_bn(fastdeeplab.deeplabv3_mobilenet_v3_large(output_stride=32)).eval()
+    features = tv_mobilenet_v3_large(weights=None).features.eval()
+    features.load_state_dict({k: v for k, v in model.backbone.state_dict().items()}, strict=True)
+    x = torch.randn(1, 3, 96, 96)
+    assert rel_err(model.backbone(x)["out"], features(x)) < 1e-5
+    # and OS16 is torchvision's dilated network
+    model.set_output_stride(16)
+    dilated = tv_mobilenet_v3_large(weights=None, dilated=True).features.eval()
+    dilated.load_state_dict(model.backbone.state_dict(), strict=True)
+    assert rel_err(model.backbone(x)["out"], dilated(x)) < 1e-5
+    for i in range(1, 16):
+        a, b = depthwise_conv(model.backbone[str(i)]), depthwise_conv(dilated[i])
+        assert (a.stride, a.dilation, a.padding) == (b.stride, b.dilation, b.padding)
+
+
+def test_paper_head_rates_follow_the_stride():
+    model = fastdeeplab.deeplabv3_mobilenet_v3_large(head="paper", output_stride=16)
+    assert model.aspp.rates == (6, 12, 18) and len(model.classifier) == 2
+    assert model.set_output_stride(8).aspp.rates == (12, 24, 36)
+    assert model.set_output_stride(32).aspp.rates == (3, 6, 9)
+    tv_head = fastdeeplab.deeplabv3_mobilenet_v3_large(output_stride=8)
+    assert tv_head.aspp.rates == MOBILENET_ASPP_RATES
