@@ -4,38 +4,35 @@
 >>> model = fastdeeplab.deeplabv3_resnet50(output_stride=16)          # same names as torchvision's
 >>> fast = fastdeeplab.optimize(model.eval())                         # folded BN, fused ASPP, best backend
 
-Heavy or optional dependencies (triton, onnx, onnxruntime, openvino, tensorrt) are imported lazily:
-``import fastdeeplab`` needs only torch, torchvision and numpy.
+Every public name and every submodule (``fastdeeplab.data``, ``fastdeeplab.export``, ...) is imported on first
+use: ``import fastdeeplab`` imports neither torch nor any optional package (triton, onnx, onnxruntime,
+openvino, tensorrt), so ``fastdeeplab --help`` is fast; the first attribute that needs torch imports it.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
+from importlib.util import find_spec
 from typing import Any
 
-from . import analysis
+from ._version import __version__
 
-# Functions named like their modules are bound eagerly: a later `import fastdeeplab.train` finds the
-# module already loaded and leaves the package attribute (the function) alone.
-from .evaluation import evaluate
-from .hub import (
-    deeplabv3_cascade_resnet50,
-    deeplabv3_cascade_resnet101,
-    deeplabv3_resnet50,
-    deeplabv3_resnet101,
-    from_torchvision,
-    get_model,
-    list_models,
-    load_checkpoint,
-)
-from .model import DeepLabV3, atrous_plan
-from .optimization import optimize
-from .training import train
-
-__version__ = "0.1.0"
-
-# Public names that live in modules with optional or heavy dependencies, imported on first use.
+# Public name -> the module that defines it, imported on first use.
 _LAZY = {
+    "DeepLabV3": "fastdeeplab.model",
+    "atrous_plan": "fastdeeplab.model",
+    "deeplabv3_cascade_resnet50": "fastdeeplab.hub",
+    "deeplabv3_cascade_resnet101": "fastdeeplab.hub",
+    "deeplabv3_mobilenet_v3_large": "fastdeeplab.hub",
+    "deeplabv3_resnet50": "fastdeeplab.hub",
+    "deeplabv3_resnet101": "fastdeeplab.hub",
+    "from_torchvision": "fastdeeplab.hub",
+    "get_model": "fastdeeplab.hub",
+    "list_models": "fastdeeplab.hub",
+    "load_checkpoint": "fastdeeplab.hub",
+    "evaluate": "fastdeeplab.evaluation",
+    "optimize": "fastdeeplab.optimization",
+    "train": "fastdeeplab.training",
     "export_onnx": "fastdeeplab.export.onnx",
     "ExportReport": "fastdeeplab.export.onnx",
     "build_tensorrt_engine": "fastdeeplab.export.tensorrt",
@@ -43,31 +40,19 @@ _LAZY = {
     "TensorRTModel": "fastdeeplab.runtime.tensorrt",
 }
 
-__all__ = [
-    "DeepLabV3",
-    "analysis",
-    "atrous_plan",
-    "deeplabv3_cascade_resnet50",
-    "deeplabv3_cascade_resnet101",
-    "deeplabv3_resnet50",
-    "deeplabv3_resnet101",
-    "from_torchvision",
-    "get_model",
-    "list_models",
-    "load_checkpoint",
-    "evaluate",
-    "optimize",
-    "train",
-    *_LAZY,
-]
+__all__ = ["analysis", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    """``fastdeeplab.<public name>`` imports its module; ``fastdeeplab.<submodule>`` (``data``, ``export``,
+    ``runtime``, ``kernels``, ...) imports the submodule, as an eager ``import`` used to."""
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'fastdeeplab' has no attribute {name!r}")
+    if not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        return import_module(f"{__name__}.{name}")  # the import binds the attribute on the package too
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
