@@ -5,10 +5,14 @@ server polling the repository never sees half a model; ``README.md`` is written 
 
     REPO/
       README.md                   how to serve it, a client call, the perf_analyzer load test
-      deeplabv3/                  backend "onnxruntime" (CPU or GPU instances)
-        config.pbtxt
+      deeplabv3_python/           backend "python": model.py runs model.onnx with ONNX Runtime (any Triton;
+        config.pbtxt              the one `fastdeeplab serve` starts has only this backend)
         labels.txt                one class name per line, line i = label i
-        1/model.onnx
+        1/model.py, 1/model.onnx
+      deeplabv3/                  backend "onnxruntime" (CPU or GPU instances; NVIDIA's tritonserver images)
+        config.pbtxt
+        labels.txt
+        1/model.onnx              (the same file as the python model's, hard-linked where possible)
       deeplabv3_tensorrt/         backend "tensorrt", where an engine was built (tensorrt=True)
         config.pbtxt
         labels.txt
@@ -110,9 +114,11 @@ def _dims(dims: Sequence[int | str], batched: bool) -> list[int]:
 def model_config_text(name: str, *, backend: str, inputs: dict[str, tuple[str, Sequence[int | str]]],
                       outputs: dict[str, tuple[str, Sequence[int | str]]], max_batch_size: int,
                       preferred_batch_sizes: Sequence[int], max_queue_delay_us: int, instances: int,
-                      kind: str, labels_file: str | None = "labels.txt") -> str:
+                      kind: str, labels_file: str | None = "labels.txt",
+                      parameters: dict[str, str] | None = None) -> str:
     """A ``config.pbtxt`` in protobuf text format. ``inputs``/``outputs``: ``{name: (numpy dtype name, ONNX
-    dims)}``; the batch dimension is left out when ``max_batch_size > 0`` (Triton adds it)."""
+    dims)}``; the batch dimension is left out when ``max_batch_size > 0`` (Triton adds it). ``parameters``:
+    the model's string parameters (read by the python backend's ``model.py``)."""
     batched = max_batch_size > 0
 
     def tensors(items: dict[str, tuple[str, Sequence[int | str]]], label: bool) -> str:
@@ -132,6 +138,8 @@ def model_config_text(name: str, *, backend: str, inputs: dict[str, tuple[str, S
         lines.append("dynamic_batching {\n" + (f"  preferred_batch_size: [ {sizes} ]\n" if sizes else "")
                      + f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}")
     lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]")
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +162,16 @@ Outputs: {', '.join(f'`{o}`' for o in outputs)}. `labels.txt` names the class of
 Dynamic batching up to {max_batch_size} images of one size per batch.
 
 ## Serve
+
+With fastdeeplab installed (`pip install 'fastdeeplab[serve]'`; Linux x86_64, CPU), a real `tritonserver`
+serves the python-backend model (`<name>_python`; the onnxruntime and TensorRT models need NVIDIA's images):
+
+```bash
+fastdeeplab serve {repo.name}
+fastdeeplab client photo.jpg --url localhost:8000 --out masks
+```
+
+In NVIDIA's tritonserver image (every model; not tested by fastdeeplab's CI):
 
 ```bash
 docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 -v "$PWD/{repo.name}:/models" \\
@@ -231,7 +249,8 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
            argmax: bool = True, labels_dtype: str = "uint8", logits: bool = False,
            class_names: Sequence[str] | None = None, max_batch_size: int = 8,
            preferred_batch_sizes: Sequence[int] = (4, 8), max_queue_delay_us: int = 100, instances: int = 1,
-           device: str = "cpu", tensorrt: bool = False, precision: str = "fp16",
+           device: str = "cpu", backends: Sequence[str] = ("python", "onnxruntime"),
+           max_image_pixels: int = 4096 * 4096, tensorrt: bool = False, precision: str = "fp16",
            profiles: Sequence[Any] | None = None, calibration_images: Any = None, opset: int = 17,
            overwrite: bool = False, check: bool = True) -> DeployReport:
     """Write a Triton Inference Server model repository for ``model`` at ``repository`` (see the module
@@ -248,7 +267,13 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
         class_names: one per class for ``labels.txt`` (default: VOC's or Cityscapes' names for 21 or 19
             classes, else ``class_<i>``).
         max_batch_size, preferred_batch_sizes, max_queue_delay_us: Triton's dynamic batching.
-        instances, device: the ONNX Runtime instance group: ``count`` instances on ``"cpu"`` or ``"gpu"``.
+        instances, device: the ONNX Runtime instance group: ``count`` instances on ``"cpu"`` or ``"gpu"``
+            (the python model's instances are CPU instances; with ``"gpu"`` they use ONNX Runtime's CUDA
+            execution provider where the server's onnxruntime has it).
+        backends: the models to write: ``"python"`` (``<name>_python``: ``model.py`` runs ``model.onnx`` with
+            ONNX Runtime; serves in any Triton, including ``fastdeeplab serve``'s), ``"onnxruntime"``
+            (``<name>``; NVIDIA's tritonserver images), ``"tensorrt"`` (same as ``tensorrt=True``).
+        max_image_pixels: the python model refuses larger images (H*W) with an error response.
         tensorrt: also build a TensorRT engine (``model.plan``; needs TensorRT and a GPU) in ``precision``
             (``"fp32"``, ``"fp16"`` or ``"int8"`` with ``calibration_images``), with ``profiles`` (default:
             batch 1 to ``max_batch_size`` at half to full ``input_size``).
@@ -269,7 +294,14 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
                          f"({max_batch_size})")
     if not argmax and not logits:
         raise ValueError("nothing to serve: argmax and logits are both off")
-    names = [name] + ([f"{name}_tensorrt"] if tensorrt else [])
+    unknown = sorted(set(backends) - {"python", "onnxruntime", "tensorrt"})
+    if unknown or not backends:
+        raise ValueError(f"backends {list(backends)}: choose one or more of python, onnxruntime, tensorrt")
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
+    tensorrt = tensorrt or "tensorrt" in backends
+    names = ([f"{name}_python"] if "python" in backends else []) + ([name] if "onnxruntime" in backends else []) \
+        + ([f"{name}_tensorrt"] if tensorrt else [])
     for model_name in names:
         if (repository / model_name).exists() and not overwrite:
             raise FileExistsError(f"{repository / model_name} exists; pass overwrite=True (--overwrite) to replace it")
@@ -299,7 +331,13 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
         common = dict(inputs=tensors_in, outputs=tensors_out, max_batch_size=max_batch_size,
                       preferred_batch_sizes=preferred_batch_sizes, max_queue_delay_us=max_queue_delay_us,
                       instances=instances)
-        configs = {name: model_config_text(name, backend="onnxruntime", kind=_KINDS[device], **common)}
+        configs = {}
+        if "python" in backends:
+            configs[f"{name}_python"] = model_config_text(
+                f"{name}_python", backend="python", kind="KIND_CPU", **common,
+                parameters={"max_image_pixels": str(max_image_pixels), "device": device})
+        if "onnxruntime" in backends:
+            configs[name] = model_config_text(name, backend="onnxruntime", kind=_KINDS[device], **common)
         plan = None
         if tensorrt:
             from .tensorrt import build_tensorrt_engine
@@ -325,20 +363,33 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
                 (stage / "config.pbtxt").write_text(text, encoding="utf-8")
                 (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
                 (stage / "1").mkdir()
-                if model_name == name:
-                    shutil.copyfile(onnx_file, stage / "1" / "model.onnx")
+                if model_name == f"{name}_python":
+                    from ..serve import triton_model
+
+                    shutil.copyfile(triton_model.__file__, stage / "1" / "model.py")
+                    _link_or_copy(onnx_file, stage / "1" / "model.onnx")
+                elif model_name == name:
+                    _link_or_copy(onnx_file, stage / "1" / "model.onnx")
                 else:
                     shutil.copyfile(plan, stage / "1" / "model.plan")
                     for extra in plan.parent.glob("model.*.json"):  # build report, layers, per-layer times
                         shutil.copyfile(extra, stage / extra.name)
             result.models[model_name] = repository / model_name
-        report.path = repository / name / "1" / "model.onnx"
-    backends = {n: ("onnxruntime" if n == name else "tensorrt") for n in configs}
+        report.path = next(repository / n / "1" / "model.onnx" for n in configs if n != f"{name}_tensorrt")
+    backends = {n: "python" if n == f"{name}_python" else "onnxruntime" if n == name else "tensorrt" for n in configs}
     input_name, (input_type, _) = next(iter(tensors_in.items()))
     with atomic_path(repository / "README.md") as tmp:
         tmp.write_text(_readme(repository, backends, input_name, input_type, input_size, list(tensors_out),
                                max_batch_size), encoding="utf-8")
     return result
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (the python and onnxruntime models share one model.onnx on disk), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _num_classes(onnx_file: Path) -> int:
