@@ -10,35 +10,34 @@ import argparse
 import copy
 from pathlib import Path
 
-import torch
-
-from .timing import interleaved
-
 __all__ = ["configure_parser", "run"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from .cli import device_arg, input_file, int_at_least
-    from .hub import list_models
+    from .cli import MODEL_NAMES, device_arg, input_file, int_at_least
 
     parser.add_argument("--image", type=input_file, help="a photograph (default: scikit-image's astronaut)")
-    parser.add_argument("--model", default="deeplabv3_resnet50", choices=list_models(), help="builder name")
+    parser.add_argument("--model", default="deeplabv3_resnet50", choices=MODEL_NAMES, help="builder name")
     parser.add_argument("--weights", help="checkpoint path or torchvision weights name, e.g. "
                         "COCO_WITH_VOC_LABELS_V1 (default: random, seeded)")
     parser.add_argument("--resolution", type=int_at_least(16), default=513,
                         help="square input side, >= 16 (default 513)")
     parser.add_argument("--runs", type=int_at_least(1), default=3,
                         help="timed runs per output stride, >= 1 (median reported)")
-    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_arg, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import fastdeeplab
+    from fastdeeplab.timing import interleaved
     from fastdeeplab.images import load_image, normalize, skimage_photo_paths
 
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = args.image or skimage_photo_paths()[0]
     x = normalize(load_image(path), args.resolution)[None].to(args.device)
     torch.manual_seed(0)

@@ -228,29 +228,6 @@ def build_inference_model(name: str | None = None, *, weights: str | None = None
     return get_model(name, weights=weights, output_stride=output_stride, **kwargs).eval()
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, default_output_stride: int = 16) -> None:
-    from .cli import device_arg, float_in, int_at_least
-    from .hub import list_models
-
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=list_models(),
-                   help="builder name (default: the checkpoint's, else deeplabv3_resnet50)")
-    g.add_argument("--weights", default=None,
-                   help="checkpoint file (e.g. a training run's model_final.pt) or torchvision weights name "
-                        "(e.g. COCO_WITH_VOC_LABELS_V1)")
-    g.add_argument("--output-stride", type=int, default=default_output_stride, choices=(8, 16, 32),
-                   help=f"output stride at inference (default {default_output_stride}; the paper evaluates at 8)")
-    g.add_argument("--multi-grid", type=int_at_least(1), nargs="+", default=None, metavar="R",
-                   help="block4 multi-grid rates (default: the checkpoint's, else 1 1 1)")
-    g.add_argument("--head", choices=("torchvision", "paper"), default=None, help="classifier head")
-    g.add_argument("--num-classes", type=int_at_least(1), default=None, help="number of classes (default: the checkpoint's, else the dataset's / 21)")
-    g.add_argument("--scales", type=float_in(0.0, 8.0), nargs="+", default=[1.0], metavar="S",
-                   help="inference scales in (0, 8], e.g. 0.5 0.75 1 1.25 1.5 1.75 (the paper's); default 1")
-    g.add_argument("--flip", action="store_true", help="also average the left-right mirrored input")
-    g.add_argument("--device", type=device_arg, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
-
-
 def _device(name: str | None) -> torch.device:
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -259,19 +236,11 @@ def _device(name: str | None) -> torch.device:
 # Command line: fastdeeplab eval
 # --------------------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fastdeeplab eval``."""
-    from .cli import input_dir, int_at_least, output_file
+    """Arguments of ``fastdeeplab eval``: declared in :func:`fastdeeplab.cli.configure_eval`, which imports no
+    torch, so ``fastdeeplab eval --help`` is fast."""
+    from .cli import configure_eval
 
-    parser.add_argument("--data", required=True, type=input_dir, metavar="ROOT", help="dataset root folder")
-    parser.add_argument("--dataset", choices=("voc", "cityscapes"), default="voc")
-    parser.add_argument("--split", default="val")
-    _add_model_arguments(parser, default_output_stride=16)
-    parser.add_argument("--batch-size", type=int_at_least(1), default=1,
-                        help="images per forward; images of different sizes are grouped, never padded")
-    parser.add_argument("--workers", type=int_at_least(0), default=2, help="data loading processes (>= 0)")
-    parser.add_argument("--json", type=output_file, default=None, metavar="FILE",
-                        help="also write the scores as JSON (fractions in [0, 1], as evaluate() returns them)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    configure_eval(parser)
 
 
 def _format_scores(scores: Mapping[str, Any]) -> str:

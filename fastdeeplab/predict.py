@@ -25,7 +25,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .data.palette import CITYSCAPES_PALETTE, colorize, overlay, voc_palette
-from .evaluation import _add_model_arguments, _device, as_device, build_inference_model, segment
+from .evaluation import _device, as_device, build_inference_model, segment
 from .images import load_image, normalize
 
 __all__ = ["PALETTES", "check_outputs", "configure_parser", "predict_mask", "run", "write_prediction"]
@@ -62,15 +62,11 @@ def write_prediction(out_dir: str | os.PathLike, stem: str, image: Image.Image, 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fastdeeplab predict``."""
-    from .cli import float_in, input_file
+    """Arguments of ``fastdeeplab predict``: declared in :func:`fastdeeplab.cli.configure_predict`, which
+    imports no torch, so ``fastdeeplab predict --help`` is fast."""
+    from .cli import configure_predict
 
-    parser.add_argument("images", nargs="+", type=input_file, metavar="IMAGE", help="photographs to segment")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    _add_model_arguments(parser, default_output_stride=16)
-    parser.add_argument("--palette", choices=sorted(PALETTES), default="voc", help="class colours (default voc)")
-    parser.add_argument("--alpha", type=float_in(0.0, 1.0, low_open=False), default=0.5,
-                        help="opacity of the class colours in the overlay, in [0, 1] (default 0.5)")
+    configure_predict(parser)
 
 
 def check_outputs(out_dir: str | os.PathLike, stems: Sequence[str]) -> list[Path]:

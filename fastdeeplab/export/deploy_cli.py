@@ -16,13 +16,12 @@ __all__ = ["configure_parser", "run"]
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from ..cli import input_dir, input_file, int_at_least, output_dir
-    from ..hub import list_models
+    from ..cli import MODEL_NAMES, add_weights_argument
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("Examples::", 1)[1]
-    parser.add_argument("--model", default="deeplabv3_resnet50", choices=list_models(), help="model name")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint path or torchvision weights name (default: random initialisation)")
+    parser.add_argument("--model", default="deeplabv3_resnet50", choices=MODEL_NAMES, help="model name")
+    add_weights_argument(parser)
     parser.add_argument("--num-classes", type=int, default=21, help="number of classes (default: 21)")
     parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32), help="default: 16")
     parser.add_argument("--out", required=True, type=output_dir, help="the model repository directory")

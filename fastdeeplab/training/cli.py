@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Any
 
-from ..cli import int_at_least
 from .loop import logger, train
 from .recipes import overfit_demo
 
@@ -23,32 +22,11 @@ __all__ = ["configure_parser", "run"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fastdeeplab train``; options given override the ``--config`` file."""
-    parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/); options below override it")
-    parser.add_argument("--data", dest="data_root", metavar="ROOT", help="dataset root folder")
-    parser.add_argument("--dataset", choices=("voc", "cityscapes"), default=None)
-    parser.add_argument("--split", dest="train_split", metavar="NAME", default=None,
-                        help="training split, e.g. train, train_aug, trainval (default: the config's train_split)")
-    parser.add_argument("--out", dest="out_dir", metavar="DIR", help="checkpoints and logs (resumed if present)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=None, metavar="N",
-                        help="images per process and iteration (>= 1)")
-    parser.add_argument("--crop-size", type=int_at_least(1), default=None, metavar="PIXELS")
-    parser.add_argument("--workers", dest="num_workers", type=int_at_least(0), default=None, metavar="N",
-                        help="data loading processes (>= 0)")
-    parser.add_argument("--num-classes", type=int_at_least(1), default=None, metavar="K")
-    parser.add_argument("--weights-backbone", default=None,
-                        help="ImageNet backbone weights: torchvision name (ResNet50_Weights.IMAGENET1K_V1) or file")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--seed", type=int_at_least(0), default=None)
-    parser.add_argument("--no-resume", dest="resume", action="store_false", default=None,
-                        help="start afresh even if OUT holds a checkpoint")
-    parser.add_argument("--stop-after", type=int_at_least(1), default=None, metavar="N",
-                        help="stop (with a checkpoint) after N >= 1 iterations of this run")
-    parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config field, value in YAML syntax, e.g. --set 'bootstrap_classes=[2, 9]'")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    parser.add_argument("--overfit-demo", action="store_true",
-                        help="train on 8 synthetic images and report the mIoU on them (writes to --out)")
+    """Arguments of ``fastdeeplab train``: declared in :func:`fastdeeplab.cli.configure_train`, which imports
+    no torch, so ``fastdeeplab train --help`` is fast; options given override the ``--config`` file."""
+    from ..cli import configure_train
+
+    configure_train(parser)
 
 
 def _parse_value(text: str) -> Any:
