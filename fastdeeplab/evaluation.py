@@ -14,7 +14,6 @@ Command line: ``fastdeeplab eval --data VOCdevkit --dataset voc --split val --we
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -29,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .metrics import ConfusionMatrix, logits_of
 
-__all__ = ["PAPER_SCALES", "as_device", "build_inference_model", "configure_parser", "evaluate", "model_logits", "run",
-           "segment"]
+__all__ = ["PAPER_SCALES", "as_device", "available_memory", "build_inference_model", "check_inference_memory",
+           "configure_parser", "evaluate", "inference_bytes", "model_logits", "run", "segment"]
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 """The input scales of the paper's multi-scale inference (§4.2, Table 6)."""
@@ -87,6 +86,57 @@ def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
+# Peak bytes of activation memory per input pixel of a DeepLabv3-ResNet forward (batch 1, no gradients),
+# measured with ru_maxrss on CPU (fp32) at 513 and 1025 px; rounded up. The logits, their softmax and the
+# running sum of :func:`segment` come on top (num_classes x 4 bytes each).
+_BYTES_PER_PIXEL = {8: 850, 16: 350, 32: 250}
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for a new allocation on ``device`` (``MemAvailable`` on the CPU, free memory on a CUDA
+    device), ``None`` when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def inference_bytes(height: int, width: int, *, output_stride: int | None = 16, scales: Sequence[float] = (1.0,),
+                    num_classes: int = 21, batch: int = 1) -> int:
+    """An estimate of the peak memory of :func:`segment` on ``batch`` images of ``height x width``: the
+    forward at the largest scale plus the class probabilities it accumulates."""
+    pixels = height * width * batch
+    largest = max(float(s) for s in scales) ** 2
+    per_pixel = _BYTES_PER_PIXEL.get(int(output_stride or 16), _BYTES_PER_PIXEL[8])
+    return int(pixels * (largest * (per_pixel + 2 * 4 * num_classes) + 3 * 4 * num_classes + 3 * 4))
+
+
+def check_inference_memory(height: int, width: int, *, device: str | torch.device, what: str,
+                           output_stride: int | None = 16, scales: Sequence[float] = (1.0,), num_classes: int = 21,
+                           batch: int = 1) -> None:
+    """Refuse (``ValueError``, one line naming ``what``) an image whose segmentation cannot fit in the free
+    memory of ``device``, before any work, instead of the allocator's message after minutes."""
+    need = inference_bytes(height, width, output_stride=output_stride, scales=scales, num_classes=num_classes,
+                           batch=batch)
+    free = available_memory(device)
+    if free is not None and need > free:
+        largest = max(float(s) for s in scales)
+        raise ValueError(f"{what} is {width}x{height}: segmenting it at output stride {output_stride}"
+                          f"{f' and scale {largest:g}' if largest != 1 else ''} needs about {need / 2**30:.1f} GiB "
+                          f"but {torch.device(device).type} has {free / 2**30:.1f} GiB free; resize it, or use "
+                          "a larger output stride or smaller scales")
+
+
 def _collate_lists(batch: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
     return [b[0] for b in batch], [b[1] for b in batch]
 
@@ -96,6 +146,43 @@ def _groups_of_equal_size(images: list[Tensor]) -> list[list[int]]:
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)
     return list(groups.values())
+
+
+def _sample_name(dataset: Any, index: int, attr: str) -> str:
+    """The file of sample ``index`` when the dataset names its files (``label_path``/``image_path``), else
+    ``#index``."""
+    getter = getattr(dataset, attr, None)
+    if callable(getter):
+        try:
+            return str(getter(index))
+        except Exception:  # noqa: BLE001  (a name for a message only)
+            pass
+    return f"#{index}"
+
+
+def one_line_worker_errors(batches):
+    """Iterate ``batches`` (a DataLoader, possibly in a tqdm bar); an error raised in a data-loading worker
+    comes back as the same exception type with its own one-line message, not the worker's whole traceback
+    (``Caught ValueError in DataLoader worker process 0. Original Traceback ...``)."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            message = str(exc)
+            if "Original Traceback" not in message:
+                raise
+            last = next((line for line in reversed(message.strip().splitlines()) if line.strip()), message)
+            prefix = f"{type(exc).__name__}: "
+            last = last[len(prefix):] if last.startswith(prefix) else last
+            try:
+                new = type(exc)(last)
+            except Exception:  # noqa: BLE001  (an exception type with an unusual constructor)
+                new = RuntimeError(last)
+            raise new from None
+        yield batch
 
 
 def as_device(device: str | torch.device) -> torch.device:
@@ -157,8 +244,13 @@ def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1
     count = 0
     try:
         bar = tqdm(loader, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
-        for images, labels in bar:
+        for images, labels in one_line_worker_errors(bar):
             for group in _groups_of_equal_size(images):
+                h, w = images[group[0]].shape[-2:]
+                check_inference_memory(int(h), int(w), device=run_device, batch=len(group), scales=scales,
+                                       output_stride=getattr(model, "output_stride", None),
+                                       num_classes=num_classes or 21,
+                                       what=f"image {_sample_name(dataset, count + group[0], 'image_path')}")
                 x = torch.stack([images[i] for i in group]).to(run_device, dtype, non_blocking=True)
                 probs = segment(model, x, scales=scales, flip=flip)
                 if matrix is None:
@@ -166,9 +258,14 @@ def evaluate(model: nn.Module, dataset: Dataset, *, scales: Sequence[float] = (1
                     if k != probs.shape[1]:
                         raise ValueError(f"num_classes={k} but the model outputs {probs.shape[1]} classes")
                     matrix = ConfusionMatrix(k, ignore_index)
-                target = torch.stack([labels[i] for i in group]).to(run_device)
-                matrix.update(probs.argmax(1), target)
-                count += len(group)
+                pred = probs.argmax(1)
+                for i, p in zip(group, pred, strict=True):  # one image at a time: an error names its label
+                    try:
+                        matrix.update(p, labels[i].to(run_device))
+                    except ValueError as exc:
+                        raise ValueError(f"label {_sample_name(dataset, count + i, 'label_path')}: {exc}; "
+                                         "check the dataset's labels or --num-classes") from None
+            count += len(images)
             if progress and matrix is not None:
                 bar.set_postfix(mIoU=f"{100 * matrix.compute()['mIoU']:.2f}%")
     finally:
@@ -258,12 +355,15 @@ def _format_scores(scores: Mapping[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._io import atomic_path, check_output_path
+    from ._io import atomic_path, check_not_input, check_output_path, json_text
     from .data import build_dataset
 
     if args.json:  # before any work: a bad path fails now, not after the evaluation
         check_output_path(args.json, what="--json")
+        check_not_input(args.json, {"--weights": args.weights}, what="--json")
     dataset = build_dataset(args.dataset, args.data, args.split)
+    if args.json and getattr(dataset, "list_file", None) is not None:
+        check_not_input(args.json, {"--split list": dataset.list_file}, what="--json")
     if args.weights is None:
         print("fastdeeplab eval: warning: no --weights given, the model is randomly initialised", file=sys.stderr)
     model = build_inference_model(args.model, weights=args.weights, num_classes=args.num_classes,
@@ -273,11 +373,11 @@ def run(args: argparse.Namespace) -> int:
                       device=_device(args.device), progress=not args.no_progress, num_workers=args.workers)
     print(_format_scores(scores))
     if args.json:
-        payload = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in scores.items()}
+        payload = dict(scores)  # NaN (a class absent from truth and prediction) is written as null
         payload.update(dataset=args.dataset, split=args.split, weights=args.weights,
                        output_stride=args.output_stride)
         with atomic_path(args.json, what="--json") as tmp:
-            tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+            tmp.write_text(json_text(payload, indent=2) + "\n")
     return 0
 
 

@@ -6,6 +6,11 @@ For ``photo.jpg`` it writes, atomically, into ``--out``:
   are class ids, so ``np.array(Image.open("photo_mask.png"))`` gives the ``[H, W]`` map back;
 * ``photo_overlay.png``: the class colours blended over the photograph (RGB, background left as is).
 
+Nothing else is ever replaced: an output that would be one of the inputs (the photograph ``x_mask.png``
+beside ``x.png``, a link to it, the weights) is refused, and so is an existing file that ``predict`` did not
+write (its PNGs carry a ``Software: fastdeeplab predict`` chunk) unless ``--overwrite``. Every image's size
+is checked against the free memory before the model is built.
+
 >>> from fastdeeplab.predict import predict_mask
 >>> mask = predict_mask(model, load_image("photo.jpg"), scales=(0.75, 1.0, 1.25), flip=True)   # doctest: +SKIP
 """
@@ -25,10 +30,17 @@ from torch import nn
 
 from ._io import atomic_path
 from .data.palette import CITYSCAPES_PALETTE, colorize, overlay, voc_palette
-from .evaluation import _device, as_device, build_inference_model, segment
-from .images import load_image, normalize
+from .evaluation import (
+    _device,
+    as_device,
+    build_inference_model,
+    check_inference_memory,
+    segment,
+)
+from .images import image_size, load_image, normalize
 
-__all__ = ["PALETTES", "check_outputs", "configure_parser", "predict_mask", "run", "write_prediction"]
+__all__ = ["PALETTES", "SIGNATURE", "check_outputs", "configure_parser", "output_names", "predict_mask", "run",
+           "write_prediction", "written_by_predict"]
 
 PALETTES = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE}
 
@@ -55,10 +67,31 @@ def write_prediction(out_dir: str | os.PathLike, stem: str, image: Image.Image, 
     out = Path(out_dir)
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
     with atomic_path(mask_path, suffix=".png", what="mask") as tmp:
-        colorize(mask, palette).save(tmp, format="PNG")
+        colorize(mask, palette).save(tmp, format="PNG", pnginfo=_signature())
     with atomic_path(overlay_path, suffix=".png", what="overlay") as tmp:
-        overlay(image, mask, palette, alpha=alpha).save(tmp, format="PNG")
+        overlay(image, mask, palette, alpha=alpha).save(tmp, format="PNG", pnginfo=_signature())
     return mask_path, overlay_path
+
+
+SIGNATURE = "fastdeeplab predict"
+"""The PNG ``Software`` text chunk of every file ``predict`` writes: how a later run knows it may replace it."""
+
+
+def _signature():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SIGNATURE)
+    return info
+
+
+def written_by_predict(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG that ``predict`` wrote (its ``Software`` chunk), read from the header only."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == SIGNATURE
+    except Exception:  # noqa: BLE001  (anything unreadable is not ours)
+        return False
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -69,16 +102,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     configure_predict(parser)
 
 
-def check_outputs(out_dir: str | os.PathLike, stems: Sequence[str]) -> list[Path]:
+def output_names(stem: str) -> tuple[str, str]:
+    """The two files ``predict`` writes for an image of stem ``stem``."""
+    return f"{stem}_mask.png", f"{stem}_overlay.png"
+
+
+def check_outputs(out_dir: str | os.PathLike, stems: Sequence[str], inputs: Sequence[str | os.PathLike] = (),
+                  *, overwrite: bool = False) -> list[Path]:
     """Validate, before any work, every file ``predict`` will write under ``out_dir`` (which may not exist yet:
-    it is created with the first write); nothing is created here."""
-    from ._io import check_output_path
+    it is created with the first write); nothing is created here.
+
+    Refused, naming the file: an output that is one of ``inputs`` (compared as files: links and other
+    spellings included), and an existing file that ``predict`` did not write (no ``Software`` chunk of
+    :data:`SIGNATURE`) unless ``overwrite``: a photograph called ``x_mask.png`` is never replaced.
+    """
+    from ._io import check_not_input, check_output_path
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: Not a directory; give a folder for the PNGs")
-    return [check_output_path(out / f"{stem}_{kind}.png", what="--out")
-            for stem in stems for kind in ("mask", "overlay")]
+    paths = []
+    for stem in stems:
+        for name in output_names(stem):
+            path = check_output_path(out / name, what="--out")
+            check_not_input(path, [p for p in inputs if p is not None], what="--out")
+            if path.exists() and not overwrite and not written_by_predict(path):
+                raise FileExistsError(f"--out {path} exists and was not written by fastdeeplab predict; "
+                                      "refusing to replace it: give another --out folder, or --overwrite")
+            paths.append(path)
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,11 +146,15 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"image not found: {p}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    check_outputs(args.out, list(stems))
+    check_outputs(args.out, list(stems), [*paths, args.weights], overwrite=getattr(args, "overwrite", False))
+    device = _device(args.device)
+    for path in paths:  # every image's size and memory before any model is built
+        w, h = image_size(path)
+        check_inference_memory(h, w, device=device, what=f"image {path}", output_stride=args.output_stride,
+                               scales=args.scales, num_classes=args.num_classes or 21)
     if args.weights is None:
         print("fastdeeplab predict: warning: no --weights given, the model is randomly initialised",
               file=sys.stderr)
-    device = _device(args.device)
     model = build_inference_model(args.model, weights=args.weights, num_classes=args.num_classes,
                                   output_stride=args.output_stride, multi_grid=args.multi_grid,
                                   head=args.head).to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._io import read_regular_file
 from .base import JointTransform, SegmentationDataset, _check_dir
 from .palette import VOC_CLASSES, voc_palette
 
@@ -62,7 +63,10 @@ class VOCSegmentation(SegmentationDataset):
         image_root = _check_dir(self.root / "JPEGImages", "image folder")
         label_root = _check_dir(self.root / label_dir, "label folder")
         samples: list[tuple[Path, Path]] = []
-        for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        self.list_file = list_file
+        # read safely (a regular file of bounded size, never a fifo), UTF-8 with or without a BOM
+        text = read_regular_file(list_file, max_bytes=64 * 2**20, what="split list")
+        for number, line in enumerate(text.splitlines(), start=1):
             fields = line.split()
             if not fields:
                 continue
