@@ -441,7 +441,9 @@ class BenchSession:
                 if self.weights.real:
                     from ._val import val_miou
 
-                    row["val_miou"], row["val_images"] = val_miou(self, built[name], output_stride)
+                    row["val_miou"], row["val_images"] = val_miou(
+                        built[name], output_stride, data=cfg.data, max_images=cfg.max_images,
+                        device=cfg.torch_device, num_classes=self.weights.num_classes)
                 else:
                     row["notes"].append("val mIoU not measured: random weights (pass --weights)")
             row["status"] = "ok"

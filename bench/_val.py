@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from ._impls import Built
-
-if TYPE_CHECKING:
-    from ._session import BenchSession
 
 __all__ = ["val_miou"]
 
@@ -27,16 +25,16 @@ class _AsModule(nn.Module):
         return {"out": self.built.fn(x.to(self.built.input_dtype))}
 
 
-def val_miou(bench: BenchSession, built: Built, output_stride: int) -> tuple[float, int]:
-    """Real mIoU on the VOC val split (first ``--max-images``), single scale, each image at its own size,
-    through ``fastdeeplab.evaluate`` — the same scoring as ``fastdeeplab eval``."""
+def val_miou(built: Built, output_stride: int, *, data: str | Path, max_images: int | None,
+             device: torch.device, num_classes: int) -> tuple[float, int]:
+    """Real mIoU on the VOC val split under ``data`` (first ``max_images``), single scale, each image at its
+    own size, through ``fastdeeplab.evaluate`` — the same scoring as ``fastdeeplab eval``."""
     from fastdeeplab.data import VOCSegmentation
     from fastdeeplab.evaluation import evaluate
 
-    cfg = bench.cfg
-    dataset = VOCSegmentation(cfg.data, "val")
-    if cfg.max_images is not None and cfg.max_images < len(dataset):
-        dataset = Subset(dataset, range(cfg.max_images))
-    scores = evaluate(_AsModule(built, output_stride), dataset, batch_size=1, device=cfg.torch_device,
-                      num_classes=bench.weights.num_classes, progress=False)
+    dataset = VOCSegmentation(data, "val")
+    if max_images is not None and max_images < len(dataset):
+        dataset = Subset(dataset, range(max_images))
+    scores = evaluate(_AsModule(built, output_stride), dataset, batch_size=1, device=device,
+                      num_classes=num_classes, progress=False)
     return float(scores["mIoU"]), int(scores["num_images"])

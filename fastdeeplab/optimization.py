@@ -267,7 +267,11 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         from .cuda_graphs import CUDAGraphModel
 
         return CUDAGraphModel(fused)
-    return runtime(fused, dtype=dtype) if runtime else fused
+    if runtime is None:
+        return fused
+    from .export.onnx import onnx_model_proto  # export sits above runtime: the runtime gets the exporter
+
+    return runtime(fused, graph=onnx_model_proto, dtype=dtype)
 
 
 def fused_module_counts(model: nn.Module) -> Mapping[str, int]:

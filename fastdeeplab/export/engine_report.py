@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .._io import atomic_path
 from ..runtime.tensorrt import Profile, _Session, _torch_dtype, require_tensorrt, run_engine, select_profile
+from .calibration import CalibrationBatches
 
 __all__ = ["report_paths", "write_engine_report"]
 
@@ -52,8 +53,6 @@ def _write_json(path: Path, data: Any) -> None:
 def _image_batches(images: Any, shape: Sequence[int], max_batches: int = 4) -> tuple[list[Tensor], str]:
     """Normalised image batches at ``shape``: the given folder or tensor, else scikit-image's photographs,
     else seeded noise (said so in the report)."""
-    from .tensorrt import CalibrationBatches
-
     if images is None:
         try:
             from ..images import sample_images

@@ -46,7 +46,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +65,15 @@ from .prepare import (
     _inference_state,
     fold_batchnorm_,
 )
+from .report import (
+    INPUT_NAME,
+    LABELS_NAME,
+    MIN_OPSET,
+    TOLERANCES,
+    CheckResult,
+    ExportCheckError,
+    ExportReport,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -73,6 +81,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INPUT_NAME",
     "LABELS_NAME",
+    "TOLERANCES",
     "CheckResult",
     "ExportCheckError",
     "ExportReport",
@@ -83,13 +92,8 @@ __all__ = [
     "physical_cores",
 ]
 
-INPUT_NAME = "input"
-LABELS_NAME = "labels"
 _MODEL_OUTPUTS = ("out", "aux")
 _EXPORT_OPSET = 18  # what the torch.export-based exporter emits natively
-_MIN_OPSET = 13
-# Tolerance of the ONNX Runtime check: max |ort - torch| <= tol * max |torch|, per output.
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 2e-2}
 _INSTALL_HINT = "pip install 'fastdeeplab[onnx]'"
 
 
@@ -102,79 +106,6 @@ def _require_onnx() -> Any:
     except ImportError as exc:
         raise ImportError(f"ONNX export needs the onnx package: {_INSTALL_HINT}") from exc
     return onnx
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Report and errors
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CheckResult:
-    """One post-export check: ``passed`` and a one-line ``message`` (the measured figure or the problem)."""
-
-    passed: bool
-    message: str
-
-
-class ExportCheckError(RuntimeError):
-    """A post-export check failed; nothing was written. ``check`` names the check, ``node`` the ONNX node
-    at fault (``None`` when the failure is not about one node), ``report`` holds what was measured so far."""
-
-    def __init__(self, check: str, message: str, *, node: str | None = None,
-                 report: ExportReport | None = None) -> None:
-        self.check, self.node, self.report = check, node, report
-        where = f" (node {node!r})" if node else ""
-        super().__init__(f"ONNX export check {check!r} failed{where}: {message}")
-
-
-Dims = tuple[int | str, ...]
-
-
-@dataclass
-class ExportReport:
-    """What :func:`export_onnx` wrote and what its checks measured.
-
-    ``errors["97x131 b2"]["out"] = (max_abs, max_abs / max|torch|)`` for every checked size and output;
-    ``agreement["97x131 b2"]`` the fraction of pixels whose class (argmax of ``out``) equals PyTorch's.
-    """
-
-    path: Path
-    opset: int
-    op_counts: Counter[str]
-    inputs: dict[str, Dims]
-    outputs: dict[str, Dims]
-    dtypes: dict[str, str] = field(default_factory=dict)
-    output_stride: int | None = None
-    precision: str = "fp32"
-    errors: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
-    checks: dict[str, CheckResult] = field(default_factory=dict)
-    agreement: dict[str, float] = field(default_factory=dict)
-    kept_fp32: list[str] = field(default_factory=list)
-    file_size: int = 0
-    export_seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks.values())
-
-    def __str__(self) -> str:
-        size = f"{self.file_size / 2**20:.1f} MiB"
-        stride = f", output stride {self.output_stride}" if self.output_stride else ""
-        lines = [f"ONNX export: {self.path} ({size}, opset {self.opset}, {self.precision}{stride}, "
-                 f"exported in {self.export_seconds:.1f} s)"]
-        for kind, tensors in (("input ", self.inputs), ("output", self.outputs)):
-            for name, dims in tensors.items():
-                lines.append(f"  {kind} {name:<7} [{', '.join(map(str, dims))}] {self.dtypes.get(name, '')}")
-        if self.kept_fp32:
-            lines.append(f"  kept in fp32: {', '.join(self.kept_fp32)}")
-        lines.append(f"  {sum(self.op_counts.values())} nodes: "
-                     + ", ".join(f"{op} {n}" for op, n in self.op_counts.most_common()))
-        if self.checks:
-            lines.append("  checks:")
-            width = max(len(k) for k in self.checks)
-            for name, result in self.checks.items():
-                lines.append(f"    {'PASS' if result.passed else 'FAIL'}  {name:<{width}}  {result.message}")
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,8 +157,8 @@ def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | Non
         import onnxscript  # noqa: F401  (the dynamo exporter builds the graph with it)
     except ImportError as exc:
         raise ImportError(f"ONNX export needs onnxscript: {_INSTALL_HINT}") from exc
-    if not _MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise ValueError(f"opset must be between {_MIN_OPSET} and {onnx.defs.onnx_opset_version()}, got {opset}")
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset must be between {MIN_OPSET} and {onnx.defs.onnx_opset_version()}, got {opset}")
 
     # contiguous (NCHW) weights: channels-last ones trace into as_strided/Gather nodes
     model = copy.deepcopy(source).cpu().float().to(memory_format=torch.contiguous_format).eval()
@@ -280,7 +211,7 @@ def _export_proto(source: nn.Module, *, size: tuple[int, int], stride: int | Non
             raise RuntimeError(f"could not convert the exported graph (opset {_default_opset(proto)}) to opset "
                                f"{opset}: {exc}. Export with opset={_EXPORT_OPSET} instead.") from exc
     proto.producer_name = "fastdeeplab"
-    from .. import __version__
+    from .._version import __version__
 
     proto.producer_version = __version__
     proto.graph.name = type(source).__name__

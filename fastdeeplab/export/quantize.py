@@ -112,7 +112,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         )
     except ImportError as exc:
         raise ImportError("quantization needs onnxruntime: pip install 'fastdeeplab[onnx]'") from exc
-    from .onnx import INPUT_NAME
+    from .report import INPUT_NAME
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
@@ -212,7 +212,7 @@ def compare_quantized(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
     on the first image, batch 1."""
     from ..runtime.onnxruntime import ort_session, physical_cores
     from ..timing import interleaved
-    from .onnx import INPUT_NAME
+    from .report import INPUT_NAME
 
     batch = calibration_tensor(images, size)
     sessions = [ort_session(p, threads=threads) for p in (fp32_path, int8_path)]
@@ -231,7 +231,7 @@ def pixel_agreement(reference: Any, candidate: Any, images: Tensor) -> float:
     :func:`fastdeeplab.metrics.pixel_agreement`)."""
     from .. import metrics
     from ..runtime.onnxruntime import ort_session
-    from .onnx import INPUT_NAME
+    from .report import INPUT_NAME
 
     sessions = [s if hasattr(s, "run") else ort_session(s) for s in (reference, candidate)]
     a, b = [], []

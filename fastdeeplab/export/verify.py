@@ -2,8 +2,8 @@
 BatchNorm, the pooled branch, dynamic axes, the fp16 graph, TensorRT's op list) and ONNX Runtime against the
 PyTorch model at two sizes (max error, pixel agreement, in-graph labels).
 
-:func:`run_checks` records each in the :class:`~fastdeeplab.export.onnx.ExportReport` and raises
-:class:`~fastdeeplab.export.onnx.ExportCheckError` at the first failure. The checks that look at the graph alone
+:func:`run_checks` records each in the :class:`~fastdeeplab.export.report.ExportReport` and raises
+:class:`~fastdeeplab.export.report.ExportCheckError` at the first failure. The checks that look at the graph alone
 live in :mod:`fastdeeplab.export.checks`.
 """
 
@@ -19,11 +19,19 @@ from torch import Tensor, nn
 
 from ..runtime.onnxruntime import ort_session
 from .passes import dims as _dims
+from .report import (
+    INPUT_NAME,
+    LABELS_NAME,
+    MIN_OPSET,
+    TOLERANCES,
+    CheckResult,
+    ExportCheckError,
+    ExportReport,
+)
 
 if TYPE_CHECKING:
     import onnx
 
-    from .onnx import ExportReport
 
 __all__ = ["pooled_branch", "run_checks", "second_size"]
 
@@ -52,7 +60,6 @@ def run_checks(report: ExportReport, proto: onnx.ModelProto, path: Path, referen
 
     from ..metrics import max_rel_error, pixel_agreement
     from .checks import check_fp16_graph, check_tensorrt
-    from .onnx import _MIN_OPSET, INPUT_NAME, LABELS_NAME, TOLERANCES, CheckResult, ExportCheckError
 
     def record(name: str, passed: bool, message: str, node: str | None = None) -> None:
         report.checks[name] = CheckResult(passed, message)
@@ -72,7 +79,7 @@ def run_checks(report: ExportReport, proto: onnx.ModelProto, path: Path, referen
     record("shape_inference", True, "strict: " + ", ".join(f"{k} [{', '.join(map(str, v))}]"
                                                            for k, v in inferred_outputs.items()))
 
-    record("opset", report.opset >= _MIN_OPSET, f"opset {report.opset} (>= {_MIN_OPSET} required)")
+    record("opset", report.opset >= MIN_OPSET, f"opset {report.opset} (>= {MIN_OPSET} required)")
     bn = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
     record("no_batchnorm", not bn, "BatchNormalization folded into Conv" if not bn
            else f"{len(bn)} BatchNormalization node(s) left unfolded, first {bn[0].name!r}",

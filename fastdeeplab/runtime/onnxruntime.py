@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from .exported import ExportedDeepLabV3
 
 if TYPE_CHECKING:
@@ -111,12 +109,7 @@ class OnnxRuntimeDeepLabV3(ExportedDeepLabV3):
 
     backend = "onnxruntime"
     packages = ("onnx", "onnxscript", "onnxruntime")
-
-    def __init__(self, fused: nn.Module, **kwargs: Any) -> None:
-        require_onnxruntime()  # fail now, with the extra's name, if missing
-        from ..export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
-
-        super().__init__(fused, **kwargs)
+    extra = "onnx"
 
     def _compile(self, proto: Any) -> Any:
         return ort_session(proto, threads=self.threads)

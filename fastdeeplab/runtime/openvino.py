@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .exported import ExportedDeepLabV3
 
@@ -76,12 +75,7 @@ class OpenVINODeepLabV3(ExportedDeepLabV3):
     packages = ("onnx", "onnxscript", "openvino")
     dtypes = (torch.float32, torch.bfloat16)
     _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}  # OpenVINO's names for ``dtypes``
-
-    def __init__(self, fused: nn.Module, **kwargs: Any) -> None:
-        from ..export.onnx import onnx_model_proto  # noqa: F401  (the export needs onnx: fail now if missing)
-
-        require_openvino()
-        super().__init__(fused, **kwargs)
+    extra = "openvino"
 
     def _compile(self, proto: Any) -> Any:
         compiled = openvino_compiled_model(proto, threads=self.threads, precision=self._PRECISION[self.dtype])
