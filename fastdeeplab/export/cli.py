@@ -17,14 +17,22 @@ from pathlib import Path
 __all__ = ["configure_parser", "run"]
 
 
+DEFAULT_WORKSPACE_GB = 4.0
+# Flags that only a TensorRT build reads: refused by name with --format onnx instead of silently ignored.
+TENSORRT_ONLY = {"timing_cache": "--timing-cache", "workspace_gb": "--workspace-gb", "profile": "--profile",
+                 "min_shape": "--min-shape", "opt_shape": "--opt-shape", "max_shape": "--max-shape",
+                 "calibration_cache": "--calibration-cache"}
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from ..cli import MODEL_NAMES, add_weights_argument
+    from ..cli import MODEL_NAMES, add_weights_argument, float_in
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("Examples::", 1)[1]
     parser.add_argument("--model", default="deeplabv3_resnet50", choices=MODEL_NAMES, help="model name")
     add_weights_argument(parser)
-    parser.add_argument("--num-classes", type=int, default=21, help="number of classes (default: 21)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes (default: the weights', else 21)")
     parser.add_argument("--aux", action="store_true", help="export the auxiliary head's output 'aux' too")
     parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32), help="default: 16")
     parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="default: onnx")
@@ -50,7 +58,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-cache", type=Path, default=None,
                         help="tensorrt int8: the calibrated Q/DQ graph, reused when it exists")
     parser.add_argument("--timing-cache", type=Path, default=None, help="tensorrt: timing cache file")
-    parser.add_argument("--workspace-gb", type=float, default=4.0, help="tensorrt: workspace limit (GiB)")
+    parser.add_argument("--workspace-gb", type=float_in(0.0), default=None,
+                        help=f"tensorrt: workspace limit in GiB, > 0 (default: {DEFAULT_WORKSPACE_GB:g})")
     parser.add_argument("--profile", action="append", default=None, metavar="NxCxHxW",
                         help="tensorrt: one optimization profile per flag, its opt and max shape (min: batch 1 at "
                              "half the size), e.g. --profile 1x3x513x513 --profile 1x3x1024x2048")
@@ -63,13 +72,47 @@ def _sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.name.removesuffix(out.suffix) + suffix)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .._io import check_output_path
-    from ..hub import get_model
-    from .onnx import export_onnx
+def check_flags(args: argparse.Namespace) -> str:
+    """Refuse, before any work and naming the flag, every flag that does not apply to ``--format`` and
+    ``--precision`` (a TensorRT-only flag with ``--format onnx`` was silently ignored) and every output that
+    would replace an input of the command; returns the precision."""
+    from .._io import check_not_input, check_output_path
 
     precision = args.precision or ("fp16" if args.format == "tensorrt" else "fp32")
-    check_output_path(args.out, what="output")  # bad paths fail before any work
+    if args.format != "tensorrt":
+        given = [flag for key, flag in TENSORRT_ONLY.items() if getattr(args, key, None) not in (None, [])]
+        if given:
+            one = len(given) == 1
+            raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to --format tensorrt only; "
+                             f"drop {'it' if one else 'them'} or add --format tensorrt")
+    if precision != "int8" and args.calibration_images is not None:
+        raise ValueError("--calibration-images applies to --precision int8 only")
+    if args.onnx_out is not None and args.format == "onnx" and precision != "int8":
+        raise ValueError("--onnx-out applies to --format tensorrt or --precision int8 (the intermediate fp32 graph)")
+    check_output_path(args.out, what="--out")  # bad paths fail before any work
+    check_not_input(args.out, _inputs(args), what="--out")
+    if args.onnx_out is not None:
+        check_output_path(args.onnx_out, what="--onnx-out")
+        check_not_input(args.onnx_out, {**_inputs(args), "--out": args.out}, what="--onnx-out")
+    for flag, cache in (("--timing-cache", args.timing_cache), ("--calibration-cache", args.calibration_cache)):
+        if cache is not None:  # read when it exists, and written by the build
+            check_output_path(cache, what=flag)
+            check_not_input(cache, {"--weights": _inputs(args)["--weights"], "--out": args.out}, what=flag)
+    return precision
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The files the command reads (``--weights`` when it names a file, not a torchvision name)."""
+    weights = Path(args.weights) if args.weights is not None and Path(args.weights).exists() else None
+    return {"--weights": weights, "--calibration-cache": args.calibration_cache, "--timing-cache": args.timing_cache}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._io import check_not_input, check_output_path
+    from ..weights import build_model
+    from .onnx import export_onnx
+
+    precision = check_flags(args)
     if args.keep_fp32 and precision != "fp16":
         raise ValueError("--keep-fp32 applies to --precision fp16")
     if args.int8_flavour is not None and (precision != "int8" or args.format != "onnx"):
@@ -85,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         if precision == "int8" and args.calibration_images is None and not (
                 args.calibration_cache is not None and args.calibration_cache.is_file()):
             raise ValueError("--precision int8 needs --calibration-images (or an existing --calibration-cache)")
-    model = get_model(args.model, weights=args.weights, num_classes=args.num_classes, aux_loss=args.aux,
+    model = build_model(args.model, args.weights, num_classes=args.num_classes, aux_loss=args.aux,
                       output_stride=args.output_stride)
     outputs = ("out", "aux") if args.aux else ("out",)
     h, w = args.input_size
@@ -100,17 +143,26 @@ def run(args: argparse.Namespace) -> int:
     if onnx_path.resolve() == args.out.resolve():
         raise ValueError(f"the intermediate ONNX file would overwrite --out {args.out}; pass --onnx-out")
     check_output_path(onnx_path, what="intermediate ONNX")
-    print(export_onnx(model, onnx_path, **common))
+    check_not_input(onnx_path, _inputs(args), what="intermediate ONNX")
+    created = not onnx_path.exists()
+    try:
+        print(export_onnx(model, onnx_path, **common))
+        if args.format == "onnx":  # int8 QDQ
+            from .quantize import compare_quantized, quantize_onnx
 
-    if args.format == "onnx":  # int8 QDQ
-        from .quantize import compare_quantized, quantize_onnx
+            trt = args.int8_flavour == "tensorrt"
+            quantize_onnx(onnx_path, args.out, args.calibration_images, input_size=(h, w), tensorrt_compatible=trt)
+            print(f"int8 QDQ graph ({'TensorRT' if trt else 'CPU'} flavour): {args.out}")
+            print(compare_quantized(onnx_path, args.out, args.calibration_images, size=(h, w), runs=3))
+            return 0
+        return _build_engine(args, precision, onnx_path, h, w)
+    except BaseException:
+        if created and args.onnx_out is None:  # an intermediate this run made: nothing left behind
+            onnx_path.unlink(missing_ok=True)
+        raise
 
-        trt = args.int8_flavour == "tensorrt"
-        quantize_onnx(onnx_path, args.out, args.calibration_images, input_size=(h, w), tensorrt_compatible=trt)
-        print(f"int8 QDQ graph ({'TensorRT' if trt else 'CPU'} flavour): {args.out}")
-        print(compare_quantized(onnx_path, args.out, args.calibration_images, size=(h, w), runs=3))
-        return 0
 
+def _build_engine(args: argparse.Namespace, precision: str, onnx_path: Path, h: int, w: int) -> int:
     import json
 
     from .engine_report import report_paths
@@ -126,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                   "max_shape": args.max_shape or (DEFAULT_MAX_SHAPE[0], 3, max(DEFAULT_MAX_SHAPE[2], h),
                                                   max(DEFAULT_MAX_SHAPE[3], w))}
     engine = build_tensorrt_engine(onnx_path, args.out, precision=precision, keep_fp32=args.keep_fp32,
-                                   workspace_gb=args.workspace_gb, calibration_images=args.calibration_images,
+                                   workspace_gb=args.workspace_gb or DEFAULT_WORKSPACE_GB,
+                                   calibration_images=args.calibration_images,
                                    calibration_cache=args.calibration_cache, timing_cache=args.timing_cache,
                                    check=not args.no_check, **shapes)
     print(f"TensorRT {precision} engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB), from {onnx_path}")
