@@ -305,9 +305,10 @@ def build_inference_model(name: str | None = None, *, weights: str | None = None
     Checkpoints written by :func:`fastdeeplab.train` carry their ``model_config`` (builder name, classes,
     multi-grid, head): it fills every argument left as ``None``, so a model trained with multi-grid
     ``(1, 2, 4)`` is rebuilt with it; ``default_num_classes`` applies when neither the arguments nor the
-    checkpoint say. ``weights`` may also be a torchvision weights name.
+    checkpoint say. ``weights`` may also be a torchvision weights name, ``synthetic`` or ``random``
+    (:func:`fastdeeplab.weights.build_model`, the one resolver of weights names; they bring their classes).
     """
-    from .hub import get_model
+    from .weights import build_model, is_named_weights
 
     saved = _checkpoint_model_config(weights)
     name = name or saved.get("name") or "deeplabv3_resnet50"
@@ -315,14 +316,14 @@ def build_inference_model(name: str | None = None, *, weights: str | None = None
                               if k not in ("weights", "weights_backbone", "aux_loss", "output_stride")}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    elif "num_classes" not in kwargs:
+    elif "num_classes" not in kwargs and not is_named_weights(weights):
         kwargs["num_classes"] = default_num_classes
     if multi_grid is not None:
         kwargs["multi_grid"] = tuple(multi_grid)
     if head is not None:
         kwargs["head"] = head
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return get_model(name, weights=weights, output_stride=output_stride, **kwargs).eval()
+    return build_model(name, weights, output_stride=output_stride, **kwargs).eval()
 
 
 def _device(name: str | None) -> torch.device:

@@ -29,7 +29,15 @@ from PIL import Image
 from torch import nn
 
 from ._io import atomic_path
-from .data.palette import CITYSCAPES_PALETTE, colorize, overlay, voc_palette
+from .data.palette import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    colorize,
+    overlay,
+    voc_palette,
+)
 from .evaluation import (
     _device,
     as_device,
@@ -39,10 +47,48 @@ from .evaluation import (
 )
 from .images import image_size, load_image, normalize
 
-__all__ = ["PALETTES", "SIGNATURE", "check_outputs", "configure_parser", "output_names", "predict_mask", "run",
-           "write_prediction", "written_by_predict"]
+__all__ = ["CLASS_NAMES", "PALETTES", "SIGNATURE", "add_legend", "check_outputs", "class_names_for",
+           "configure_parser", "output_names", "predict_mask", "run", "write_prediction", "written_by_predict"]
 
 PALETTES = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE}
+CLASS_NAMES = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
+
+
+def class_names_for(palette: str, weights: str | None = None) -> Sequence[str]:
+    """The names the overlay's legend gives the class ids: the synthetic model's classes with ``--weights
+    synthetic``, else the palette's dataset's (VOC or Cityscapes)."""
+    from .weights import SYNTHETIC_CLASSES
+
+    if isinstance(weights, str) and weights.strip().lower() == "synthetic":
+        return SYNTHETIC_CLASSES
+    return CLASS_NAMES[palette]
+
+
+def add_legend(image: Image.Image, mask: np.ndarray, palette: Sequence[int] | Sequence[Sequence[int]] | None,
+               class_names: Sequence[str] = ()) -> Image.Image:
+    """``image`` with a white strip on its right that lists every class present in ``mask`` (ignore label
+    255 left out): a swatch of the class's colour, its id and name (``class_names[id]``, else ``class id``)."""
+    from PIL import ImageDraw, ImageFont
+
+    flat = list(voc_palette() if palette is None else palette)
+    if flat and not isinstance(flat[0], int):
+        flat = [int(v) for rgb in flat for v in rgb]
+    present = [int(c) for c in np.unique(mask) if int(c) != IGNORE_INDEX]
+    font = ImageFont.load_default()
+    labels = [f"{c} {class_names[c] if c < len(class_names) else f'class {c}'}" for c in present]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line, pad, swatch = 14, 4, 10
+    text_w = max((int(probe.textlength(t, font=font)) for t in labels), default=0)
+    width = pad * 3 + swatch + text_w
+    canvas = Image.new("RGB", (image.width + width, max(image.height, pad * 2 + line * len(labels))), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, (c, text) in enumerate(zip(present, labels, strict=True)):
+        x, y = image.width + pad, pad + row * line
+        colour = tuple(flat[3 * c: 3 * c + 3]) if 3 * c + 2 < len(flat) else (0, 0, 0)
+        draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=colour, outline=(0, 0, 0))
+        draw.text((x + swatch + pad, y), text, fill=(0, 0, 0), font=font)
+    return canvas
 
 
 def predict_mask(model: nn.Module, image: Image.Image, *, scales: Sequence[float] = (1.0,), flip: bool = False,
@@ -62,14 +108,18 @@ def predict_mask(model: nn.Module, image: Image.Image, *, scales: Sequence[float
 
 def write_prediction(out_dir: str | os.PathLike, stem: str, image: Image.Image, mask: np.ndarray,
                      palette: Sequence[int] | Sequence[Sequence[int]] | None = None,
-                     alpha: float = 0.5) -> tuple[Path, Path]:
-    """Write ``<stem>_mask.png`` (mode ``"P"``) and ``<stem>_overlay.png`` (RGB) atomically; return both paths."""
+                     alpha: float = 0.5, class_names: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>_mask.png`` (mode ``"P"``) and ``<stem>_overlay.png`` (RGB; with ``class_names`` a legend
+    of the classes present, :func:`add_legend`, to its right) atomically; return both paths."""
     out = Path(out_dir)
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
     with atomic_path(mask_path, suffix=".png", what="mask") as tmp:
         colorize(mask, palette).save(tmp, format="PNG", pnginfo=_signature())
     with atomic_path(overlay_path, suffix=".png", what="overlay") as tmp:
-        overlay(image, mask, palette, alpha=alpha).save(tmp, format="PNG", pnginfo=_signature())
+        blended = overlay(image, mask, palette, alpha=alpha)
+        if class_names is not None:
+            blended = add_legend(blended, mask, palette, class_names)
+        blended.save(tmp, format="PNG", pnginfo=_signature())
     return mask_path, overlay_path
 
 
@@ -165,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         mask_path, overlay_path = write_prediction(args.out, path.stem, image, mask, PALETTES[args.palette],
-                                                   alpha=args.alpha)
+                                                   alpha=args.alpha,
+                                                   class_names=class_names_for(args.palette, args.weights))
         print(f"{path} -> {mask_path}, {overlay_path}")
     return 0
 

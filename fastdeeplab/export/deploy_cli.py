@@ -22,7 +22,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("Examples::", 1)[1]
     parser.add_argument("--model", default="deeplabv3_resnet50", choices=MODEL_NAMES, help="model name")
     add_weights_argument(parser)
-    parser.add_argument("--num-classes", type=int, default=21, help="number of classes (default: 21)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes (default: the weights', else 21)")
     parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32), help="default: 16")
     parser.add_argument("--out", required=True, type=output_dir, help="the model repository directory")
     parser.add_argument("--name", default="deeplabv3", help="model name in Triton (default: deeplabv3)")
@@ -47,13 +48,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import get_model
+    from ..weights import build_model
     from .deploy import deploy
 
     names = None
     if args.class_names is not None:
         names = [line.strip() for line in args.class_names.read_text(encoding="utf-8").splitlines() if line.strip()]
-    model = get_model(args.model, weights=args.weights, num_classes=args.num_classes,
+    model = build_model(args.model, args.weights, num_classes=args.num_classes,
                       output_stride=args.output_stride)
     report = deploy(model, args.out, name=args.name, input_size=tuple(args.input_size),
                     output_stride=args.output_stride, uint8_input=not args.float_input,

@@ -1,0 +1,516 @@
+"""Named weights: the one resolver behind every ``--weights`` of the project (predict, demo, eval, export,
+deploy and the bench), and :func:`build_model`, which builds a registered model with them.
+
+``--weights`` takes:
+
+* ``synthetic``: a DeepLabv3 trained on synthetic scenes (coloured discs and rectangles and thin bars on a
+  textured background, 4 classes by colour: :data:`SYNTHETIC_CLASSES`), trained once on the CPU
+  (the paper's two stages in miniature, about 5 min on 2 quiet cores) and cached in ``~/.cache/fastdeeplab``
+  (or ``$FASTDEEPLAB_CACHE``): offline, and its predictions mean something on such scenes
+  (:func:`fastdeeplab.data.synthetic.synthetic_sample`, or ``python -m fastdeeplab.data.synthetic out.png``);
+* ``random``: seeded random weights (BN statistics measured on photographs, so logits stay well scaled).
+  Their predictions mean nothing;
+* a torchvision weights name: ``COCO_WITH_VOC_LABELS_V1``, ``DEFAULT`` or the full
+  ``DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1`` (case-insensitive);
+* a checkpoint path (torchvision names; a training run's ``model_final.pt``).
+
+:func:`resolve_weights` returns :class:`Weights`: the state dict and its ``kind`` (``random``,
+``torchvision``, ``checkpoint`` or ``synthetic``). Synthetic and seeded random weights exist for the
+ResNet-50 and ResNet-101 builders (``deeplabv3_resnet50``, ``deeplabv3_resnet101``).
+
+>>> from fastdeeplab.weights import build_model
+>>> model = build_model("deeplabv3_resnet50", "synthetic", output_stride=8)     # doctest: +SKIP
+
+Everything the synthetic model produces is called "synthetic": it is not PASCAL VOC, and its mIoU says how
+implementations compare on one toy task, not how DeepLabv3 segments photographs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .metrics import IGNORE_INDEX, ConfusionMatrix
+
+__all__ = [
+    "DEPTHS",
+    "NAMED_WEIGHTS",
+    "SYNTHETIC_CLASSES",
+    "WEIGHT_KINDS",
+    "SPEC",
+    "SyntheticSpec",
+    "Weights",
+    "build_model",
+    "is_named_weights",
+    "cache_path",
+    "held_out_set",
+    "load_or_train",
+    "scenes",
+    "train_synthetic",
+    "cached_torchvision_weights",
+    "random_state_dict",
+    "resolve_weights",
+    "torchvision_reference",
+    "torchvision_weights_enum",
+]
+
+DEPTHS = {"resnet50": 50, "resnet101": 101}
+WEIGHT_KINDS = ("random", "torchvision", "checkpoint", "synthetic")
+NAMED_WEIGHTS = ("synthetic", "random")  # names that are neither a file nor a torchvision weights name
+SYNTHETIC_CLASSES = ("background", "red", "green", "blue")  # data.synthetic: class c >= 1 has the c-th colour
+
+
+@dataclass
+class Weights:
+    """One state dict (torchvision names, no aux head) shared by every implementation."""
+
+    state_dict: dict[str, Tensor]
+    depth: int
+    num_classes: int
+    kind: str  # one of WEIGHT_KINDS
+    description: str
+    source: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # synthetic: how the model was trained
+
+    @property
+    def real(self) -> bool:
+        """Trained weights (predictions mean something), as opposed to seeded random ones."""
+        return self.kind != "random"
+
+    @property
+    def cross_stride_meaningful(self) -> bool:
+        """Whether comparing OS16's prediction with OS8's says anything (not with random weights)."""
+        return self.real
+
+    def as_json(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "description": self.description, "source": self.source,
+               "backbone": f"resnet{self.depth}", "num_classes": self.num_classes,
+               "accuracy_meaningful": self.real}
+        if self.info:
+            out["info"] = self.info
+        return out
+
+
+def _weights_enum_class(depth: int) -> Any:
+    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights
+
+    return {50: DeepLabV3_ResNet50_Weights, 101: DeepLabV3_ResNet101_Weights}[depth]
+
+
+def torchvision_weights_enum(name: str, depth: int) -> Any:
+    """torchvision's DeepLabv3 weights enum member for ``name``: a member name (``COCO_WITH_VOC_LABELS_V1``,
+    ``DEFAULT``) or ``<EnumClass>.<member>``, case-insensitive. ``ValueError`` lists the valid names."""
+    enum = _weights_enum_class(depth)
+    members = list(enum.__members__)  # includes the DEFAULT alias
+    short = name.strip()
+    if "." in short:
+        cls, _, short = short.rpartition(".")
+        if cls.lower() != enum.__name__.lower():
+            raise ValueError(f"--weights {name!r}: {cls} is not the weights class of resnet{depth} "
+                             f"({enum.__name__}); valid names: {', '.join(members)} "
+                             f"(or {enum.__name__}.<name>), random, synthetic, or a checkpoint path")
+    for member in members:
+        if member.lower() == short.lower():
+            return enum[member]
+    raise ValueError(f"--weights {name!r} is not a checkpoint file, 'random', 'synthetic' or a torchvision "
+                     f"weights name; valid torchvision names for resnet{depth}: {', '.join(members)} "
+                     f"(or {enum.__name__}.<name>)")
+
+
+def _hub_file(member: Any) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+
+
+def cached_torchvision_weights(depth: int) -> Path | None:
+    """Path of torchvision's COCO-with-VOC-labels DeepLabv3 weights if already in the torch hub cache.
+
+    Only the cache is looked at; nothing is ever downloaded.
+    """
+    path = _hub_file(_weights_enum_class(depth).COCO_WITH_VOC_LABELS_V1)
+    return path if path.is_file() else None
+
+
+def _drop_aux(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+
+
+def torchvision_reference(depth: int, num_classes: int, output_stride: int,
+                          state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """A genuine torchvision ``DeepLabV3`` (no aux head) at output stride 8 (as shipped) or 16 (rebuilt
+    with ``replace_stride_with_dilation=[False, False, True]`` and ASPP rates 6/12/18), in eval mode."""
+    from torchvision.models import resnet50, resnet101
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+
+    if output_stride == 8:
+        build = deeplabv3_resnet50 if depth == 50 else deeplabv3_resnet101
+        model = build(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    elif output_stride == 16:
+        resnet = (resnet50 if depth == 50 else resnet101)(weights=None,
+                                                           replace_stride_with_dilation=[False, False, True])
+        model = DeepLabV3(IntermediateLayerGetter(resnet, return_layers={"layer4": "out"}),
+                          DeepLabHead(2048, num_classes, atrous_rates=(6, 12, 18)))
+    else:
+        raise ValueError(f"the torchvision reference exists at output stride 8 or 16, not {output_stride}")
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def random_state_dict(depth: int, num_classes: int, seed: int, calibration: Tensor) -> dict[str, Tensor]:
+    """Seeded random weights whose activations stay well scaled through 50/101 layers.
+
+    torchvision's own initialisation for the convolutions; every BatchNorm gets a random affine
+    (``weight ~ U(0.5, 1.5)``, ``bias ~ N(0, 0.2)``) and then running statistics measured on the
+    ``calibration`` photographs ``[N, 3, H, W]`` (one train-mode pass, dropout off). The statistics are
+    thus non-trivial (BN folding is really exercised) yet consistent with the weights, so logits are
+    finite and O(1) rather than exploding as with mean 0 / var 1.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision_reference(depth, num_classes, output_stride=8)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one pass gives the batch statistics exactly
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        model(calibration)
+        model.eval()
+    return model.state_dict()
+
+
+def _from_torchvision_cache(member: Any, depth: int, download: bool) -> Weights:
+    path = _hub_file(member)
+    if not path.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"--weights {member}: not in the torch hub cache ({path}). Pass --download-weights to download "
+                f"it (about 160 MB from download.pytorch.org), or put the file there yourself.")
+        member.get_state_dict(progress=True, check_hash=True)  # downloads into the hub cache
+    state = _drop_aux(torch.load(path, map_location="cpu", weights_only=True))
+    return Weights(state, depth, int(state["classifier.4.weight"].shape[0]), "torchvision",
+                   f"torchvision {type(member).__name__}.{member.name} ({path.name}, "
+                   f"{'downloaded' if download else 'from the torch hub cache'})", str(path))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.path.sep in spec or Path(spec).suffix.lower() in {".pt", ".pth", ".ckpt", ".bin", ".tar"} \
+        or Path(spec).exists()
+
+
+def resolve_weights(spec: str | None, backbone: str = "resnet50", seed: int = 0,
+                    calibration: Callable[[], Tensor] | None = None, *, download: bool = False,
+                    progress: Callable[[str], None] | None = None) -> Weights:
+    """The weights named by ``spec`` (see the module docstring), for a DeepLabv3-``backbone``.
+
+    ``calibration()`` returns the photographs used to set the random weights' BN statistics (called only
+    when needed; default: six of scikit-image's photographs at 129 px); ``progress`` receives one line per
+    step of synthetic training.
+    """
+    if backbone not in DEPTHS:
+        raise ValueError(f"--weights {spec}: named weights exist for the backbones {', '.join(DEPTHS)}, "
+                         f"not {backbone!r}")
+    if calibration is None:
+        def calibration() -> Tensor:
+            from .images import sample_images
+
+            return sample_images(129, count=6)[1]
+    depth = DEPTHS[backbone]
+    if spec is None:
+        cached = cached_torchvision_weights(depth)
+        if cached is not None:
+            return _from_torchvision_cache(_weights_enum_class(depth).COCO_WITH_VOC_LABELS_V1, depth, False)
+    elif spec.strip().lower() == "synthetic":
+        state, info, path = load_or_train(depth, progress=progress)
+        s = info["spec"]
+        return Weights(state, depth, s["num_classes"], "synthetic",
+                       f"synthetic: DeepLabv3 trained on synthetic scenes ({s['num_classes']} classes, "
+                       f"{s['size']}x{s['size']} px, thin bars; {s['iterations_os16']} OS16 + "
+                       f"{s['iterations_os8']} OS8 iterations) from {path.name}; not VOC", str(path), info)
+    elif spec.strip().lower() != "random":
+        if _looks_like_path(spec):
+            from .hub import _read_state_dict
+
+            state = _drop_aux(_read_state_dict(spec))
+            key = "classifier.4.weight"
+            if key not in state:
+                raise ValueError(f"{spec} has no {key}: not a torchvision-style DeepLabv3 checkpoint")
+            ckpt_depth = 101 if any(k.startswith("backbone.layer3.22.") for k in state) else 50
+            if ckpt_depth != depth:
+                raise ValueError(f"{spec} holds a ResNet-{ckpt_depth} DeepLabv3 but --backbone is {backbone}")
+            return Weights(state, depth, int(state[key].shape[0]), "checkpoint", f"checkpoint {spec}", str(spec))
+        return _from_torchvision_cache(torchvision_weights_enum(spec, depth), depth, download)
+    images = calibration()
+    state = random_state_dict(depth, 21, seed, images)
+    return Weights(state, depth, 21, "random",
+                   f"random (seed {seed}; BN affine randomised, BN statistics from {len(images)} photographs): "
+                   "predictions carry no meaning, so OS16-vs-OS8 agreement and mIoU are n/a",
+                   None)
+
+
+
+_NAMED_BUILDERS = {"deeplabv3_resnet50": "resnet50", "deeplabv3_resnet101": "resnet101"}
+
+
+def is_named_weights(weights: Any) -> bool:
+    """Whether ``weights`` is one of :data:`NAMED_WEIGHTS` (``synthetic``, ``random``), in any case."""
+    return isinstance(weights, str) and weights.strip().lower() in NAMED_WEIGHTS
+
+
+def build_model(name: str = "deeplabv3_resnet50", weights: Any = None, *, num_classes: int | None = None,
+                progress: Callable[[str], None] | None = None, **kwargs: Any) -> nn.Module:
+    """A registered model (:func:`fastdeeplab.get_model`) with ``weights`` resolved as every ``--weights`` is:
+    ``synthetic`` and ``random`` through :func:`resolve_weights` (their number of classes unless
+    ``num_classes`` says the same), anything else (a torchvision weights name, a checkpoint path, ``None``)
+    by the builder itself. ``kwargs`` go to the builder (``output_stride``, ``head``, ...)."""
+    from .hub import get_model, load_checkpoint
+
+    if not is_named_weights(weights):
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return get_model(name, weights=weights, **kwargs)
+    spec = weights.strip().lower()
+    if name not in _NAMED_BUILDERS:
+        raise ValueError(f"--weights {spec} exists for {' and '.join(_NAMED_BUILDERS)}, not --model {name}")
+    resolved = resolve_weights(spec, _NAMED_BUILDERS[name], progress=progress)
+    if num_classes is not None and num_classes != resolved.num_classes:
+        raise ValueError(f"--weights {spec} has {resolved.num_classes} classes, not --num-classes {num_classes}; "
+                         f"leave --num-classes out")
+    if kwargs.pop("aux_loss", None):
+        raise ValueError(f"--weights {spec} has no auxiliary head; leave --aux out")
+    model = get_model(name, weights=None, num_classes=resolved.num_classes, **kwargs)
+    load_checkpoint(model, resolved.state_dict)
+    return model
+
+# --------------------------------------------------------------------------------------------------
+# ``synthetic``: a DeepLabv3 trained on synthetic scenes, so accuracy means something with no network or dataset.
+# Scenes from fastdeeplab.data.synthetic.synthetic_sample, 64x64 px, a 1-px ignore band around the shapes;
+# training draws fresh scenes every iteration (seed 0), the held-out set (seed 1) is never seen. SGD with
+# momentum 0.9, weight decay 1e-4, poly learning rate, batch 8, random flips: OS16 with BN trained, then OS8
+# with BN frozen.
+# --------------------------------------------------------------------------------------------------
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Everything that decides the synthetic model (its hash names the cache file)."""
+
+    num_classes: int = 4
+    size: int = 64
+    thin_structures: int = 3
+    max_objects: int = 3
+    batch: int = 8
+    iterations_os16: int = 240
+    iterations_os8: int = 40
+    lr_os16: float = 0.02
+    lr_os8: float = 0.005
+    weight_decay: float = 1e-4
+    train_seed: int = 0
+    held_out_seed: int = 1
+    held_out_images: int = 32
+    version: int = 1
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+SPEC = SyntheticSpec()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTDEEPLAB_CACHE") or Path.home() / ".cache" / "fastdeeplab")
+
+
+def cache_path(depth: int, spec: SyntheticSpec = SPEC) -> Path:
+    return cache_dir() / f"synthetic-deeplabv3_resnet{depth}-{spec.digest()}.pt"
+
+
+def scenes(indices: range | list[int], spec: SyntheticSpec = SPEC, *, seed: int) -> tuple[Tensor, Tensor]:
+    """Synthetic scenes ``(images [N, 3, S, S] float32 normalised like ImageNet, labels [N, S, S] int64)``."""
+    from .data.synthetic import synthetic_sample
+    from .images import normalize
+
+    images, labels = [], []
+    for i in indices:
+        image, label = synthetic_sample(int(i), (spec.size, spec.size), spec.num_classes, seed=seed,
+                                        max_objects=spec.max_objects, thin_structures=spec.thin_structures)
+        images.append(normalize(image))
+        labels.append(torch.from_numpy(label.astype(np.int64)))
+    return torch.stack(images), torch.stack(labels)
+
+
+def held_out_set(spec: SyntheticSpec = SPEC) -> tuple[Tensor, Tensor]:
+    """The held-out scenes (seed ``held_out_seed``), never drawn in training."""
+    return scenes(range(spec.held_out_images), spec, seed=spec.held_out_seed)
+
+
+def _poly(base: float, step: int, total: int) -> float:
+    return base * (1 - step / total) ** 0.9
+
+
+@torch.no_grad()
+def evaluate_miou(model: nn.Module, images: Tensor, labels: Tensor, num_classes: int) -> float:
+    """mIoU of ``model`` (eval mode) on ``images``/``labels``, ignore band left out."""
+    model.eval()
+    meter = ConfusionMatrix(num_classes, IGNORE_INDEX)
+    for x, y in zip(images.split(8), labels.split(8), strict=True):
+        meter.update(model(x)["out"].argmax(1), y)
+    return float(meter.compute()["mIoU"])
+
+
+def train_synthetic(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Train a DeepLabv3-ResNet-``depth`` from scratch on synthetic scenes (see the module docstring).
+
+    Returns the state dict (torchvision names, no aux head) and a record of how it was made: the spec,
+    seconds, threads, the loss at the start and end of each stage, and the held-out mIoU at OS16 and OS8.
+    """
+    from . import hub
+
+    say = progress or (lambda _: None)
+    build = hub.deeplabv3_resnet50 if depth == 50 else hub.deeplabv3_resnet101
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train_seed)
+        model = build(num_classes=spec.num_classes, aux_loss=False, output_stride=16)
+        gen = torch.Generator().manual_seed(spec.train_seed)
+        start = time.perf_counter()
+        losses: dict[str, list[float]] = {}
+        next_index = 0
+        stages = (("os16", 16, spec.iterations_os16, spec.lr_os16, True),
+                  ("os8", 8, spec.iterations_os8, spec.lr_os8, False))
+        for name, stride, iterations, lr, train_bn in stages:
+            model.set_output_stride(stride)
+            model.train()
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d) and not train_bn:
+                    m.eval()
+                    m.weight.requires_grad_(False)
+                    m.bias.requires_grad_(False)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=spec.weight_decay)
+            losses[name] = []
+            for it in range(iterations):
+                x, y = scenes(range(next_index, next_index + spec.batch), spec, seed=spec.train_seed)
+                next_index += spec.batch
+                flip = torch.rand(spec.batch, generator=gen) < 0.5
+                x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+                for group in optimizer.param_groups:
+                    group["lr"] = _poly(lr, it, iterations)
+                loss = nn.functional.cross_entropy(model(x)["out"], y, ignore_index=IGNORE_INDEX)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses[name].append(float(loss.detach()))
+                if (it + 1) % 10 == 0 or it + 1 == iterations:
+                    recent = losses[name][-10:]
+                    say(f"synthetic training: OS{stride} iteration {it + 1}/{iterations}, loss "
+                        f"{sum(recent) / len(recent):.3f}, {time.perf_counter() - start:.0f} s")
+        seconds = time.perf_counter() - start
+    images, labels = held_out_set(spec)
+    miou = {}
+    for stride in (16, 8):
+        model.set_output_stride(stride)
+        miou[f"os{stride}"] = evaluate_miou(model, images, labels, spec.num_classes)
+    model.set_output_stride(8)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    info = {
+        "spec": asdict(spec),
+        "depth": depth,
+        "train_seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loss": {k: {"first10": mean(v[:10]), "last10": mean(v[-10:])} for k, v in losses.items()},
+        "held_out_miou_eager": miou,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("aux_classifier.")}
+    return state, info
+
+
+def load_or_train(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None,
+                  ) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
+    """The synthetic model's state dict and record, from the cache if there, else trained and cached."""
+    from ._io import atomic_path
+
+    say = progress or (lambda _: None)
+    path = cache_path(depth, spec)
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        say(f"synthetic weights: loaded {path}")
+        return blob["state_dict"], json.loads(blob["info"]), path
+    say(f"synthetic weights: not in the cache ({path}); training a DeepLabv3-ResNet-{depth} on synthetic "
+        f"scenes ({spec.iterations_os16} + {spec.iterations_os8} iterations, about 5 min on 2 quiet cores)")
+    state, info = train_synthetic(depth, spec, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({"state_dict": state, "info": json.dumps(info)}, tmp)
+    say(f"synthetic weights: trained in {info['train_seconds']:.0f} s, held-out mIoU OS16 "
+        f"{info['held_out_miou_eager']['os16']:.3f}, OS8 {info['held_out_miou_eager']['os8']:.3f}; cached in {path}")
+    return state, info, path
+
+
+
+
+def write_synthetic_scene(path: str | "os.PathLike[str]", index: int = 0, spec: SyntheticSpec = SPEC) -> Path:
+    """Write held-out synthetic scene ``index`` (never seen in training) as an RGB PNG, for ``--weights
+    synthetic``; its true labels go beside it as ``<stem>_truth.png`` (VOC palette). Returns ``path``."""
+    from PIL import Image
+
+    from ._io import atomic_path
+    from .data.synthetic import synthetic_sample
+    from .data.palette import colorize
+
+    path = Path(path)
+    image, label = synthetic_sample(index, (spec.size, spec.size), spec.num_classes, seed=spec.held_out_seed,
+                                    max_objects=spec.max_objects, thin_structures=spec.thin_structures)
+    with atomic_path(path, suffix=".png", what="scene") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    with atomic_path(path.with_name(f"{path.stem}_truth.png"), suffix=".png", what="scene labels") as tmp:
+        colorize(label).save(tmp, format="PNG")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastdeeplab.weights [--scene FILE.png] [--train]``: write a held-out synthetic scene,
+    and/or train (or load) the synthetic model and print how it was made."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastdeeplab.weights", description=main.__doc__)
+    parser.add_argument("--scene", metavar="FILE", help="write a held-out synthetic scene PNG (and FILE_truth.png)")
+    parser.add_argument("--index", type=int, default=0, help="which held-out scene (default 0)")
+    parser.add_argument("--train", action="store_true", help="train (or load from the cache) the synthetic model")
+    args = parser.parse_args(argv)
+    if args.scene:
+        print(write_synthetic_scene(args.scene, args.index))
+    if args.train or not args.scene:
+        _, record, where = load_or_train(progress=lambda line: print(line, flush=True))
+        print(where)
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
