@@ -1,36 +1,45 @@
 #!/usr/bin/env python3
-"""The GPU check (issue 13): one short window on a bare GPU machine records every GPU figure the project claims.
+"""The GPU check (issues 13, 19): one short window on a bare GPU machine records every GPU figure the project claims.
 
     bash scripts/gpu_check.sh OUTDIR              # on a GPU: ~6 min expected, < 8 min at the limits
-    bash scripts/gpu_check.sh --dry-run OUTDIR    # on a CPU: tiny shapes under TRITON_INTERPRET=1, ~1 min
+    bash scripts/gpu_check.sh --plan OUTDIR       # anywhere, no GPU: the per-stage counts and time estimates
+    bash scripts/gpu_check.sh --dry-run OUTDIR    # on a CPU: tiny shapes under TRITON_INTERPRET=1
 
 This file is the driver. It makes the package importable (an installed fastdeeplab, else this checkout
 mapped by a path shim: ``kernels/`` becomes ``fastdeeplab.kernels`` as ``pyproject.toml`` maps it), records
-the machine (versions, GPU name, SMs, memory, clocks from ``nvidia-smi``), then runs three stages, each in
-its own subprocess under its own time limit, so a hang or a crash is recorded and the next stage still runs:
+the machine (versions, GPU name, SMs, memory, clocks from ``nvidia-smi``), computes the plan
+(``gpucheck/plan.py``: what every stage compiles, autotunes and times, counted from the real prune functions,
+and the case count that fits each limit; ``OUTDIR/gpucheck.plan.json``), then runs four stages, each in its
+own subprocess under its own time limit, so a hang or a crash is recorded and the next stage still runs:
 
 ===============  ======  ========================================================================================
 stage            limit   what (modules in ``scripts/gpucheck/``)
 ===============  ======  ========================================================================================
-``correctness``  95 s    kernels compiled for the GPU vs their float64 twins; ``optimize(backend="triton")`` vs
+``precompile``   50 s    every Triton build the later stages need, on all host cores, into the shared
+                         ``TRITON_CACHE_DIR`` (``precompile.py``)
+``correctness``  75 s    kernels vs their float64 twins (fp32 with TF32 off and on, fp16, bf16), every config the
+                         autotuner may pick (TMA included) in fp16 and bf16; ``optimize(backend="triton")`` vs
                          eager at OS16 and OS8 (``correctness.py``)
-``kernels``      115 s   every DeepLab conv shape, batch 1 and 8, fp16 and bf16: Triton vs cuDNN, TFLOP/s and
-                         share of the nominal peak, via ``time_cuda`` (``kernel_bench.py``)
-``model``        200 s   513×513, batch 1 and 8, OS16 and OS8: torchvision eager, ``optimize`` (triton, with and
-                         without CUDA graphs; torch), ``torch.compile``; accuracy vs fp32 (``whole_model.py``)
+``kernels``      100 s   DeepLab's conv shapes, batch 1 and 8, fp16 then bf16, most important first: Triton vs
+                         cuDNN, TFLOP/s and share of the nominal peak (``kernel_bench.py``)
+``model``        195 s   513×513, batch 1 and 8, OS16 and OS8: torchvision eager, ``optimize`` (triton, with and
+                         without CUDA graphs; torch), ``torch.compile`` of torchvision and of ``optimize(model)``;
+                         accuracy vs fp32 (``whole_model.py``)
 ===============  ======  ========================================================================================
 
-**Time on an H100-class GPU** (expected / limit): setup ~15 s (imports, ``nvidia-smi``; plus at most a
-30 s pip attempt when nothing is installed), correctness ~70 / 95 s, kernels ~115 / 115 s (its bf16 tail is
-cut), model ~170 / 200 s: about 6 minutes expected, 7 min 50 s if every stage runs to its limit and is
-killed 5 s later. How the estimates were reached is in ``gpucheck/__init__.py``. Each stage also watches
-its own deadline and records the work it had no time for as skipped rows, so a slow stage ends with rows
-rather than being killed.
+Every stage shares one fresh ``TRITON_CACHE_DIR`` (builds and autotune results carry over) and runs the
+kernels' autotuner with a short benchmark, ``FASTDEEPLAB_AUTOTUNE_MS=5,20`` (5 ms warm-up, 20 ms repeat per
+config instead of Triton's 25 + 100; a value already in the environment is kept), stated in the output.
+With setup (40 s allowed) and a 5 s kill grace after each stage the limits sum to 480 s; the plan's estimates
+(``--plan``) sit inside each limit. Each stage also watches its own deadline and records what it had no time
+for as skipped rows, writes every row the moment it is measured (``gpucheck.jsonl`` per stage, JSON lines),
+and ends on a CUDA error with an explicit ``stage_error`` row (the context is unusable after one), after
+which the next stage starts in a fresh process.
 
-Outputs, rewritten (atomically) as each stage ends: ``OUTDIR/gpucheck.json`` (``environment``, then one
-entry per stage: ``status``, ``seconds``, ``limit_s``, ``rows``), ``OUTDIR/gpucheck.md`` (the same as
-tables) and ``OUTDIR/gpucheck.log`` (everything the stages printed). The exit status is 0 when every stage
-ended ``ok``.
+Outputs, rewritten (atomically) as each stage ends: ``OUTDIR/gpucheck.json`` (``environment``, ``plan``, then
+one entry per stage: ``status``, ``seconds``, ``limit_s``, ``rows``), ``OUTDIR/gpucheck.md`` (the same as
+tables), ``OUTDIR/gpucheck.plan.json`` and ``OUTDIR/gpucheck.log`` (everything the stages printed). The exit
+status is 0 when every stage ended ``ok``.
 """
 
 from __future__ import annotations
@@ -50,11 +59,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("correctness", "kernels", "model")
-STAGE_MODULES = {"correctness": "correctness", "kernels": "kernel_bench", "model": "whole_model"}
-LIMITS_S = {"correctness": 95, "kernels": 115, "model": 200}
-DRY_RUN_LIMITS_S = {"correctness": 150, "kernels": 150, "model": 150}  # a loaded 2-core CPU; ~15 s each idle
+STAGES = ("precompile", "correctness", "kernels", "model")
+STAGE_MODULES = {"precompile": "precompile", "correctness": "correctness", "kernels": "kernel_bench",
+                 "model": "whole_model"}
+# the plan's limits (scripts/gpucheck/plan.py): with setup and the kill graces they sum to 480 s
+LIMITS_S = {"precompile": 50, "correctness": 75, "kernels": 100, "model": 195}
+DRY_RUN_LIMITS_S = {"precompile": 120, "correctness": 200, "kernels": 150, "model": 200}  # a loaded 2-core CPU
 GRACE_S = 5  # after a stage's limit, before it is killed (it stops starting work at its limit)
+STAGE_ERROR_RC = 3  # a stage that ended on an error it recorded as a row (a CUDA error ends the process)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,16 +142,49 @@ class Driver:
         with atomic_path(self.outdir / "gpucheck.md") as tmp:
             tmp.write_text(render_markdown(self.result))
 
+    def stage_env(self, workdir: Path) -> dict[str, str]:
+        """The stages' environment: one Triton cache for all of them (stage 0's builds and every autotune
+        result carry over), fresh per-layer dispatch decisions, the short autotune benchmark."""
+        from gpucheck.common import AUTOTUNE_ENV, CHECK_AUTOTUNE_MS
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1", FASTDEEPLAB_CACHE_DIR=str(workdir / "fastdeeplab-cache"),
+                   TRITON_CACHE_DIR=str(workdir / "triton-cache"))
+        env.setdefault(AUTOTUNE_ENV, ",".join(map(str, CHECK_AUTOTUNE_MS)))
+        return env
+
+    def make_plan(self, workdir: Path) -> None:
+        """The GPU plan (counts, estimates, stage 0's builds, the kernel stage's case count) into
+        ``gpucheck.plan.json``; the dry run's stage 0 makes its own small job list."""
+        from gpucheck.common import autotune_ms
+
+        env = self.stage_env(workdir)
+        warmup, rep = autotune_ms(env)
+        self.result["autotune"] = f"FASTDEEPLAB_AUTOTUNE_MS={warmup:g},{rep:g} (autotune benchmark: {warmup:g} ms " \
+                                  f"warm-up, {rep:g} ms repeat per config)"
+        self.say(self.result["autotune"])
+        if self.dry_run:
+            return
+        from gpucheck.plan import build_plan, format_table
+
+        start = time.monotonic()
+        plan = build_plan(environ=env)
+        capability = (self.result["environment"].get("gpu") or {}).get("capability") or "sm_90"
+        plan["target_arch"] = int(capability.removeprefix("sm_"))
+        _write_plan(self.outdir, plan)
+        self.result["plan"] = {k: v for k, v in plan.items() if k != "precompile_jobs"}
+        self.say(f"plan ({time.monotonic() - start:.1f} s):\n{format_table(plan)}")
+
     def run_stage(self, name: str, workdir: Path) -> None:
         entry = self.result["stages"][name]
         rows_path = workdir / f"{name}.jsonl"
         limit = entry["limit_s"]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--rows", str(rows_path),
                "--deadline", str(time.time() + limit), *(["--dry-run"] if self.dry_run else []), str(self.outdir)]
-        # the per-layer dispatch decisions are measured afresh in this run, not read from an earlier one's cache
-        env = dict(os.environ, PYTHONUNBUFFERED="1", FASTDEEPLAB_CACHE_DIR=str(workdir / "fastdeeplab-cache"))
-        if self.dry_run:
+        env = self.stage_env(workdir)
+        if self.dry_run and name != "precompile":
             env["TRITON_INTERPRET"] = "1"
+        else:  # stage 0 builds real GPU code, also in the dry run (for sm_90, on the CPU)
+            env.pop("TRITON_INTERPRET", None)
         self.say(f"stage {name}: started (limit {limit} s)")
         entry["status"] = "running"
         self.write()
@@ -150,7 +195,8 @@ class Driver:
                                 start_new_session=True)  # its own process group: a kill takes its workers too
         try:
             rc = proc.wait(timeout=limit + GRACE_S)
-            status = "ok" if rc == 0 else f"crashed (exit status {rc})"
+            status = ("ok" if rc == 0 else "ended by an error (see its stage_error row)" if rc == STAGE_ERROR_RC
+                      else f"crashed (exit status {rc})")
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -180,6 +226,11 @@ class Driver:
         self.say(f"device: {gpu.get('name') or 'no GPU'}; torch {self.result['environment']['versions'].get('torch')}")
         self.write()
         with tempfile.TemporaryDirectory(prefix="gpucheck-") as workdir:
+            try:
+                self.make_plan(Path(workdir))
+            except Exception as exc:  # noqa: BLE001 (the stages still run, on their own deadlines)
+                self.say(f"plan failed, the stages run without it: {type(exc).__name__}: {exc}")
+            self.write()
             for name in self.stages:
                 self.run_stage(name, Path(workdir))
         self.result["finished"] = _now()
@@ -192,31 +243,97 @@ class Driver:
         return 0 if all(s["status"] == "ok" for s in self.result["stages"].values()) else 1
 
 
+def _write_plan(outdir: Path, plan: dict) -> None:
+    from fastdeeplab._io import atomic_path
+
+    with atomic_path(outdir / "gpucheck.plan.json") as tmp:
+        tmp.write_text(json.dumps(plan, indent=1, default=str) + "\n")
+
+
+def _read_plan(outdir: Path) -> dict | None:
+    path = outdir / "gpucheck.plan.json"
+    if not path.exists():
+        return None
+    from fastdeeplab._io import read_regular_file
+
+    return json.loads(read_regular_file(path, max_bytes=64 * 2**20, what="the GPU check's plan"))
+
+
+def run_one_stage(name: str, plan, rows, outdir: Path) -> int:
+    """Run one stage into ``rows``; an exception (a CUDA error above all: it leaves the context unusable)
+    ends the stage with a ``stage_error`` row and exit status ``STAGE_ERROR_RC``."""
+    from gpucheck.common import error_text, is_cuda_error
+
+    stage = importlib.import_module(f"gpucheck.{STAGE_MODULES[name]}")
+    saved = None if plan.dry_run else _read_plan(outdir)
+    try:
+        if name == "precompile":
+            if saved is None:
+                from gpucheck.plan import dry_jobs
+
+                stage.run(plan, rows, dry_jobs(plan), arch=90, workers=2)
+            else:
+                stage.run(plan, rows, saved["precompile_jobs"], arch=saved.get("target_arch", 90))
+        elif name == "kernels":
+            stage.run(plan, rows, reach=saved["stages"]["kernels"]["cases"] if saved else None)
+        else:
+            stage.run(plan, rows)
+    except Exception as exc:  # noqa: BLE001 (recorded, then the next stage runs in a new process)
+        cuda = is_cuda_error(exc)
+        rows.row(kind="stage_error", stage=name, cuda_error=cuda, ok=False, message=error_text(exc),
+                 note="a CUDA error leaves the context unusable: the stage ends here, the next stage runs in a "
+                      "new process" if cuda else "the stage ended on this error")
+        return STAGE_ERROR_RC
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outdir", type=Path, help="where gpucheck.json, gpucheck.md and gpucheck.log go")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: every stage on tiny shapes under TRITON_INTERPRET=1 (proves the plumbing)")
+    parser.add_argument("--plan", action="store_true",
+                        help="no GPU needed: write OUTDIR/gpucheck.plan.json and print the per-stage counts and "
+                             "estimates (sm_90 assumed)")
+    parser.add_argument("--measure-compile", action="store_true",
+                        help="with --plan: measure one Triton build on this machine instead of the recorded figure")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.dry_run:
+    if args.plan and args.dry_run:
+        parser.error("--plan and --dry-run are separate modes: give one")
+    if args.measure_compile and not args.plan:
+        parser.error("--measure-compile goes with --plan")
+    if args.dry_run and args.stage != "precompile":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    if args.plan:
+        os.environ.pop("TRITON_INTERPRET", None)  # the plan needs the compiled kernels' binder
     import_mode = bootstrap()
+
+    if args.plan:
+        from gpucheck.plan import build_plan, format_table, measure_compile_s
+
+        args.outdir.mkdir(parents=True, exist_ok=True)
+        compile_s = measure_compile_s() if args.measure_compile else None
+        plan = build_plan(compile_s=compile_s)
+        _write_plan(args.outdir, plan)
+        print(format_table(plan))
+        print(f"wrote {args.outdir / 'gpucheck.plan.json'} ({len(plan['precompile_jobs'])} builds listed for stage 0; "
+              f"planned in {plan['seconds_to_plan']} s)")
+        within = all(s["estimated_s"] <= s["limit_s"] for s in plan["stages"].values())
+        return 0 if within and plan["total_limit_s"] <= plan["window_s"] else 1
 
     if args.stage:
         from fastdeeplab.kernels._utils import patch_interpreter_indices
         from gpucheck.common import Plan, RowWriter
 
-        if args.dry_run and patch_interpreter_indices():
+        if args.dry_run and args.stage != "precompile" and patch_interpreter_indices():
             print("dry run: patched triton's interpreter to squeeze scalar indices, as triton 3.8 does", flush=True)
-        stage = importlib.import_module(f"gpucheck.{STAGE_MODULES[args.stage]}")
         with RowWriter(args.rows) as rows:
-            stage.run(Plan.make(args.dry_run, args.deadline), rows)
-        return 0
+            return run_one_stage(args.stage, Plan.make(args.dry_run, args.deadline), rows, args.outdir)
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))

@@ -17,10 +17,57 @@ import torch
 
 from fastdeeplab.timing import Spread, spread, time_call, time_cuda
 
-__all__ = ["DTYPE_NAMES", "Plan", "RowWriter", "error_text", "find_method", "gpu_configs",
-           "measure_ms", "optimize_options", "peak_tflops", "synchronize"]
+__all__ = ["AUTOTUNE_ENV", "CHECK_AUTOTUNE_MS", "DTYPE_NAMES", "CudaFatal", "Plan", "RowWriter", "autotune_ms",
+           "error_text", "find_method", "gpu_configs", "is_cuda_error", "measure_ms", "optimize_options",
+           "peak_tflops", "raise_if_fatal", "synchronize"]
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The kernels' autotune benchmark timing, "warmup_ms,rep_ms" (read by fastdeeplab.kernels when imported);
+# Triton's own default is 25 ms + 100 ms per config. The check runs a short one and says so in its output.
+AUTOTUNE_ENV = "FASTDEEPLAB_AUTOTUNE_MS"
+CHECK_AUTOTUNE_MS = (5, 20)
+TRITON_DEFAULT_AUTOTUNE_MS = (25, 100)
+
+
+def autotune_ms(environ: dict | None = None) -> tuple[float, float]:
+    """``(warmup_ms, rep_ms)`` of one autotune benchmark under ``environ`` (default ``os.environ``)."""
+    import os
+
+    text = (environ if environ is not None else os.environ).get(AUTOTUNE_ENV, "").strip()
+    if not text:
+        return TRITON_DEFAULT_AUTOTUNE_MS
+    try:
+        warmup, rep = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{AUTOTUNE_ENV}={text!r}: expected 'warmup_ms,rep_ms', e.g. '5,20'") from None
+    return warmup, rep
+
+
+# Messages of errors after which the CUDA context is unusable: every later call in the process fails too.
+_FATAL_MARKERS = ("CUDA error", "illegal memory access", "unspecified launch failure", "device-side assert",
+                  "misaligned address", "illegal instruction", "CUDA driver error", "an illegal")
+
+
+def is_cuda_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA (context-corrupting) error rather than a failure of one case."""
+    if isinstance(exc, CudaFatal):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in _FATAL_MARKERS)
+
+
+class CudaFatal(RuntimeError):
+    """A CUDA error ended the stage (its row is written); the driver runs the next stage in a new process."""
+
+
+def raise_if_fatal(exc: BaseException) -> None:
+    """Inside a case's ``except``: re-raise a CUDA error (the stage ends with an explicit row) instead of
+    recording it as one failed case and going on with a broken context."""
+    if is_cuda_error(exc):
+        raise CudaFatal(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -50,6 +97,7 @@ class Plan:
     compile_mode: str | None
     compile_s: float  # what one torch.compile is given: it is skipped when less time is left
     compile_batches: tuple[int, ...]  # batch sizes compiled for (each new one is a recompile)
+    compile_strides: tuple[int, ...] = (16, 8)  # output strides whose models are compiled
 
     @classmethod
     def make(cls, dry_run: bool, deadline: float | None) -> Plan:
@@ -59,14 +107,21 @@ class Plan:
                        kernel_resolution=33, kernel_batches=(1,), kernel_dtypes=(torch.bfloat16,),
                        kernel_max_shapes=4, warmup_ms=0, rep_ms=0, model="tiny", resolution=17, batches=(1,),
                        output_strides=(16, 8), dtype=torch.bfloat16, rounds=1, compile_backend="eager",
-                       compile_mode=None, compile_s=30, compile_batches=(1,))
+                       compile_mode=None, compile_s=30, compile_batches=(1,), compile_strides=(16,))
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA GPU here: run with --dry-run on a CPU")
-        return cls(dry_run=False, deadline=deadline, device=torch.device("cuda"), check_input=(2, 3, 97, 129),
+        return cls.gpu(deadline)
+
+    @classmethod
+    def gpu(cls, deadline: float | None = None, device: str = "cuda") -> Plan:
+        """The GPU run's sizes (``device="cpu"``: the same plan, for counting it on a machine without a GPU)."""
+        deadline = deadline if deadline is not None else time.time() + 3600
+        return cls(dry_run=False, deadline=deadline, device=torch.device(device), check_input=(2, 3, 97, 129),
                    kernel_resolution=513, kernel_batches=(1, 8), kernel_dtypes=(torch.float16, torch.bfloat16),
                    kernel_max_shapes=None, warmup_ms=5, rep_ms=25, model="resnet50", resolution=513,
                    batches=(1, 8), output_strides=(16, 8), dtype=torch.float16, rounds=15,
-                   compile_backend="inductor", compile_mode="default", compile_s=60, compile_batches=(8,))
+                   compile_backend="inductor", compile_mode="default", compile_s=60, compile_batches=(8,),
+                   compile_strides=(16,))
 
     def left(self) -> float:
         """Seconds until the stage's deadline."""

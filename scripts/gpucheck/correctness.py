@@ -4,11 +4,15 @@ optimized model against eager PyTorch at OS16 and OS8.
 * **Kernels.** A fixed subset of the interpreter suite's shapes (``tests/test_kernel_conv.py``,
   ``tests/test_kernel_aspp.py``: rates 1–36, maps smaller than the rate, odd sizes, channel counts off the
   block sizes, a 1×1 map), plus on the GPU a few more and DeepLab-sized problems that fill whole tiles.
-  Each in fp32 with TF32 off, fp16 and bf16, at the suite's tolerances (``tests/_assert.py``), output
-  poisoned with NaN first (an unwritten element fails). Each case runs one of the GPU autotune configs,
-  taken in turn, so every config is checked on some shapes at the cost of one compile per case rather than
-  one per config (the dry run runs those GPU tilings under the interpreter). The residual epilogue and the
-  grouped launch of ASPP's four branches are checked too where the kernels have them.
+  Each in fp32 with TF32 off and with TF32 on (the default user path, which the interpreter cannot show: it
+  ignores ``input_precision``; checked against the TF32 tolerance), fp16 and bf16, at the suite's tolerances
+  (``tests/_assert.py``), output poisoned with NaN first (an unwritten element fails). Each case runs one of
+  the GPU autotune configs, taken in turn (the dry run runs those GPU tilings under the interpreter). The
+  residual epilogue and the grouped launch of ASPP's four branches are checked too.
+* **Every config the autotuner may pick.** Then a sweep forces each config of each kernel — the 3×3 conv's
+  spatial, raster and TMA tilings, the 1×1 conv's raster ones, the grouped ASPP launch's (TMA included) and
+  the projection's — in fp16 and in bf16, on TMA-eligible shapes, so a config that only the autotuner would
+  reach on some layer is never first run by a user. Rows say ``tma`` and ``sweep``.
 * **Whole model.** ``optimize(model, backend="triton", dtype=float32)`` (the kernels forced everywhere when
   ``optimize`` has per-layer dispatch) against the eager fastdeeplab model, TF32 off on both sides, at
   OS16 and OS8, on odd-sized photographs: max error relative to the logit scale < 1e-4 (the test suite's
@@ -19,15 +23,17 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fastdeeplab.metrics import max_rel_error, pixel_agreement
 
-from .common import Plan, RowWriter, error_text, gpu_configs, optimize_options, synchronize
+from .common import Plan, RowWriter, error_text, gpu_configs, optimize_options, raise_if_fatal, synchronize
 from .models import input_batch, load_weights, model_pair
 
-__all__ = ["run"]
+__all__ = ["KernelCase", "kernel_cases", "model_check_launches", "run"]
 
 # (n, cin, h, w, cout, k, stride, dilation, relu): tests/test_kernel_conv.py's ids, a fixed subset.
 CONV_CASES = [
@@ -50,12 +56,21 @@ GPU_ASPP_CASES = [(2, 256, 33, 33, 256, True)]
 # (n, cin, h, w, cb, rates): the grouped launch of ASPP's four branches, where the kernels have it
 BRANCH_CASES = [(1, 20, 9, 11, 24, (6, 12, 18)), (1, 16, 5, 7, 16, (12, 24, 36))]
 GPU_BRANCH_CASES = [(2, 512, 33, 33, 256, (6, 12, 18))]
-DTYPE_IDS = ("fp32-ieee", "fp16", "bf16")
+DTYPE_IDS = ("fp32-ieee", "fp32-tf32", "fp16", "bf16")
+TOLERANCE_DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16,
+                    "bf16": torch.bfloat16}
+# The every-config sweep's shapes: stride 1, channels multiples of 8 (TMA-eligible in fp16/bf16), several
+# tiles and channel blocks, odd sizes. conv: (n, cin, h, w, cout, k, stride, dilation, relu); aspp_project:
+# (n, cb, h, w, cout, relu); aspp_branches: (n, cin, h, w, cb, rates).
+SWEEP = {"conv3x3": (2, 64, 19, 21, 72, 3, 1, 2, True), "conv1x1": (2, 96, 17, 23, 80, 1, 1, 1, True),
+         "aspp_project": (2, 40, 13, 17, 56, True), "aspp_branches": (1, 64, 17, 19, 48, (2, 4, 6))}
+DRY_SWEEP = {"conv3x3": (1, 16, 9, 11, 24, 3, 1, 2, True), "conv1x1": (1, 32, 7, 9, 16, 1, 1, 1, True),
+             "aspp_project": (1, 16, 5, 7, 24, True), "aspp_branches": (1, 16, 7, 9, 16, (1, 2, 3))}
 MODEL_TOLERANCE = 1e-4  # tests/test_optimize.py
 
 
 def _tolerances() -> dict[str, tuple[torch.dtype, bool | None, float, float]]:
-    """``{id: (dtype, allow_tf32, atol, rtol)}`` from the kernel tests' one table."""
+    """``{id: (dtype, allow_tf32, atol, rtol)}`` from the kernel tests' one table (TF32: its own, looser pair)."""
     from tests._assert import KERNEL_DTYPES
 
     return {p.id: tuple(p.values) for p in KERNEL_DTYPES if p.id in DTYPE_IDS}
@@ -68,8 +83,185 @@ def _config_label(config) -> str | None:
     return f"{kw},w{config.num_warps},s{config.num_stages}"
 
 
-def _check(rows: RowWriter, kernel: str, case: str, dtype_id: str, config, got: torch.Tensor,
-           expected: torch.Tensor, atol: float, rtol: float, seconds: float) -> None:
+def _eligible(configs: list, dtype: torch.dtype, stride: int, channels: tuple[int, ...], device: int) -> list:
+    """The configs the autotuner itself would consider here: TMA tilings need sm_90, stride 1 and 16-byte
+    aligned rows (``kernels.conv.tma_eligible``)."""
+    import fastdeeplab.kernels.conv as conv_kernels
+
+    keep = getattr(conv_kernels, "tma_eligible", None)
+    if keep is None:
+        return configs
+    return keep(configs, {"x_ptr": torch.empty(1, dtype=dtype), "DEVICE_KEY": device}, stride=(stride, stride),
+                channels=channels)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One forced-config launch checked against its float64 twin."""
+
+    kernel: str  # "conv_bn_relu" | "aspp_project" | "aspp_branches"
+    params: tuple  # a row of CONV_CASES / ASPP_CASES / BRANCH_CASES (or a sweep shape)
+    dtype_id: str  # a DTYPE_IDS entry
+    config: Any  # the triton.Config it runs
+    residual: bool = False
+    sweep: bool = False  # part of the every-config sweep
+
+    @property
+    def case_id(self) -> str:
+        p = self.params
+        if self.kernel == "conv_bn_relu":
+            n, cin, h, w, cout, k, stride, dil, relu = p
+            return (f"N{n}-C{cin}-H{h}-W{w}-O{cout}-k{k}-s{stride}-d{dil}-p{dil * (k // 2)}-"
+                    f"{'relu' if relu else 'linear'}" + ("-residual" if self.residual else ""))
+        if self.kernel == "aspp_project":
+            n, cb, h, w, cout, relu = p
+            return f"N{n}-Cb{cb}-H{h}-W{w}-O{cout}-{'relu' if relu else 'linear'}"
+        n, cin, h, w, cb, rates = p
+        return f"N{n}-C{cin}-H{h}-W{w}-Cb{cb}-r{'/'.join(map(str, rates))}"
+
+    def launch(self):
+        """The :class:`gpucheck.launches.Launch` (what the plan counts and stage 0 compiles)."""
+        from .launches import Launch, config_id
+
+        dtype, tf32 = {"fp32-ieee": ("fp32", False), "fp32-tf32": ("fp32", True), "fp16": ("fp16", False),
+                       "bf16": ("bf16", False)}[self.dtype_id]
+        p = self.params
+        if self.kernel == "conv_bn_relu":
+            n, cin, h, w, cout, k, stride, dil, relu = p
+            return Launch("conv", dtype, n, cin, cout, h, w, k=k, stride=stride, padding=dil * (k // 2), dilation=dil,
+                          residual=self.residual, relu=relu, tf32=tf32, config=config_id(self.config))
+        if self.kernel == "aspp_project":
+            n, cb, h, w, cout, relu = p
+            return Launch("aspp_project", dtype, n, cb, cout, h, w, relu=relu, tf32=tf32, config=config_id(self.config))
+        n, cin, h, w, cb, rates = p
+        return Launch("aspp_branches", dtype, n, cin, cb, h, w, k=3, rates=tuple(rates), tf32=tf32,
+                      config=config_id(self.config))
+
+
+def kernel_cases(plan: Plan, device: int | None = None) -> list[KernelCase]:
+    """Every kernel case of the stage, in run order, with the config each one runs. ``device``: the CUDA index
+    whose capability decides TMA eligibility (default: the plan's device; -1 on a CPU).
+
+    The fixed cases take the eligible configs in turn, in fp32 (TF32 off and on), fp16 and bf16. Then the
+    sweep: every config the autotuner may pick for each kernel (the 3×3 conv's spatial, raster and TMA
+    tilings, the 1×1 conv's raster ones, the grouped ASPP launch's, TMA included, and the projection's), each
+    in fp16 and bf16, on a shape where TMA is eligible (stride 1, channels a multiple of 8). The dry run
+    sweeps one config of each kernel in bf16 (the interpreter runs the GPU tilings, seconds each)."""
+    import fastdeeplab.kernels.aspp as aspp_kernels
+    import fastdeeplab.kernels.conv as conv_kernels
+
+    if device is None:
+        device = (plan.device.index or 0) if plan.device.type == "cuda" else -1
+    conv_configs = gpu_configs(conv_kernels)
+    project_configs = gpu_configs(aspp_kernels)
+    has_residual = "residual" in inspect.signature(conv_kernels.conv_bn_relu_packed).parameters
+    has_branches = hasattr(aspp_kernels, "aspp_branches_packed")
+    out: list[KernelCase] = []
+    turn = 0
+    for i, params in enumerate(CONV_CASES + ([] if plan.dry_run else GPU_CONV_CASES)):
+        n, cin, h, w, cout, k, stride, dil, relu = params
+        for dtype_id in DTYPE_IDS:
+            eligible = _eligible(conv_configs, TOLERANCE_DTYPES[dtype_id], stride, (cin, cout), device)
+            out.append(KernelCase("conv_bn_relu", params, dtype_id, eligible[turn % len(eligible)],
+                                  residual=has_residual and i % 2 == 1))
+            turn += 1
+    turn = 0
+    for params in ASPP_CASES + ([] if plan.dry_run else GPU_ASPP_CASES):
+        for dtype_id in DTYPE_IDS:
+            out.append(KernelCase("aspp_project", params, dtype_id, project_configs[turn % len(project_configs)]))
+            turn += 1
+    turn = 0
+    for params in (BRANCH_CASES + ([] if plan.dry_run else GPU_BRANCH_CASES)) if has_branches else []:
+        n, cin, h, w, cb, rates = params
+        for dtype_id in DTYPE_IDS:
+            eligible = _eligible(conv_configs, TOLERANCE_DTYPES[dtype_id], 1, (cin, cb), device)
+            out.append(KernelCase("aspp_branches", params, dtype_id, eligible[turn % len(eligible)]))
+            turn += 1
+    # the sweep: every config the autotuner may pick, fp16 and bf16
+    sweep_dtypes = ("bf16",) if plan.dry_run else ("fp16", "bf16")
+    shapes = DRY_SWEEP if plan.dry_run else SWEEP
+    raster = [c for c in conv_configs if c.kwargs.get("RASTER")]
+    kinds = [("conv_bn_relu", shapes["conv3x3"], conv_configs), ("conv_bn_relu", shapes["conv1x1"], raster),
+             ("aspp_project", shapes["aspp_project"], project_configs)]
+    if has_branches:
+        kinds.append(("aspp_branches", shapes["aspp_branches"], conv_configs))
+    for kernel, params, configs in kinds:
+        for dtype_id in sweep_dtypes:
+            if kernel == "conv_bn_relu":
+                stride, channels = params[6], (params[1], params[4])
+            else:
+                stride, channels = 1, (params[1], params[4])
+            eligible = (_eligible(configs, TOLERANCE_DTYPES[dtype_id], stride, channels, device)
+                        if kernel != "aspp_project" else configs)
+            for config in (eligible[:1] if plan.dry_run else eligible):
+                out.append(KernelCase(kernel, params, dtype_id, config, sweep=True))
+    return out
+
+
+def _run_case(plan: Plan, case: KernelCase, tolerances: dict, rows: RowWriter) -> None:
+    import fastdeeplab.kernels.aspp as aspp_kernels
+    import fastdeeplab.kernels.reference as reference
+    from fastdeeplab.kernels import (
+        aspp_project_packed,
+        aspp_project_reference,
+        conv_bn_relu_packed,
+        conv_bn_relu_reference,
+        pack_aspp_weight,
+        pack_weight,
+    )
+
+    dtype, allow_tf32, atol, rtol = tolerances[case.dtype_id]
+    dev = plan.device
+    cl = torch.channels_last
+    config = case.config
+    start = time.perf_counter()
+    if case.kernel == "conv_bn_relu":
+        n, cin, h, w, cout, k, stride, dil, relu = case.params
+        pad = dil * (k // 2)
+        x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=cl)
+        weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
+        bias = 0.5 * torch.randn(cout, device=dev)
+        oh, ow = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        residual = (torch.randn(n, cout, oh, ow, device=dev).to(dtype).contiguous(memory_format=cl)
+                    if case.residual else None)
+        out = torch.full((n, cout, oh, ow), float("nan"), device=dev, dtype=dtype).contiguous(memory_format=cl)
+        extra = {"residual": residual} if case.residual else {}
+        got = conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=k, stride=stride, padding=pad,
+                                  dilation=dil, relu=relu, allow_tf32=allow_tf32, out=out, config=config, **extra)
+        synchronize(dev)
+        expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), stride=stride, padding=pad,
+                                          dilation=dil, relu=False)
+        if residual is not None:
+            expected = expected + residual.double()
+        expected = expected.relu() if relu else expected
+    elif case.kernel == "aspp_project":
+        n, cb, h, w, cout, relu = case.params
+        branches = [torch.randn(n, cb, h, w, device=dev).to(dtype).contiguous(memory_format=cl) for _ in range(4)]
+        pooled = torch.randn(n, cb, device=dev).to(dtype)
+        weight = (torch.randn(cout, 5 * cb, 1, 1, device=dev) / (5 * cb) ** 0.5).to(dtype)
+        bias = 0.5 * torch.randn(cout, device=dev)
+        out = torch.full((n, cout, h, w), float("nan"), device=dev, dtype=dtype).contiguous(memory_format=cl)
+        got = aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, relu=relu,
+                                  allow_tf32=allow_tf32, out=out, config=config)
+        synchronize(dev)
+        expected = aspp_project_reference([b.double() for b in branches], pooled.double(), weight.double(),
+                                          bias.double(), relu=relu)
+    else:
+        n, cin, h, w, cb, rates = case.params
+        x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=cl)
+        weights = [(torch.randn(cb, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype) for k in (1, 3, 3, 3)]
+        biases = [0.5 * torch.randn(cb, device=dev) for _ in range(4)]
+        out = torch.full((4 * n, cb, h, w), float("nan"), device=dev, dtype=dtype).contiguous(memory_format=cl)
+        got = aspp_kernels.aspp_branches_packed(x, aspp_kernels.pack_aspp_branch_weights(weights), torch.cat(biases),
+                                                rates, allow_tf32=allow_tf32, out=out, config=config)
+        synchronize(dev)
+        expected = torch.cat(reference.aspp_branches_reference(
+            x.double(), [wt.double() for wt in weights], [b.double() for b in biases], rates))
+    _check(rows, case, config, got, expected, atol, rtol, time.perf_counter() - start)
+
+
+def _check(rows: RowWriter, case: KernelCase, config, got: torch.Tensor, expected: torch.Tensor, atol: float,
+           rtol: float, seconds: float) -> None:
     from tests._assert import assert_close_verbose
 
     message = None
@@ -77,151 +269,37 @@ def _check(rows: RowWriter, kernel: str, case: str, dtype_id: str, config, got: 
         assert_close_verbose(got, expected, atol=atol, rtol=rtol, dims="NCHW")
     except AssertionError as exc:
         message = str(exc)[:800]
-    rows.row(kind="kernel", kernel=kernel, case=case, dtype=dtype_id, config=_config_label(config),
+    rows.row(kind="kernel", kernel=case.kernel, case=case.case_id, dtype=case.dtype_id, config=_config_label(config),
+             tma=bool(config.kwargs.get("USE_TMA", False)), sweep=case.sweep,
              max_rel_error=max_rel_error(got, expected), atol=atol, rtol=rtol, ok=message is None,
              message=message, seconds=round(seconds, 3))
 
 
-def _eligible(conv_kernels, configs: list, x: torch.Tensor, stride: int, channels: tuple[int, ...]) -> list:
-    """The configs the autotuner itself would consider here: TMA tilings need sm_90, stride 1 and 16-byte
-    aligned rows (``kernels.conv.tma_eligible``, where the kernels have TMA configs)."""
-    keep = getattr(conv_kernels, "tma_eligible", None)
-    if keep is None:
-        return configs
-    device = x.device.index if x.device.type == "cuda" and x.device.index is not None else -1
-    return keep(configs, {"x_ptr": x, "DEVICE_KEY": device}, stride=(stride, stride), channels=channels)
+def _kernel_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
+    todo = kernel_cases(plan)
+    print(f"correctness: {len(todo)} kernel cases ({sum(c.sweep for c in todo)} in the every-config sweep, "
+          f"{sum(bool(c.config.kwargs.get('USE_TMA')) for c in todo)} on TMA configs)", flush=True)
+    for case in todo:
+        if plan.left() < 5:
+            rows.row(kind="kernel", kernel=case.kernel, case=case.case_id, dtype=case.dtype_id,
+                     config=_config_label(case.config), sweep=case.sweep, skipped="stage time limit")
+            continue
+        try:
+            _run_case(plan, case, tolerances, rows)
+        except Exception as exc:  # noqa: BLE001 (a failing launch is a result)
+            raise_if_fatal(exc)
+            rows.row(kind="kernel", kernel=case.kernel, case=case.case_id, dtype=case.dtype_id,
+                     config=_config_label(case.config), sweep=case.sweep, ok=False, message=error_text(exc))
 
 
-def _conv_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
-    import fastdeeplab.kernels.conv as conv_kernels
-    from fastdeeplab.kernels import conv_bn_relu_packed, conv_bn_relu_reference, pack_weight
+def model_check_launches(plan: Plan) -> list:
+    """The Triton launches of the whole-model checks (what the plan counts): float32 with TF32 off, every
+    layer on its kernel, autotuned, at both strides."""
+    from .models import model_launches
 
-    configs = gpu_configs(conv_kernels)
-    has_residual = "residual" in inspect.signature(conv_bn_relu_packed).parameters
-    cases = CONV_CASES + ([] if plan.dry_run else GPU_CONV_CASES)
-    dev = plan.device
-    turn = 0
-    for i, (n, cin, h, w, cout, k, stride, dil, relu) in enumerate(cases):
-        pad = dil * (k // 2)
-        # the residual epilogue on every other case, where the launcher has one
-        residual_on = has_residual and i % 2 == 1
-        cid = (f"N{n}-C{cin}-H{h}-W{w}-O{cout}-k{k}-s{stride}-d{dil}-p{pad}-{'relu' if relu else 'linear'}"
-               + ("-residual" if residual_on else ""))
-        for dtype_id in DTYPE_IDS:
-            if plan.left() < 5:
-                rows.row(kind="kernel", kernel="conv_bn_relu", case=cid, dtype=dtype_id, skipped="stage time limit")
-                continue
-            dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
-            config = None
-            start = time.perf_counter()
-            try:
-                x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
-                eligible = _eligible(conv_kernels, configs, x, stride, (cin, cout))
-                config = eligible[turn % len(eligible)]
-                turn += 1
-                weight = (torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
-                bias = 0.5 * torch.randn(cout, device=dev)
-                oh, ow = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
-                residual = (torch.randn(n, cout, oh, ow, device=dev).to(dtype)
-                            .contiguous(memory_format=torch.channels_last) if residual_on else None)
-                out = torch.full((n, cout, oh, ow), float("nan"), device=dev, dtype=dtype)
-                out = out.contiguous(memory_format=torch.channels_last)
-                extra = {"residual": residual} if residual_on else {}
-                got = conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=k, stride=stride, padding=pad,
-                                          dilation=dil, relu=relu, allow_tf32=allow_tf32, out=out, config=config,
-                                          **extra)
-                synchronize(dev)
-                expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), stride=stride,
-                                                  padding=pad, dilation=dil, relu=False)
-                if residual is not None:
-                    expected = expected + residual.double()
-                expected = expected.relu() if relu else expected
-                _check(rows, "conv_bn_relu", cid, dtype_id, config, got, expected, atol, rtol,
-                       time.perf_counter() - start)
-            except Exception as exc:  # noqa: BLE001 (a failing launch is a result)
-                rows.row(kind="kernel", kernel="conv_bn_relu", case=cid, dtype=dtype_id,
-                         config=_config_label(config), ok=False, message=error_text(exc))
-
-
-def _aspp_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
-    import fastdeeplab.kernels.aspp as aspp_kernels
-    from fastdeeplab.kernels import aspp_project_packed, aspp_project_reference, pack_aspp_weight
-
-    configs = gpu_configs(aspp_kernels)
-    dev = plan.device
-    turn = 0
-    for n, cb, h, w, cout, relu in ASPP_CASES + ([] if plan.dry_run else GPU_ASPP_CASES):
-        cid = f"N{n}-Cb{cb}-H{h}-W{w}-O{cout}-{'relu' if relu else 'linear'}"
-        for dtype_id in DTYPE_IDS:
-            if plan.left() < 5:
-                rows.row(kind="kernel", kernel="aspp_project", case=cid, dtype=dtype_id, skipped="stage time limit")
-                continue
-            dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
-            config = configs[turn % len(configs)]
-            turn += 1
-            start = time.perf_counter()
-            try:
-                branches = [torch.randn(n, cb, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
-                            for _ in range(4)]
-                pooled = torch.randn(n, cb, device=dev).to(dtype)
-                weight = (torch.randn(cout, 5 * cb, 1, 1, device=dev) / (5 * cb) ** 0.5).to(dtype)
-                bias = 0.5 * torch.randn(cout, device=dev)
-                out = torch.full((n, cout, h, w), float("nan"), device=dev, dtype=dtype)
-                out = out.contiguous(memory_format=torch.channels_last)
-                got = aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, relu=relu,
-                                          allow_tf32=allow_tf32, out=out, config=config)
-                synchronize(dev)
-                expected = aspp_project_reference([b.double() for b in branches], pooled.double(), weight.double(),
-                                                  bias.double(), relu=relu)
-                _check(rows, "aspp_project", cid, dtype_id, config, got, expected, atol, rtol,
-                       time.perf_counter() - start)
-            except Exception as exc:  # noqa: BLE001
-                rows.row(kind="kernel", kernel="aspp_project", case=cid, dtype=dtype_id,
-                         config=_config_label(config), ok=False, message=error_text(exc))
-
-
-def _branch_cases(plan: Plan, rows: RowWriter, tolerances: dict) -> None:
-    import fastdeeplab.kernels.aspp as aspp_kernels
-    import fastdeeplab.kernels.reference as reference
-
-    if not hasattr(aspp_kernels, "aspp_branches_packed") or not hasattr(reference, "aspp_branches_reference"):
-        rows.row(kind="kernel", kernel="aspp_branches", skipped="no grouped ASPP launch in this checkout")
-        return
-    import fastdeeplab.kernels.conv as conv_kernels
-
-    configs = gpu_configs(conv_kernels)  # the grouped launch takes conv configs
-    dev = plan.device
-    turn = 0
-    for n, cin, h, w, cb, rates in BRANCH_CASES + ([] if plan.dry_run else GPU_BRANCH_CASES):
-        cid = f"N{n}-C{cin}-H{h}-W{w}-Cb{cb}-r{'/'.join(map(str, rates))}"
-        for dtype_id in DTYPE_IDS:
-            if plan.left() < 5:
-                rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id, skipped="stage time limit")
-                continue
-            dtype, allow_tf32, atol, rtol = tolerances[dtype_id]
-            config = None
-            start = time.perf_counter()
-            try:
-                x = torch.randn(n, cin, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
-                eligible = _eligible(conv_kernels, configs, x, 1, (cin, cb))
-                config = eligible[turn % len(eligible)]
-                turn += 1
-                weights = [(torch.randn(cb, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dtype)
-                           for k in (1, 3, 3, 3)]
-                biases = [0.5 * torch.randn(cb, device=dev) for _ in range(4)]
-                out = torch.full((4 * n, cb, h, w), float("nan"), device=dev, dtype=dtype)
-                out = out.contiguous(memory_format=torch.channels_last)
-                got = aspp_kernels.aspp_branches_packed(x, aspp_kernels.pack_aspp_branch_weights(weights),
-                                                        torch.cat(biases), rates, allow_tf32=allow_tf32, out=out,
-                                                        config=config)
-                synchronize(dev)
-                expected = torch.cat(reference.aspp_branches_reference(
-                    x.double(), [wt.double() for wt in weights], [b.double() for b in biases], rates))
-                _check(rows, "aspp_branches", cid, dtype_id, config, got, expected, atol, rtol,
-                       time.perf_counter() - start)
-            except Exception as exc:  # noqa: BLE001
-                rows.row(kind="kernel", kernel="aspp_branches", case=cid, dtype=dtype_id,
-                         config=_config_label(config), ok=False, message=error_text(exc))
+    n, _, h, w = plan.check_input
+    return [launch for output_stride in plan.output_strides
+            for launch in model_launches(plan.model, output_stride, (h, w), n, "fp32", tf32=False)]
 
 
 @torch.no_grad()
@@ -252,6 +330,7 @@ def _whole_model(plan: Plan, rows: RowWriter) -> None:
                      tolerance=MODEL_TOLERANCE, ok=err < MODEL_TOLERANCE, seconds=round(time.perf_counter() - start, 2),
                      weights=weights.description, note="; ".join(notes) or None)
         except Exception as exc:  # noqa: BLE001
+            raise_if_fatal(exc)
             rows.row(**label, ok=False, message=error_text(exc))
 
 
@@ -260,8 +339,6 @@ def run(plan: Plan, rows: RowWriter) -> None:
     torch.backends.cudnn.allow_tf32 = False  # fp32 means IEEE fp32 here, for the kernels and the references
     torch.backends.cuda.matmul.allow_tf32 = False
     tolerances = _tolerances()
-    _conv_cases(plan, rows, tolerances)
-    _aspp_cases(plan, rows, tolerances)
-    _branch_cases(plan, rows, tolerances)
+    _kernel_cases(plan, rows, tolerances)
     _whole_model(plan, rows)
     print(f"correctness: done, {plan.left():.0f} s left", flush=True)

@@ -27,7 +27,7 @@ def nvidia_smi() -> dict[str, Any]:
         return {"available": False, "reason": "nvidia-smi is not on PATH"}
     try:
         out = subprocess.run([exe, f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
     if out.returncode != 0 or not out.stdout.strip():

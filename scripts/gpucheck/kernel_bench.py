@@ -1,11 +1,12 @@
 """Stage 2, kernels: every distinct convolution of DeepLabv3-ResNet-50 at 513×513, Triton against cuDNN.
 
 The shapes are read off the model itself (forward pre-hooks on the meta device, OS16 and OS8), deduplicated
-(the stem, layer1 and layer2 are the same at both strides), and run in this order, so that the ones the
-issue names come first should the stage run out of time: the ASPP branches (and, where the kernels have it,
-the grouped launch of all four against cuDNN's four convolutions), the ASPP projection (the fused
+(the stem, layer1 and layer2 are the same at both strides), and run in this order, so that the ones that
+matter come first should the stage run out of time: the ASPP branches (the grouped launch of all four against
+cuDNN's four convolutions first, then each branch), layer4 and layer3 3×3, the ASPP projection (the fused
 :func:`~fastdeeplab.kernels.aspp_project` against the literal concatenation + 1×1 that torchvision runs),
-layer3/layer4 3×3, layer3/layer4 1×1, the head, then the stem, layer1 and layer2.
+layer3/layer4 1×1, the head, then the stem, layer1 and layer2. The stage runs the first ``kernel_cases``
+cases that the plan (``gpucheck.plan``) estimates fit its limit, and prints that count at its start.
 
 Each shape at batch 1 and 8, in fp16, then all again in bf16: the two outputs are compared (max error relative to the scale:
 < 2e-2 fp16, < 5e-2 bf16, the bench suite's bounds), then each is timed by :func:`fastdeeplab.timing.time_cuda`
@@ -33,11 +34,12 @@ from .common import (
     gpu_configs,
     measure_ms,
     peak_tflops,
+    raise_if_fatal,
     synchronize,
 )
 from .models import conv_layers
 
-__all__ = ["run", "shapes"]
+__all__ = ["cases", "launch_of", "run", "shapes"]
 
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
 GROUPED = "ASPP branches (grouped)"
@@ -46,14 +48,14 @@ GROUPED = "ASPP branches (grouped)"
 def _category(name: str, k: int) -> tuple[int, str]:
     """(priority, label) of a conv from its module name."""
     if ".project." in name:
-        return 1, "ASPP projection"
+        return 2, "ASPP projection"
     if ".convs." in name:
         return 0, f"ASPP {k}x{k}"
     if name.startswith("classifier"):
         return 4, f"head {k}x{k}"
-    for stage in ("layer3", "layer4"):
+    for stage in ("layer4", "layer3"):
         if f".{stage}." in name:
-            return (2 if k == 3 else 3), f"{stage} {k}x{k}"
+            return (1 if k == 3 else 3), f"{stage} {k}x{k}"
     stage = next((s for s in ("layer1", "layer2") if f".{s}." in name), "stem")
     return 5, f"{stage} {k}x{k}"
 
@@ -75,7 +77,7 @@ def shapes(plan: Plan) -> list[dict[str, Any]]:
     def cost(e: dict) -> int:
         return e["cin"] * e["k"] ** 2 * e["cout"] * e["h"] * e["w"]
 
-    ordered = sorted(found.values(), key=lambda e: (e["priority"], -cost(e)))
+    ordered = sorted(found.values(), key=lambda e: (e["priority"], e["label"] != GROUPED, -cost(e)))
     for e in ordered:
         e["strides"] = sorted(e["strides"], reverse=True)
     if plan.kernel_max_shapes:  # the dry run: the cheapest 3x3, 1x1, projection and grouped-branch problems
@@ -101,6 +103,30 @@ def _add_grouped_branches(found: dict) -> None:
         key = ("grouped", one["cin"], one["cout"], one["h"], one["w"], *rates)
         found[key] = dict(one, label=GROUPED, priority=0, k=3, padding=0, dilation=0,
                           rates=tuple(rates), names=["classifier.0.convs.0-3"], strides=set(one["strides"]))
+
+
+def launch_of(entry: dict, batch: int, dtype: torch.dtype, config=None):
+    """The Triton launch of one case (:class:`gpucheck.launches.Launch`): what the plan counts and stage 0
+    compiles. ``config``: the forced config (the dry run), else autotuned."""
+    from .launches import Launch, config_id
+
+    name = DTYPE_NAMES[dtype]
+    forced = config_id(config) if config is not None else None
+    if entry["label"] == GROUPED:
+        return Launch("aspp_branches", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=3,
+                      rates=tuple(entry["rates"]), config=forced)
+    if entry["label"] == "ASPP projection":
+        return Launch("aspp_project", name, batch, entry["cin"] // 5, entry["cout"], entry["h"], entry["w"],
+                      config=forced)
+    return Launch("conv", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=entry["k"],
+                  stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"], config=forced)
+
+
+def cases(plan: Plan) -> list[tuple[torch.dtype, dict, int]]:
+    """``(dtype, shape entry, batch)`` in run order: every problem in fp16 (batch 1 and 8) before any in
+    bf16, so a limit cuts bf16 first."""
+    todo = shapes(plan)
+    return [(dtype, entry, batch) for dtype in plan.kernel_dtypes for entry in todo for batch in plan.kernel_batches]
 
 
 def _make(entry: dict, batch: int, dtype: torch.dtype, plan: Plan):
@@ -168,42 +194,50 @@ def _shape_text(entry: dict, batch: int) -> str:
     return s
 
 
-def run(plan: Plan, rows: RowWriter) -> None:
+def run(plan: Plan, rows: RowWriter, reach: int | None = None) -> None:
+    """``reach``: how many cases (in :func:`cases` order) to run; the rest are recorded as skipped."""
     torch.backends.cudnn.benchmark = True
     gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else None
     peak = peak_tflops(gpu)
-    todo = shapes(plan)
-    print(f"kernels: {len(todo)} distinct conv problems x batches {plan.kernel_batches} x "
-          f"{[DTYPE_NAMES[d] for d in plan.kernel_dtypes]}; nominal peak {peak} TFLOP/s ({gpu})", flush=True)
-    for dtype in plan.kernel_dtypes:  # every problem in fp16 before any in bf16: the limit cuts bf16 first
-        for entry in todo:
-            for batch in plan.kernel_batches:
-                label = dict(kind="conv", layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
-                             dtype=DTYPE_NAMES[dtype], output_strides=entry["strides"], layers=len(entry["names"]),
-                             names=entry["names"][:6])
-                if plan.left() < 6:
-                    rows.row(**label, skipped="stage time limit")
-                    continue
-                if dtype == torch.bfloat16 and plan.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-                    rows.row(**label, skipped="no bfloat16 on this GPU")
-                    continue
-                try:
-                    triton_call, cudnn_call, flop = _make(entry, batch, dtype, plan)
-                    start = time.perf_counter()
-                    got = triton_call()
-                    synchronize(plan.device)
-                    first_call_s = time.perf_counter() - start
-                    err = max_rel_error(got, cudnn_call())
-                    t_ms = measure_ms(triton_call, plan)
-                    c_ms = measure_ms(cudnn_call, plan)
-                except Exception as exc:  # noqa: BLE001 (a failing shape is a result; the next one runs)
-                    rows.row(**label, ok=False, message=error_text(exc))
-                    continue
-                t_tflops = flop / (t_ms.median * 1e-3) / 1e12
-                c_tflops = flop / (c_ms.median * 1e-3) / 1e12
-                rows.row(**label, gflop=flop / 1e9, triton_ms=t_ms.median, triton_iqr_ms=t_ms.iqr,
-                         cudnn_ms=c_ms.median, cudnn_iqr_ms=c_ms.iqr, triton_tflops=t_tflops, cudnn_tflops=c_tflops,
-                         triton_peak=t_tflops / peak if peak else None, cudnn_peak=c_tflops / peak if peak else None,
-                         speedup=c_ms.median / t_ms.median, faster="triton" if t_ms.median < c_ms.median else "cudnn",
-                         max_rel_error=err, tolerance=TOLERANCE[dtype], ok=err <= TOLERANCE[dtype],
-                         first_call_s=round(first_call_s, 3), peak_tflops_nominal=peak)
+    todo = cases(plan)
+    reach = len(todo) if reach is None else min(reach, len(todo))
+    print(f"kernels: {len(shapes(plan))} distinct conv problems x batches {plan.kernel_batches} x "
+          f"{[DTYPE_NAMES[d] for d in plan.kernel_dtypes]} = {len(todo)} cases; will reach {reach} of them "
+          f"(the plan's count for this stage's limit); nominal peak {peak} TFLOP/s ({gpu})", flush=True)
+    rows.row(kind="info", stage="kernels", cases=len(todo), will_reach=reach,
+             order="ASPP branches (grouped, then each), layer4/layer3 3x3, projection, 1x1, head, stem/layer1/2; "
+                   "fp16 batch 1 and 8 before bf16")
+    for index, (dtype, entry, batch) in enumerate(todo):
+        label = dict(kind="conv", layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
+                     dtype=DTYPE_NAMES[dtype], output_strides=entry["strides"], layers=len(entry["names"]),
+                     names=entry["names"][:6])
+        if index >= reach:
+            rows.row(**label, skipped="beyond the plan's case count for this stage's limit")
+            continue
+        if plan.left() < 6:
+            rows.row(**label, skipped="stage time limit")
+            continue
+        if dtype == torch.bfloat16 and plan.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            rows.row(**label, skipped="no bfloat16 on this GPU")
+            continue
+        try:
+            triton_call, cudnn_call, flop = _make(entry, batch, dtype, plan)
+            start = time.perf_counter()
+            got = triton_call()
+            synchronize(plan.device)
+            first_call_s = time.perf_counter() - start
+            err = max_rel_error(got, cudnn_call())
+            t_ms = measure_ms(triton_call, plan)  # after the first call: never times autotuning
+            c_ms = measure_ms(cudnn_call, plan)
+        except Exception as exc:  # noqa: BLE001 (a failing shape is a result; the next one runs)
+            raise_if_fatal(exc)
+            rows.row(**label, ok=False, message=error_text(exc))
+            continue
+        t_tflops = flop / (t_ms.median * 1e-3) / 1e12
+        c_tflops = flop / (c_ms.median * 1e-3) / 1e12
+        rows.row(**label, gflop=flop / 1e9, triton_ms=t_ms.median, triton_iqr_ms=t_ms.iqr,
+                 cudnn_ms=c_ms.median, cudnn_iqr_ms=c_ms.iqr, triton_tflops=t_tflops, cudnn_tflops=c_tflops,
+                 triton_peak=t_tflops / peak if peak else None, cudnn_peak=c_tflops / peak if peak else None,
+                 speedup=c_ms.median / t_ms.median, faster="triton" if t_ms.median < c_ms.median else "cudnn",
+                 max_rel_error=err, tolerance=TOLERANCE[dtype], ok=err <= TOLERANCE[dtype],
+                 first_call_s=round(first_call_s, 3), peak_tflops_nominal=peak)

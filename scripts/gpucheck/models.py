@@ -12,12 +12,13 @@ interpreter runs a whole model in seconds (3×3 stem, planes 8–64 instead of 6
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelWeights", "conv_layers", "input_batch", "load_weights", "model_pair"]
+__all__ = ["ModelWeights", "conv_layers", "input_batch", "load_weights", "model_launches", "model_pair"]
 
 NUM_CLASSES = 21
 TINY_WIDTHS = (8, 16, 32, 64)  # bottleneck planes per stage (outputs 4x): ResNet-50 has 64, 128, 256, 512
@@ -136,28 +137,77 @@ def model_pair(weights: ModelWeights, output_stride: int) -> tuple[nn.Module, nn
     return tv, fastdeeplab.from_torchvision(tv).eval()
 
 
-def conv_layers(spec: str, output_stride: int, resolution: int) -> list[dict]:
-    """Every convolution of the fastdeeplab model at ``output_stride`` on a ``resolution²`` input, in order:
-    ``{"name", "cin", "cout", "h", "w", "k", "stride", "padding", "dilation"}`` (input map ``h × w``). Runs
-    on the meta device: no memory, no arithmetic."""
+@functools.lru_cache(maxsize=4)
+def _meta_model(spec: str, output_stride: int) -> nn.Module:
     with torch.device("meta"):
-        ours = _tiny_fastdeeplab(output_stride) if spec == "tiny" else None
-        if ours is None:
-            import fastdeeplab
+        if spec == "tiny":
+            return _tiny_fastdeeplab(output_stride)
+        import fastdeeplab
 
-            ours = fastdeeplab.deeplabv3_resnet50(num_classes=NUM_CLASSES, output_stride=output_stride).eval()
-        found: list[dict] = []
+        return fastdeeplab.deeplabv3_resnet50(num_classes=NUM_CLASSES, output_stride=output_stride).eval()
 
-        def hook(module: nn.Conv2d, args: tuple, name: str) -> None:
-            _, cin, h, w = args[0].shape
-            found.append({"name": name, "cin": cin, "cout": module.out_channels, "h": h, "w": w,
-                          "k": module.kernel_size[0], "stride": module.stride[0], "padding": module.padding[0],
-                          "dilation": module.dilation[0]})
 
-        handles = [m.register_forward_pre_hook(lambda mod, args, name=n: hook(mod, args, name))
-                   for n, m in ours.named_modules() if isinstance(m, nn.Conv2d)]
+def conv_layers(spec: str, output_stride: int, resolution: int | tuple[int, int]) -> list[dict]:
+    """Every convolution of the fastdeeplab model at ``output_stride`` on a ``resolution²`` (or ``(h, w)``)
+    input, in order: ``{"name", "cin", "cout", "h", "w", "k", "stride", "padding", "dilation"}`` (input map
+    ``h × w``). Runs on the meta device: no memory, no arithmetic."""
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return [dict(layer) for layer in _conv_layers(spec, output_stride, size)]
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_layers(spec: str, output_stride: int, size: tuple[int, int]) -> tuple[dict, ...]:
+    h_in, w_in = size
+    ours = _meta_model(spec, output_stride)
+    found: list[dict] = []
+
+    def hook(module: nn.Conv2d, args: tuple, name: str) -> None:
+        _, cin, h, w = args[0].shape
+        found.append({"name": name, "cin": cin, "cout": module.out_channels, "h": h, "w": w,
+                      "k": module.kernel_size[0], "stride": module.stride[0], "padding": module.padding[0],
+                      "dilation": module.dilation[0]})
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: hook(mod, args, name))
+               for n, m in ours.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
         with torch.no_grad():
-            ours(torch.empty(1, 3, resolution, resolution))
+            ours(torch.empty(1, 3, h_in, w_in, device="meta"))
+    finally:
         for h in handles:
             h.remove()
-    return found
+    return tuple(found)
+
+
+def model_launches(spec: str, output_stride: int, size: int | tuple[int, int], batch: int, dtype: str,
+                   tf32: bool = False) -> list:
+    """The Triton launches one forward of ``optimize(model, backend="triton")`` makes when every layer runs
+    its kernel (:class:`gpucheck.launches.Launch`, autotuned), in order: the stem stays on cuDNN
+    (``fastdeeplab.layers.STEM_MAX_CIN``), the bottleneck's last conv takes the residual, the projection
+    shortcut and the classifier's last conv have no ReLU, ASPP's four branches are one grouped launch, its
+    image-pooling branch is a matrix-vector product (torch) and its projection the fused kernel."""
+    from fastdeeplab.layers import STEM_MAX_CIN
+
+    from .launches import Launch
+
+    layers = conv_layers(spec, output_stride, size)
+    out = []
+    branches = [c for c in layers if ".convs." in c["name"] and ".convs.4." not in c["name"]]
+    last = layers[-1]["name"]
+    for c in layers:
+        name = c["name"]
+        if c["cin"] <= STEM_MAX_CIN or ".convs.4." in name:
+            continue
+        if ".convs." in name:
+            if name == branches[0]["name"]:
+                rates = tuple(b["dilation"] for b in branches[1:])
+                out.append(Launch("aspp_branches", dtype, batch, c["cin"], c["cout"], c["h"], c["w"], k=3,
+                                  rates=rates, tf32=tf32))
+            continue
+        if ".project." in name:
+            out.append(Launch("aspp_project", dtype, batch, c["cin"] // 5, c["cout"], c["h"], c["w"], tf32=tf32))
+            continue
+        relu = not (name.endswith("downsample.0") or name == last)
+        out.append(Launch("conv", dtype, batch, c["cin"], c["cout"], c["h"], c["w"], k=c["k"], stride=c["stride"],
+                          padding=c["padding"], dilation=c["dilation"], residual=name.endswith(".conv3"),
+                          relu=relu, tf32=tf32))
+    return out

@@ -23,7 +23,11 @@ def _fmt(value: Any, spec: str) -> str:
 
 # kind -> [(header, key, format)]; the last column of every table says what went wrong or why it was skipped
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
+    "stage_error": [("stage", "stage", ""), ("CUDA error", "cuda_error", ""), ("error", "message", "")],
+    "build": [("kernel", "kernel", ""), ("dtype", "dtype", ""), ("config", "config", ""),
+              ("variant", "variant", ""), ("seconds", "seconds", ".2f"), ("ok", "ok", "")],
     "kernel": [("kernel", "kernel", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("config", "config", ""),
+               ("TMA", "tma", ""), ("sweep", "sweep", ""),
                ("max rel err", "max_rel_error", "sci"), ("atol/rtol", "atol", "sci"), ("ok", "ok", "")],
     "model_check": [("OS", "output_stride", ""), ("dtype", "dtype", ""), ("input", "input", ""),
                     ("max rel err", "max_rel_error", "sci"), ("tolerance", "tolerance", "sci"),
@@ -39,10 +43,16 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
               ("vs torchvision eager", "speedup", ".2f"), ("max rel err", "max_rel_error", "sci"),
               ("tolerance", "tolerance", "sci"), ("pixels agree", "pixel_agreement", "pct"),
               ("1st call s", "first_call_s", ".1f")],
+    "model_first": [("OS", "output_stride", ""), ("batch", "batch", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
+                    ("1st call s", "first_call_s", ".2f"), ("max rel err", "max_rel_error", "sci")],
     "dispatch": [("OS", "output_stride", ""), ("layer", "layer", ""), ("problem", "key", ""),
-                 ("Triton µs", "triton_us", ".1f"), ("cuDNN µs", "cudnn_us", ".1f"), ("choice", "choice", "")],
+                 ("Triton µs", "triton_us", ".1f"), ("cuDNN µs", "cudnn_us", ".1f"), ("choice", "choice", ""),
+                 ("reason", "reason", "")],
 }
-TITLES = {"kernel": "Kernels against their float64 twins",
+TITLES = {"stage_error": "The error that ended the stage",
+          "build": "Builds (stage 0, in parallel, into the shared Triton cache)",
+          "model_first": "Whole model, first calls (written before the timing loop: autotuning, dispatch, compile)",
+          "kernel": "Kernels against their float64 twins",
           "model_check": "optimize(backend='triton') against the eager model, float32",
           "conv": "Triton against cuDNN, per conv problem",
           "model": "Whole model (accuracy against torchvision fp32, TF32 off)",
@@ -51,10 +61,14 @@ TITLES = {"kernel": "Kernels against their float64 twins",
 
 def _note(row: dict[str, Any]) -> str:
     parts = []
+    if row.get("kind") == "stage_error":
+        return _fmt(row.get("note"), "")
     if row.get("skipped"):
         parts.append(f"skipped: {row['skipped']}")
-    if row.get("ok") is False:
+    if row.get("ok") is False and row.get("kind") != "build":
         parts.append("**FAIL**" + (f": {row['message']}" if row.get("message") else ""))
+    elif row.get("ok") is False:
+        parts.append(f"**FAIL**: {row.get('message')}")
     if row.get("note"):
         parts.append(row["note"])
     return _fmt("; ".join(parts)[:300], "")
@@ -119,9 +133,19 @@ def render_markdown(result: dict[str, Any], kinds: tuple[str, ...] | None = None
                    f"utilization {smi.get('utilization.gpu')}, memory used {smi.get('memory.used')}")
     else:
         out.append(f"- nvidia-smi: {smi.get('reason', 'not run')}")
-    out += ["", "| stage | status | seconds | limit s | rows |", "|---|---|---|---|---|"]
+    if result.get("autotune"):
+        out.append(f"- kernels' autotuning during the check: {result['autotune']}")
+    plan = result.get("plan")
+    if plan:
+        out.append(f"- plan (sm_90 assumed, `--plan`): estimated {plan.get('total_estimated_s')} s of "
+                   f"{plan.get('total_limit_s')} s at the limits; per stage (estimate / limit): "
+                   + ", ".join(f"{n} {s.get('estimated_s')}/{s.get('limit_s')} s"
+                               for n, s in (plan.get("stages") or {}).items()))
+    planned = (plan or {}).get("stages") or {}
+    out += ["", "| stage | status | seconds | estimate s | limit s | rows |", "|---|---|---|---|---|---|"]
     for name, stage in result.get("stages", {}).items():
-        out.append(f"| {name} | {stage['status']} | {stage.get('seconds')} | {stage.get('limit_s')} | "
+        out.append(f"| {name} | {stage['status']} | {stage.get('seconds')} | "
+                   f"{(planned.get(name) or {}).get('estimated_s', '')} | {stage.get('limit_s')} | "
                    f"{len(stage.get('rows', []))} |")
     for name, stage in result.get("stages", {}).items():
         rows = stage.get("rows", [])

@@ -15,14 +15,18 @@ Rows, per output stride and batch:
   here with ``torch.cuda.graph`` after two warm-up calls on a side stream);
 * ``optimize torch`` — ``optimize(model, backend="torch", dtype=float16)`` (cuDNN, folded BN, fused ASPP);
 * ``torch.compile`` — of the torchvision fp16 model, default mode (max-autotune alone can outlast the
-  stage), at batch 8 only (batch 1 would be a second compile per stride): started only while more than
-  ``Plan.compile_s`` seconds are left, else recorded as skipped.
+  stage), at batch 8 and OS16 only (``Plan.compile_batches``, ``Plan.compile_strides``: each other setting
+  would be a recompile): started only while more than ``Plan.compile_s`` seconds are left, else skipped;
+* ``torch.compile(optimize triton)`` — ``torch.compile`` of the optimized Triton model itself (its kernels
+  are ``triton_op``\ s that Inductor keeps in the graph; the dispatch decisions of its eager first call are
+  reused), same settings and rule.
 
 Each fast row passes when its max relative error against the fp32 reference is at most ``ERROR_FACTOR`` (4)
 times torchvision eager's in the same dtype, plus 1e-3: the kernels may round differently, not worse.
 
-Every implementation's first call (autotuning, dispatch timing, compilation, capture) is untimed and
-reported as ``first_call_s``. Then all rows of a setting are timed **interleaved**
+Every implementation's first call (autotuning, dispatch timing, compilation, capture) is untimed, and
+written at once as a ``model_first`` row (``first_call_s``, error against the reference), so a stage killed
+during the timing keeps what it learnt. Then all rows of a setting are timed **interleaved**
 (:func:`fastdeeplab.timing.interleaved`: one call each per round, the order rotated every round, CUDA
 events), and the speed-up against ``torchvision fp16`` is the median of the per-round ratios.
 """
@@ -46,14 +50,25 @@ from .common import (
     error_text,
     find_method,
     optimize_options,
+    raise_if_fatal,
     synchronize,
 )
 from .models import input_batch, load_weights, model_pair
 
-__all__ = ["run"]
+__all__ = ["COMPILED_OPTIMIZED", "model_stage_launches", "run"]
 
 REFERENCE = "torchvision fp32"
 ERROR_FACTOR = 4  # a row passes when its error against fp32 is at most 4x eager's in the same dtype (+1e-3)
+COMPILED_OPTIMIZED = "torch.compile(optimize triton)"
+
+
+def model_stage_launches(plan: Plan) -> dict[tuple[int, int], list]:
+    """``{(output stride, batch): the Triton launches of one forward of the optimized model}`` in run order
+    (what the plan counts; the dispatcher may send some layers to cuDNN after timing both)."""
+    from .models import model_launches
+
+    return {(s, b): model_launches(plan.model, s, plan.resolution, b, DTYPE_NAMES[plan.dtype])
+            for s in plan.output_strides for b in plan.batches}
 
 
 def baseline(plan: Plan) -> str:
@@ -114,6 +129,7 @@ class Setting:
             self.triton_graph = self._build("optimize triton + graph", lambda: self.graph_wrapper(self.triton))
         self.torch = self._build("optimize torch", lambda: fastdeeplab.optimize(ours, backend="torch", dtype=dtype))
         self.compiled = None
+        self.compiled_optimized = None
         self.compile_label = (f"torch.compile({plan.compile_backend}"
                               + (f", mode={plan.compile_mode!r}" if plan.compile_mode else "") + ")")
 
@@ -143,15 +159,24 @@ class Setting:
         else:
             out[graph] = lambda: _captured(self.triton, x)  # resolved by the first call (the capture)
         needed = plan.compile_s
-        if x.shape[0] not in plan.compile_batches:
-            out[self.compile_label] = (f"skipped: compiled at batch {'/'.join(map(str, plan.compile_batches))} only "
-                                       f"(another batch size is a recompile, ~{needed:.0f} s)")
-        elif plan.left() < needed:
-            out[self.compile_label] = f"skipped: {plan.left():.0f} s left in the stage, a compile is given {needed:.0f} s"
-        else:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.tv_fast, backend=plan.compile_backend, mode=plan.compile_mode)
-            out[self.compile_label] = lambda: self.compiled(x)["out"]
+        for label in (self.compile_label, COMPILED_OPTIMIZED):
+            if x.shape[0] not in plan.compile_batches or self.output_stride not in plan.compile_strides:
+                out[label] = (f"skipped: compiled at batch {'/'.join(map(str, plan.compile_batches))}, OS"
+                              f"{'/'.join(map(str, plan.compile_strides))} only (another setting is a recompile, "
+                              f"~{needed:.0f} s)")
+            elif label == COMPILED_OPTIMIZED and self.triton is None:
+                out[label] = f"skipped: {self.errors['optimize triton']}"
+            elif plan.left() < needed:
+                out[label] = f"skipped: {plan.left():.0f} s left in the stage, a compile is given {needed:.0f} s"
+            elif label == COMPILED_OPTIMIZED:
+                if self.compiled_optimized is None:
+                    self.compiled_optimized = torch.compile(self.triton, backend=plan.compile_backend,
+                                                            mode=plan.compile_mode)
+                out[label] = lambda: self.compiled_optimized(x)["out"]
+            else:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.tv_fast, backend=plan.compile_backend, mode=plan.compile_mode)
+                out[label] = lambda: self.compiled(x)["out"]
         return out
 
 
@@ -186,7 +211,7 @@ def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) 
                 rows.row(**info, skipped="stage time limit")
                 continue
             try:
-                if warm_first:
+                if warm_first or name in (setting.compile_label, COMPILED_OPTIMIZED):
                     start = time.perf_counter()
                     result = call()
                     if callable(result):  # the CUDA graph: the first call captured it; replay it once
@@ -195,8 +220,12 @@ def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) 
                     synchronize(dev)
                     first_s[name] = time.perf_counter() - start
                     last[name] = result
+                    # written now: a stage killed during the timing below keeps its first calls
+                    rows.row(**dict(info, kind="model_first"), first_call_s=round(first_s[name], 3),
+                             max_rel_error=max_rel_error(result.float(), reference))
                 ready[name], info_of[name] = call, info
             except Exception as exc:  # noqa: BLE001
+                raise_if_fatal(exc)
                 rows.row(**info, ok=False, message=error_text(exc))
         if not ready:
             return
@@ -210,6 +239,7 @@ def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) 
             timings = interleaved({n: keeping(n, c) for n, c in ready.items()}, rounds=plan.rounds, warmup=0,
                                   device=dev)
         except Exception as exc:  # noqa: BLE001 (e.g. out of memory at batch 8: the setting's rows say so)
+            raise_if_fatal(exc)
             message = error_text(exc)
             for name in ready:
                 rows.row(**info_of[name], ok=False, message=f"while timing: {message}")
