@@ -52,6 +52,9 @@ def _onednn_fused_conv_available() -> bool:
 
 
 _ONEDNN = _onednn_fused_conv_available()
+# oneDNN's bfloat16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; without them bf16 runs F.conv2d.
+_ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                     else ())
 
 
 def _check_backend(backend: str) -> str:
@@ -100,11 +103,14 @@ class FusedConvBNReLU(nn.Module):
         self.dispatch_name = ""  # the module's name in the model, for the dispatch report
         self._onednn_packed: Tensor | None = None  # oneDNN's blocked weight for the last problem shape
         self._onednn_key: tuple | None = None
+        self._plans: dict[tuple, _Plan] = {}  # per input shape: dispatch key, decision, op arguments
+        self._derived_from: tuple | None = None  # _state_token() when the derived weights were built
         # Triton backend: the kernel's [KH*KW*Cin, Cout] weight and float32 bias, prepared once (and again
         # after .to()/.half()/.cuda()); non-persistent buffers, so torch.export sees them as constants
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_bias32", None, persistent=False)
         self._prepare_triton()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @property
     def in_channels(self) -> int:
@@ -120,23 +126,42 @@ class FusedConvBNReLU(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to()/.half()/.cuda(): repack
         self._onednn_packed = self._onednn_key = None
+        self._plans = {}
         module = super()._apply(fn, recurse)
         self._prepare_triton()
         return module
 
+    def _state_token(self) -> tuple:
+        """Changes whenever ``weight`` or ``bias`` is replaced or modified in place (``load_state_dict``,
+        ``copy_``, ...): everything derived from them is rebuilt when it does."""
+        w, b = self.weight, self.bias
+        return id(w), w._version, id(b), b._version
+
     def _prepare_triton(self) -> None:
+        """(Re)build the Triton weights; in place when their shape is unchanged, so captured CUDA graphs,
+        which hold their addresses, see the new values."""
+        self._derived_from = self._state_token()
         if self.backend == "triton" and self.in_channels > STEM_MAX_CIN:
             from .kernels.conv import pack_weight
 
-            self._packed = pack_weight(self.weight)
-            self._bias32 = self.bias.detach().to(torch.float32).contiguous()
+            with torch.no_grad():
+                self._packed = _refill(self._packed, pack_weight(self.weight))
+                self._bias32 = _refill(self._bias32, self.bias.detach().to(torch.float32).contiguous())
+
+    def _refresh(self) -> None:
+        """Rebuild derived weights if the parameters changed since they were built (eager calls only)."""
+        if self._derived_from != self._state_token():
+            self._onednn_packed = self._onednn_key = None
+            self._prepare_triton()
+
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.backend == "triton" and not _standard_ops_only():
             return self._forward_triton(x, residual)
         if capturing_graph():
             return self._forward_plain(x, residual)
-        if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+            self._refresh()
             return self._forward_onednn(x, residual)
         return self._forward_plain(x, residual)
 
@@ -168,8 +193,13 @@ class FusedConvBNReLU(nn.Module):
 
     def __getstate__(self) -> dict:  # copies and pickles never carry backend caches
         state = dict(self.__dict__)
-        state.update(_onednn_packed=None, _onednn_key=None)
+        state.update(_onednn_packed=None, _onednn_key=None, _plans={}, _derived_from=None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_derived_from", None)
 
     def dispatch_key(self, x: Tensor, residual: Tensor | None) -> str:
         """The problem a dispatch decision holds for: geometry, epilogue, input shape, dtype, device."""
@@ -177,26 +207,38 @@ class FusedConvBNReLU(nn.Module):
         return (f"conv{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} {self.in_channels}->{self.out_channels}"
                 f" res{int(residual is not None)} relu{int(self.relu)} | x{list(x.shape)} {x.dtype} {x.device}")
 
-    def _triton_weights(self) -> tuple[Tensor, Tensor]:
-        if self._packed is None:
-            self._prepare_triton()
-        return self._packed, self._bias32
-
     def _forward_kernel(self, x: Tensor, residual: Tensor | None) -> Tensor:
         """The Triton op: conv + bias + residual + ReLU in one kernel."""
         from .kernels import ops
 
-        packed, bias = self._triton_weights()
-        return ops.conv2d_act(x, packed, bias, residual, list(self.kernel_size), list(self.stride),
+        return ops.conv2d_act(x, self._packed, self._bias32, residual, list(self.kernel_size), list(self.stride),
                               list(self.padding), list(self.dilation), self.relu)
 
     def _forward_triton(self, x: Tensor, residual: Tensor | None) -> Tensor:
         if self.in_channels <= STEM_MAX_CIN:
             return self._forward_plain(x, residual)  # the stem: always cuDNN
-        if _choose(self, self.dispatch_key(x, residual), x, lambda: self._forward_kernel(x, residual),
-                   lambda: self._forward_plain(x, residual)) == "cudnn":
+        if torch.compiler.is_compiling():  # traced: the cached decision, else Triton; no bookkeeping
+            d = self.dispatcher
+            if d is not None and d.decided(self.dispatch_key(x, residual)) == "cudnn":
+                return self._forward_plain(x, residual)
+            return self._forward_kernel(x, residual)
+        if self._derived_from != self._state_token():
+            self._refresh()
+        geometry = (x.shape, x.dtype, x.device, residual is None, self.stride, self.padding, self.dilation)
+        plan = self._plans.get(geometry)
+        if plan is None or plan.dispatcher is not self.dispatcher:
+            from .kernels import ops
+
+            args = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.relu)
+            plan = self._plans[geometry] = _Plan(self, x, self.dispatch_key(x, residual), ops.conv2d_act, args)
+        if plan.choice == "triton":
+            if plan.forced:
+                return _forced(self, plan, lambda: plan.op(x, self._packed, self._bias32, residual, *plan.args))
+            return plan.op(x, self._packed, self._bias32, residual, *plan.args)
+        if plan.choice == "cudnn":
             return self._forward_plain(x, residual)
-        return self._forward_kernel(x, residual)
+        return _first_call(self, plan, x, lambda: plan.op(x, self._packed, self._bias32, residual, *plan.args),
+                           lambda: self._forward_plain(x, residual))
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size
@@ -208,16 +250,74 @@ class FusedConvBNReLU(nn.Module):
         return s + f", relu={self.relu}, backend={self.backend!r}, dtype={self.weight.dtype}"
 
 
-def _choose(module: nn.Module, key: str, x: Tensor, run_triton, run_cudnn) -> str:
-    """The module's dispatcher's choice for ``key`` (always "triton" without one); never times anything while
-    torch.compile or torch.export trace the model (they take the cached decision, else Triton)."""
-    dispatcher = module.dispatcher
-    if dispatcher is None:
-        return "triton"
-    if torch.compiler.is_compiling():
-        return dispatcher.decided(key) or "triton"
-    return dispatcher.choose(module.dispatch_name or type(module).__name__, key, run_triton, run_cudnn,
-                             device_type=x.device.type, device=x.device)
+def _refill(old: Tensor | None, new: Tensor) -> Tensor:
+    """``new``'s values in ``old``'s storage when shapes, dtypes and devices agree (addresses held by CUDA
+    graphs stay valid), else ``new``."""
+    if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
+        return old.copy_(new)
+    return new
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (runs after the module's children are loaded): rebuild derived weights
+    now, in place, so even a captured CUDA graph replays the loaded values."""
+    module._refresh()
+
+
+class _Plan:
+    """What a fused module needs per input geometry: the dispatch key (built once), the decision once made
+    (``None`` until then) and the op with its constant arguments, so a steady-state call rebuilds nothing."""
+
+    __slots__ = ("args", "choice", "dispatcher", "forced", "key", "op")
+
+    def __init__(self, module: nn.Module, x: Tensor, key: str, op=None, args: tuple = ()) -> None:
+        dispatcher = module.dispatcher
+        self.dispatcher, self.key, self.op, self.args = dispatcher, key, op, args
+        self.forced = dispatcher is not None and dispatcher.mode == "triton"
+        # without a dispatcher, with a forced one, or with a cached decision, the choice is known now (and the
+        # dispatcher lists the layer in its report); else the first call decides (_first_call)
+        self.choice = "triton" if dispatcher is None else dispatcher.decided(key)
+        if self.choice is not None and dispatcher is not None:
+            dispatcher.choose(_name(module), key, None, None, device_type=x.device.type, device=x.device)
+
+
+def _name(module: nn.Module) -> str:
+    return module.dispatch_name or type(module).__name__
+
+
+def _forced(module: nn.Module, plan: _Plan, run_triton):
+    """``dispatch="triton"``: run the kernel; a failure names the layer and the way out."""
+    try:
+        return run_triton()
+    except Exception as exc:  # noqa: BLE001 - re-raised with the layer named
+        raise RuntimeError(f"layer {_name(module)}: the Triton kernel failed on {plan.key}: {type(exc).__name__}: "
+                           f"{exc} (dispatch='triton' forces it; dispatch='auto' would fall back to cuDNN for "
+                           "this problem)") from exc
+
+
+class _Memo:
+    """The Triton side of a first call: keeps its output, so the call that follows the check reuses it."""
+
+    __slots__ = ("fn", "out")
+
+    def __init__(self, fn) -> None:
+        self.fn, self.out = fn, None
+
+    def __call__(self):
+        self.out = self.fn()
+        return self.out
+
+
+def _first_call(module: nn.Module, plan: _Plan, x: Tensor, run_triton, run_cudnn):
+    """The first call of a geometry: let the dispatcher decide (it checks the Triton side against cuDNN and,
+    on CUDA, times both), remember the decision in ``plan``, and return this call's output."""
+    memo = _Memo(run_triton)
+    choice = module.dispatcher.choose(_name(module), plan.key, memo, run_cudnn, device_type=x.device.type,
+                                      device=x.device)
+    plan.choice = choice
+    if choice == "cudnn":
+        return run_cudnn()
+    return memo.out if memo.out is not None else run_triton()
 
 
 class FusedBottleneck(nn.Module):
@@ -276,23 +376,52 @@ class FusedASPP(nn.Module):
         # FusedConvBNReLU), float32 biases
         for name in ("_packed", "_bias32", "_branch_packed", "_branch_bias32"):
             self.register_buffer(name, None, persistent=False)
+        self._plans: dict[tuple, tuple[_Plan | None, _Plan]] = {}
+        self._derived_from: tuple | None = None
         self._prepare_triton()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _apply(self, fn, recurse: bool = True):
+        self._plans = {}
         module = super()._apply(fn, recurse)
         self._prepare_triton()
         return module
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_plans={}, _derived_from=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_derived_from", None)
+
+    def _state_token(self) -> tuple:
+        """See :meth:`FusedConvBNReLU._state_token`; covers the branches' weights too."""
+        own = tuple((id(t), t._version) for t in (self.spatial_weight, self.pooled_weight, self.bias))
+        return own + tuple(b._state_token() for b in self.branches)
+
+    def _refresh(self) -> None:
+        if self._derived_from != self._state_token():
+            for b in self.branches:
+                b._refresh()
+            self._prepare_triton()
+
     def _prepare_triton(self) -> None:
+        self._derived_from = self._state_token()
         if self.backend != "triton":
             return
         from .kernels.aspp import pack_aspp_branch_weights, pack_aspp_weight
 
-        self._packed = pack_aspp_weight(self.weight)
-        self._bias32 = self.bias.detach().to(torch.float32).contiguous()
-        if self._groupable():
-            self._branch_packed = pack_aspp_branch_weights([b.weight for b in self.branches])
-            self._branch_bias32 = torch.cat([b.bias for b in self.branches]).to(torch.float32).contiguous()
+        with torch.no_grad():
+            self._packed = _refill(self._packed, pack_aspp_weight(self.weight))
+            self._bias32 = _refill(self._bias32, self.bias.detach().to(torch.float32).contiguous())
+            if self._groupable():
+                self._branch_packed = _refill(self._branch_packed,
+                                              pack_aspp_branch_weights([b.weight for b in self.branches]))
+                self._branch_bias32 = _refill(self._branch_bias32, torch.cat([b.bias for b in self.branches])
+                                              .to(torch.float32).contiguous())
 
     @property
     def weight(self) -> Tensor:
@@ -325,16 +454,12 @@ class FusedASPP(nn.Module):
     def _branches_kernel(self, x: Tensor) -> list[Tensor]:
         from .kernels import ops
 
-        if self._branch_packed is None:
-            self._prepare_triton()
         stacked = ops.aspp_branches(x, self._branch_packed, self._branch_bias32, list(self.rates))
         return list(stacked.chunk(4))  # branch i is images [i*N, (i+1)*N): views with equal strides
 
     def _project_kernel(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
         from .kernels import ops
 
-        if self._packed is None:
-            self._prepare_triton()
         return ops.aspp_project(branches, pooled, self._packed, self._bias32, self.relu)
 
     def _project_plain(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
@@ -343,23 +468,53 @@ class FusedASPP(nn.Module):
         y = y + per_image[:, :, None, None]
         return F.relu(y) if self.relu else y
 
-    def _forward_triton(self, x: Tensor) -> Tensor:
-        if self._groupable():
-            key = f"aspp_branches {self.branches[0].in_channels}->4x{self.branches[0].out_channels} " \
-                  f"rates{list(self.rates)} | x{list(x.shape)} {x.dtype} {x.device}"
-            plain = lambda: [b._forward_plain(x, None) for b in self.branches]  # noqa: E731
-            grouped = lambda: self._branches_kernel(x)  # noqa: E731
-            branches = grouped() if _choose(self, key, x, grouped, plain) == "triton" else plain()
-        else:
-            branches = [branch(x) for branch in self.branches]
-        pooled = self.pooled(x)
+    def _keys(self, x: Tensor) -> tuple[str | None, str]:
+        """The dispatch keys of the grouped branches (``None`` when not groupable) and of the projection."""
+        b0 = self.branches[0]
+        branches = (f"aspp_branches {b0.in_channels}->4x{b0.out_channels} rates{list(self.rates)} "
+                    f"| x{list(x.shape)} {x.dtype} {x.device}") if self._groupable() else None
         cout, cb = self.pooled_weight.shape
-        key = (f"aspp_project {5 * cb}->{cout} relu{int(self.relu)} "
-               f"| x{list(branches[0].shape)} {x.dtype} {x.device}")
-        if _choose(self, key, x, lambda: self._project_kernel(branches, pooled),
-                   lambda: self._project_plain(branches, pooled)) == "triton":
+        shape = [x.shape[0], cb, x.shape[2], x.shape[3]]
+        return branches, f"aspp_project {5 * cb}->{cout} relu{int(self.relu)} | x{shape} {x.dtype} {x.device}"
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # traced: the cached decisions, else Triton; no bookkeeping
+            branch_key, project_key = self._keys(x)
+            d = self.dispatcher
+            if branch_key is None:
+                branches = [branch(x) for branch in self.branches]
+            elif d is not None and d.decided(branch_key) == "cudnn":
+                branches = [b._forward_plain(x, None) for b in self.branches]
+            else:
+                branches = self._branches_kernel(x)
+            pooled = self.pooled(x)
+            if d is not None and d.decided(project_key) == "cudnn":
+                return self._project_plain(branches, pooled)
             return self._project_kernel(branches, pooled)
-        return self._project_plain(branches, pooled)
+        if self._derived_from != self._state_token():
+            self._refresh()
+        geometry = (x.shape, x.dtype, x.device, self.rates)
+        plans = self._plans.get(geometry)
+        if plans is None or plans[1].dispatcher is not self.dispatcher:
+            branch_key, project_key = self._keys(x)
+            plans = self._plans[geometry] = (None if branch_key is None else _Plan(self, x, branch_key),
+                                             _Plan(self, x, project_key))
+        branch_plan, project_plan = plans
+        if branch_plan is None:
+            branches = [branch(x) for branch in self.branches]
+        else:
+            branches = self._run(branch_plan, x, lambda: self._branches_kernel(x),
+                                 lambda: [b._forward_plain(x, None) for b in self.branches])
+        pooled = self.pooled(x)
+        return self._run(project_plan, x, lambda: self._project_kernel(branches, pooled),
+                         lambda: self._project_plain(branches, pooled))
+
+    def _run(self, plan: _Plan, x: Tensor, run_triton, run_cudnn):
+        if plan.choice == "triton":
+            return _forced(self, plan, run_triton) if plan.forced else run_triton()
+        if plan.choice == "cudnn":
+            return run_cudnn()
+        return _first_call(self, plan, x, run_triton, run_cudnn)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.backend == "triton" and not _standard_ops_only():

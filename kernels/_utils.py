@@ -12,6 +12,21 @@ TRITON_EXTRA_HINT = "pip install 'fastdeeplab[triton]'"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_MAX = 2**31 - 1
 
+# (atol, rtol) of a kernel's output against a float64 reference computed from the same dtype-rounded inputs:
+# what remains is float32 accumulation order (and TF32 rounding of float32 inputs) plus the final rounding to
+# the output dtype. The kernel tests and the dispatcher's first-call check (kernels/dispatch.py) share it.
+KERNEL_TOLERANCES = {
+    (torch.float32, False): (1e-4, 1e-4),  # IEEE products
+    (torch.float32, True): (1e-2, 1e-2),  # TF32 products
+    (torch.float16, False): (2e-3, 2e-3),
+    (torch.bfloat16, False): (1.6e-2, 1.6e-2),
+}
+
+
+def kernel_tolerance(dtype: torch.dtype, tf32: bool = False) -> tuple[float, float]:
+    """``(atol, rtol)`` for a kernel output of ``dtype`` (``tf32``: float32 computed with TF32 products)."""
+    return KERNEL_TOLERANCES[(dtype, bool(tf32) and dtype == torch.float32)]
+
 
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported (without importing it)."""

@@ -6,16 +6,17 @@ import pytest
 import torch
 from torch import Tensor
 
+from fastdeeplab.kernels._utils import kernel_tolerance
+
 __all__ = ["KERNEL_DTYPES", "assert_close_verbose"]
 
-# (dtype, allow_tf32, atol, rtol) for kernel-vs-float64-reference checks. Both sides start from the same
-# dtype-rounded inputs; what remains is float32 accumulation order (and TF32 rounding) plus the final
-# rounding to the output dtype.
+# (dtype, allow_tf32, atol, rtol) for kernel-vs-float64-reference checks, from the project's one table
+# (fastdeeplab.kernels._utils.KERNEL_TOLERANCES, which the dispatcher's first-call check uses too).
 KERNEL_DTYPES = [
-    pytest.param(torch.float32, False, 1e-4, 1e-4, id="fp32-ieee"),
-    pytest.param(torch.float32, True, 1e-2, 1e-2, id="fp32-tf32"),
-    pytest.param(torch.float16, None, 2e-3, 2e-3, id="fp16"),
-    pytest.param(torch.bfloat16, None, 1.6e-2, 1.6e-2, id="bf16"),
+    pytest.param(torch.float32, False, *kernel_tolerance(torch.float32, False), id="fp32-ieee"),
+    pytest.param(torch.float32, True, *kernel_tolerance(torch.float32, True), id="fp32-tf32"),
+    pytest.param(torch.float16, None, *kernel_tolerance(torch.float16), id="fp16"),
+    pytest.param(torch.bfloat16, None, *kernel_tolerance(torch.bfloat16), id="bf16"),
 ]
 
 

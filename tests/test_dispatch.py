@@ -42,7 +42,7 @@ def test_auto_keeps_the_faster_and_persists(tmp_path, triton_us, cudnn_us, choic
     d = Dispatcher("auto", timer=FakeTimer(triton_us, cudnn_us), cache_path=path)
     got = d.choose("layer1.0.conv2", "k3 | x[1,64,33,33]", lambda: ran.append("t"), lambda: ran.append("c"),
                    device_type="cuda")
-    assert got == choice and ran == ["t", "c"]
+    assert got == choice and ran == ["t", "c", "t", "c"]  # checked against each other once, then timed
     assert d.choose("layer1.1.conv2", "k3 | x[1,64,33,33]", None, None, device_type="cuda") == choice  # no timing
     data = json.loads(path.read_text())
     (env, section), = data["envs"].items()
@@ -75,9 +75,128 @@ def test_forced_modes_and_errors(tmp_path):
         assert not (tmp_path / "x.json").exists()
     with pytest.raises(ValueError, match="dispatch must be one of"):
         Dispatcher("fastest")
-    # CPU (the interpreter) without an injected timer: Triton, nothing timed, nothing written
+    # CPU (the interpreter) without an injected timer: checked, not timed, nothing written
     d = Dispatcher("auto", cache_path=tmp_path / "y.json")
-    assert d.choose("l", "k", None, None, device_type="cpu") == "triton" and d.decided("k") is None
+    one = torch.ones(3)
+    assert d.choose("l", "k", lambda: one, lambda: one, device_type="cpu") == "triton" and d.decided("k") == "triton"
+    assert d.report().rows[0]["reason"] == "untimed" and not (tmp_path / "y.json").exists()
+
+
+def _boom():
+    raise RuntimeError("out of resource: shared memory, Required: 232448, Hardware limit: 232448")
+
+
+@pytest.mark.parametrize("device_type, timer", [("cpu", None), ("cuda", "fake")], ids=["cpu-untimed", "cuda-timed"])
+def test_a_raising_triton_side_falls_back_to_cudnn_with_one_warning(tmp_path, device_type, timer):
+    path = tmp_path / "dispatch.json"
+    timer = FakeTimer(1.0, 2.0) if timer else None
+    d = Dispatcher("auto", timer=timer, cache_path=path)
+    y = torch.ones(2, 3)
+    with pytest.warns(RuntimeWarning) as record:
+        assert d.choose("backbone.layer4.0.conv2", "conv3x3 | x[1,512,33,33]", _boom, lambda: y,
+                        device_type=device_type) == "cudnn"
+        assert d.choose("backbone.layer4.1.conv2", "conv3x3 | x[1,512,33,33]", _boom, lambda: y,
+                        device_type=device_type) == "cudnn"  # decided: no second run, no second warning
+    assert len(record) == 1, [str(w.message) for w in record]
+    message = str(record[0].message)
+    assert "backbone.layer4.0.conv2" in message and "conv3x3 | x[1,512,33,33]" in message
+    assert "RuntimeError" in message and "out of resource" in message and "\n" not in message
+    row = d.report().rows[0]
+    assert row["choice"] == "cudnn" and "raised RuntimeError" in row["reason"]
+    assert "reason" in d.report().table().splitlines()[0]
+    if timer is not None:
+        assert timer.calls == 0, "nothing is timed once the Triton side failed"
+        saved = json.loads(path.read_text())["envs"][environment_key(None)]["conv3x3 | x[1,512,33,33]"]
+        assert saved["choice"] == "cudnn" and "out of resource" in saved["reason"]
+        d2 = Dispatcher("auto", timer=FakeTimer(), cache_path=path)  # a new process: no retry, no warning
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert d2.choose("l", "conv3x3 | x[1,512,33,33]", _boom, None, device_type="cuda") == "cudnn"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_wrong_triton_output_falls_back_to_cudnn_whatever_the_timing(tmp_path, dtype):
+    ref = torch.randn(2, 8, 5, 5).to(dtype)
+    wrong = ref.clone()
+    wrong[1, 3, 2, 2] += 0.5 * float(ref.abs().max()) + 1.0  # one element off
+    timer = FakeTimer(1.0, 100.0)  # Triton "faster" by 100x
+    d = Dispatcher("auto", timer=timer, cache_path=tmp_path / "d.json")
+    with pytest.warns(RuntimeWarning, match=r"layer aspp.*disagrees with cuDNN \(1/400 elements"):
+        assert d.choose("aspp", "aspp_project | x[2,8,5,5]", lambda: wrong, lambda: ref, device_type="cuda") == "cudnn"
+    assert timer.calls == 0
+    # within the tolerance (rounding-level differences), lists of tensors, NaN where the reference has NaN
+    close = ref.double() * (1 + 0.25 * __import__("fastdeeplab.kernels._utils", fromlist=["x"]).kernel_tolerance(dtype)[1])
+    with_nan = ref.clone()
+    with_nan[0, 0, 0, 0] = float("nan")
+    d = Dispatcher("auto", timer=FakeTimer(1.0, 2.0), cache_path=None)
+    assert d.choose("a", "k", lambda: [close.to(dtype), with_nan], lambda: [ref, with_nan.clone()],
+                    device_type="cuda") == "triton"
+    assert d.report().rows[0]["reason"] == "faster"
+
+
+def test_outputs_mismatch_names_the_difference():
+    from fastdeeplab.kernels.dispatch import outputs_mismatch
+
+    a = torch.zeros(2, 3)
+    assert outputs_mismatch(a, a.clone()) == "" and outputs_mismatch([a, a], (a, a)) == ""
+    assert "shape [2, 3] against [3, 2]" in outputs_mismatch(a, torch.zeros(3, 2))
+    assert "dtype" in outputs_mismatch(a, a.half())
+    assert "2 outputs against 1" in outputs_mismatch([a, a], a)
+    nan = a.clone()
+    nan[0, 0] = float("nan")
+    assert "NaN at 1 elements" in outputs_mismatch(nan, a) and outputs_mismatch(nan, nan.clone()) == ""
+    inf = a.clone()
+    inf[1, 1] = float("inf")
+    assert "inf" in outputs_mismatch(-inf, inf) and outputs_mismatch(inf, inf.clone()) == ""
+    assert "against NoneType" in outputs_mismatch(a, None)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "list-section", "list-envs", "directory"])
+def test_an_unsafe_cache_file_is_a_warning_and_a_rebuild_never_a_hang(tmp_path, kind):
+    import os
+
+    path = tmp_path / "dispatch.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "list-section":
+        path.write_text(json.dumps({"format": 1, "envs": {environment_key(None): [1, 2]}}))
+    elif kind == "list-envs":
+        path.write_text(json.dumps({"format": 1, "envs": []}))
+    else:
+        path.mkdir()
+    y = torch.ones(2)
+    d = Dispatcher("auto", timer=FakeTimer(1.0, 2.0), cache_path=path)
+    with pytest.warns(RuntimeWarning, match="dispatch cache"):
+        assert d.choose("l", "key", lambda: y, lambda: y, device_type="cuda") == "triton"
+    assert d.decided("key") == "triton"
+    if kind in ("list-section", "list-envs"):  # replaced by a good file
+        assert json.loads(path.read_text())["envs"][environment_key(None)]["key"]["choice"] == "triton"
+    else:  # never replaced by a write either (atomic_path refuses): the decision stays in memory
+        assert not path.is_file()
+
+
+def test_concurrent_writers_lose_no_decision(tmp_path):
+    """Four processes decide 8 keys each into one cache file at once: all 32 decisions are there."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "dispatch.json"
+    code = (
+        "import sys, torch\n"
+        "from fastdeeplab.kernels.dispatch import Dispatcher\n"
+        "y = torch.ones(1)\n"
+        "for i in range(8):\n"
+        "    d = Dispatcher('auto', timer=lambda fn: 1.0, cache_path=sys.argv[1])\n"
+        "    d.choose('l', f'p{sys.argv[2]} k{i}', lambda: y, lambda: y, device_type='cuda')\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(p)]) for p in range(4)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    section = json.loads(path.read_text())["envs"][environment_key(None)]
+    assert sorted(section) == sorted(f"p{p} k{i}" for p in range(4) for i in range(8))
 
 
 def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
@@ -149,9 +268,55 @@ def test_dispatch_sends_a_layer_to_cudnn_with_identical_semantics(tmp_path):
             outs[choice] = layer(x, residual=res)
         assert layer.dispatcher.report().rows[0]["choice"] == choice
         kernel_calls = sum(op.startswith("fastdeeplab.conv2d_act") for op in log.ops)
-        assert kernel_calls == (2 if choice == "triton" else 1)  # the timed call + the real one; cuDNN: timing only
+        assert kernel_calls == 2  # the checked call (its output is reused when Triton wins) + the timed one
         assert any("convolution" in op for op in log.ops)
     assert rel_err(outs["triton"], outs["cudnn"]) < 1e-5
+
+
+def _layer(dispatch, tmp_path=None):
+    from fastdeeplab.layers import FusedConvBNReLU
+
+    conv, bn = nn.Conv2d(12, 20, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(20)
+    randomize_bn(nn.Sequential(bn))
+    layer = FusedConvBNReLU(conv, bn.eval(), relu=True, backend="triton")
+    layer.dispatcher = Dispatcher(dispatch, cache_path=None)
+    layer.dispatch_name = "backbone.layer3.0.conv2"
+    return layer
+
+
+@needs_triton
+@pytest.mark.parametrize("fault", ["raises", "wrong-values"])
+@torch.no_grad()
+def test_a_faulty_kernel_in_a_layer_falls_back_to_cudnn(fault):
+    """Under the interpreter (no timing): a kernel that raises, or returns wrong values, is replaced by cuDNN
+    on the first call with one warning, and the layer's output is the right one."""
+    layer = _layer("auto")
+    x = torch.randn(1, 12, 9, 10).contiguous(memory_format=torch.channels_last)
+    expected = layer._forward_plain(x, None)
+    if fault == "raises":
+        layer._packed = torch.zeros(5, 20)  # the launcher refuses it
+    else:
+        layer._packed.mul_(-1)  # a kernel computing the wrong thing
+    with pytest.warns(RuntimeWarning, match="layer backbone.layer3.0.conv2 runs cuDNN") as record:
+        y = layer(x)
+        y2 = layer(x)
+    assert len(record) == 1
+    assert torch.equal(y, expected) and torch.equal(y2, expected)
+    row = layer.dispatcher.report().rows[0]
+    assert row["choice"] == "cudnn"
+    assert ("raised ValueError" if fault == "raises" else "disagrees with cuDNN") in row["reason"]
+
+
+@needs_triton
+@torch.no_grad()
+def test_forced_triton_raises_naming_the_layer():
+    layer = _layer("triton")
+    layer._packed = torch.zeros(5, 20)
+    x = torch.randn(1, 12, 9, 10).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"layer backbone.layer3.0.conv2: the Triton kernel failed .*"
+                                           r"dispatch='auto' would fall back to cuDNN"):
+        layer(x)
+    assert layer.dispatcher.report().rows[0]["reason"] == "forced"
 
 
 @needs_triton
