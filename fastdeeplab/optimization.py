@@ -21,13 +21,15 @@ Backends (``backend=``):
   (dynamic height, width and batch: built once, rebuilt only when the output stride changes).
 * ``"openvino"`` — CPU: the same export compiled by OpenVINO (float32 or bfloat16, pinned), built and rebuilt
   the same way.
-* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU, float32: the first of
-  ``"openvino"``, ``"onnxruntime"``, ``"torch"`` whose packages import. Why: on this project's reference CPU
-  (2 AVX-512 cores, fp32, 513×513, batch 1, one process, interleaved rounds) OpenVINO ran the fused graph in
-  582 ms at OS8 and 185 ms at OS16, ONNX Runtime in 641 and 209 ms, the oneDNN-fused torch path in 639 and
-  198 ms (``bench/RESULTS.md``), and it was the fastest in every run. All three run the convolutions near
-  the CPU's FMA limit. CPU bfloat16: ``"openvino"`` when installed, else ``"torch"`` (oneDNN's AVX-512 BF16
-  kernels); OpenVINO measured 286 ms against 299 ms at OS8.
+* ``"auto"`` — CUDA: ``"triton"`` when triton imports, else ``"torch"`` (cuDNN). CPU, float32, per the
+  model's output stride at ``optimize`` time (a later ``set_output_stride`` keeps the backend): at OS16
+  ``"torch"``; at OS8 (and 32) the first of ``"openvino"``, ``"onnxruntime"``, ``"torch"`` whose packages
+  import. Why (``bench/RESULTS.md``, the README's table: fresh-venv ``fastdeeplab bench``, 2026-12-02, 2
+  AVX-512 cores, 513×513, batch 1, rows interleaved in one process): at OS16 the torch backend was 1.30×
+  torchvision against OpenVINO's 1.18× (1.37× against 1.21× in a later fresh-venv run of the same command);
+  at OS8 OpenVINO led with 1.39× against ONNX Runtime's 1.36× and torch's 1.30×. All three run the
+  convolutions near the CPU's FMA limit, so the margins are small. CPU bfloat16: ``"openvino"`` when
+  installed, else ``"torch"`` (oneDNN's AVX-512 BF16 kernels); OpenVINO measured 286 ms against 299 ms at OS8.
 """
 
 from __future__ import annotations
@@ -58,13 +60,17 @@ def _importable(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend ``optimize`` uses for ``backend`` on ``device`` (see the module docstring)."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    output_stride: int | None = None) -> str:
+    """The concrete backend ``optimize`` uses for ``backend`` on ``device`` (see the module docstring):
+    ``auto`` on the CPU in float32 depends on the model's ``output_stride`` (16: ``torch``)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
+        if (dtype or torch.float32) == torch.float32 and output_stride == 16:
+            return "torch"  # measured faster than the exported runtimes at OS16 (module docstring)
         for name, runtime in _RUNTIMES.items():  # in auto's order of preference (defined below the classes)
             if (dtype or torch.float32) in runtime.dtypes and _importable(*runtime.packages):
                 return name
@@ -240,7 +246,7 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    concrete = resolve_backend(backend, device, dtype)
+    concrete = resolve_backend(backend, device, dtype, getattr(model, "output_stride", None))
     if dtype is None:
         dtype = torch.float16 if (concrete == "triton" and device.type == "cuda") else torch.float32
     if not dtype.is_floating_point:

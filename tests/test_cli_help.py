@@ -77,3 +77,4 @@ def test_unknown_attribute_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastdeeplab.nope  # noqa: B018
+
