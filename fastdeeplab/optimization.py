@@ -43,6 +43,8 @@ from torch import Tensor, nn
 
 from .kernels._utils import interpreting, triton_available
 from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
+from .layers_mobilenet import fuse_mobilenet_backbone
+from .mobilenet import MobileNetV3Backbone
 from .model import ASPP, Backbone, DeepLabV3, capturing_graph, check_input
 from .runtime.base import TRAIN_ERROR, RuntimeModel
 from .runtime.exported import ExportedDeepLabV3
@@ -118,7 +120,9 @@ def _fuse_sequence(modules: list[nn.Module], backend: str) -> list[nn.Module]:
     return out
 
 
-def _fuse_backbone(backbone: Backbone, backend: str) -> Backbone:
+def _fuse_backbone(backbone: Backbone | MobileNetV3Backbone, backend: str) -> Backbone | MobileNetV3Backbone:
+    if isinstance(backbone, MobileNetV3Backbone):
+        return fuse_mobilenet_backbone(backbone, backend)
     stem_names = [n for n in backbone if not n.startswith("layer")]
     layers = dict(zip(stem_names, _fuse_sequence([backbone[n] for n in stem_names], backend)))
     for name in backbone.stage_names:

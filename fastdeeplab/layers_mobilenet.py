@@ -1,0 +1,238 @@
+"""Fused inference modules for MobileNetV3 (the backbone of ``deeplabv3_mobilenet_v3_large``).
+
+* :class:`FusedConvBNAct` — ``conv (any groups: depthwise included) → BN (folded) → [+ residual] →
+  [ReLU | hardswish]``, weights folded once. On the CPU (float32, bfloat16) it is one oneDNN fused primitive
+  (``torch.ops.mkldnn._convolution_pointwise`` with the ``hardswish``/``relu`` post-op and the residual add)
+  over a weight reordered once per problem shape; elsewhere ``F.conv2d`` then the epilogue.
+* :class:`FusedSqueezeExcitation` — the SE block as a per-image channel scale ``[N, C]`` (global mean, two
+  small matrix products, hardsigmoid), applied in place to the depthwise output: one read-modify-write, no
+  broadcast tensor, no extra copy.
+* :class:`FusedInvertedResidual` — expand (1×1) → depthwise → [SE] → project (1×1) with the residual add
+  fused into the projection's epilogue. The attribute ``depthwise`` carries the stride, dilation and
+  padding that ``set_output_stride`` changes.
+
+While exporting to ONNX or running TorchScript every module runs its plain form (Conv, HardSwish, Relu,
+HardSigmoid, GlobalAveragePool, Mul, Add): standard ops only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import mobilenetv3 as tv_mobilenetv3
+from torchvision.ops.misc import SqueezeExcitation
+
+from .kernels.reference import fold_bn
+from .layers import _ONEDNN, _check_backend, _standard_ops_only
+from .mobilenet import MobileNetV3Backbone
+from .model import capturing_graph
+
+__all__ = ["ACTIVATIONS", "FusedConvBNAct", "FusedInvertedResidual", "FusedSqueezeExcitation",
+           "fuse_mobilenet_backbone"]
+
+ACTIVATIONS = ("none", "relu", "hardswish")
+# oneDNN's bfloat16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; without them bf16 runs F.conv2d.
+_ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                     else ())
+
+
+def _activation_of(module: nn.Module | None) -> str:
+    if module is None:
+        return "none"
+    if isinstance(module, nn.Hardswish):
+        return "hardswish"
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    raise TypeError(f"cannot fuse the activation {type(module).__name__}; expected ReLU or Hardswish")
+
+
+def _act(y: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "hardswish":
+        return F.hardswish(y)
+    return y
+
+
+class FusedConvBNAct(nn.Module):
+    """Inference-only ``conv2d (groups ≥ 1) → BatchNorm (folded) → [+ residual] → [activation]``.
+
+    Args:
+        conv: the convolution (its bias, if any, is folded too); depthwise when ``groups == channels``.
+        bn: the BatchNorm that follows it, or ``None``.
+        activation: ``"none"``, ``"relu"`` or ``"hardswish"``.
+        backend: ``"torch"`` or ``"triton"`` (``"triton"`` runs the plain form on this module until a Triton
+            depthwise kernel is wired in).
+
+    ``stride``, ``padding`` and ``dilation`` are plain attributes, so ``set_output_stride`` can change them.
+    ``forward(x, residual=None)``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *, activation: str = "none",
+                 backend: str = "torch") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        if bn is not None:
+            weight, bias = fold_bn(conv, bn)
+        else:
+            weight = conv.weight.detach().clone()
+            bias = (conv.bias.detach().clone() if conv.bias is not None
+                    else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)
+        self.dilation = tuple(conv.dilation)
+        self.groups = conv.groups
+        self.activation = activation
+        self.backend = _check_backend(backend)
+        self._onednn_packed: Tensor | None = None
+        self._onednn_key: tuple | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.weight.shape[2], self.weight.shape[3])
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.out_channels == self.in_channels
+
+    def _apply(self, fn, recurse: bool = True):  # .to()/.half(): repack
+        self._onednn_packed = self._onednn_key = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_onednn_packed=None, _onednn_key=None)
+        return state
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if capturing_graph() or _standard_ops_only():
+            return self._forward_plain(x, residual)
+        if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+            return self._forward_onednn(x, residual)
+        return self._forward_plain(x, residual)
+
+    def _forward_plain(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            y = y + residual
+        return _act(y, self.activation)
+
+    def _onednn_weight(self, x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.dtype, self.padding, self.stride, self.dilation)
+        if self._onednn_key != key:
+            self._onednn_packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.weight.to(x.dtype).to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
+                self.groups, list(x.shape))
+            self._onednn_key = key
+        return self._onednn_packed
+
+    def _forward_onednn(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        weight = self._onednn_weight(x)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, self.activation, [None], "")
+        unary = None if self.activation == "none" else self.activation  # oneDNN: no post-op is None here
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *args, "add", 1.0,
+                                                              unary, [None], "")
+
+    def extra_repr(self) -> str:
+        kh, kw = self.kernel_size
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", activation={self.activation!r}, backend={self.backend!r}, dtype={self.weight.dtype}"
+
+
+class FusedSqueezeExcitation(nn.Module):
+    """torchvision's ``SqueezeExcitation`` (ReLU, hardsigmoid) as a per-image channel scale.
+
+    :meth:`scale` gives ``[N, C]``: ``hardsigmoid(W2·relu(W1·mean(x) + b1) + b2)``, two small GEMMs instead of
+    two 1×1 convolutions on a 1×1 map. ``forward(x)`` returns ``x`` scaled, in place outside autograd.
+    """
+
+    def __init__(self, se: SqueezeExcitation) -> None:
+        super().__init__()
+        if not isinstance(se.activation, nn.ReLU) or not isinstance(se.scale_activation, nn.Hardsigmoid):
+            raise TypeError("FusedSqueezeExcitation expects torchvision's ReLU/Hardsigmoid squeeze-excitation")
+        self.register_buffer("fc1_weight", se.fc1.weight.detach().flatten(1).clone())
+        self.register_buffer("fc1_bias", se.fc1.bias.detach().clone())
+        self.register_buffer("fc2_weight", se.fc2.weight.detach().flatten(1).clone())
+        self.register_buffer("fc2_bias", se.fc2.bias.detach().clone())
+
+    def scale(self, x: Tensor) -> Tensor:
+        s = F.relu(F.linear(x.mean(dim=(2, 3)), self.fc1_weight, self.fc1_bias))
+        return F.hardsigmoid(F.linear(s, self.fc2_weight, self.fc2_bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if capturing_graph() or _standard_ops_only():  # GlobalAveragePool → Conv → Relu → Conv → HardSigmoid
+            s = F.relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), self.fc1_weight[:, :, None, None], self.fc1_bias))
+            return x * F.hardsigmoid(F.conv2d(s, self.fc2_weight[:, :, None, None], self.fc2_bias))
+        s = self.scale(x)[:, :, None, None]
+        return x.mul_(s) if torch.is_inference_mode_enabled() or not torch.is_grad_enabled() else x * s
+
+
+class FusedInvertedResidual(nn.Module):
+    """torchvision's ``InvertedResidual`` with folded BN: ``expand → depthwise → [SE] → project (+ x)``."""
+
+    def __init__(self, block: tv_mobilenetv3.InvertedResidual, *, backend: str = "torch") -> None:
+        super().__init__()
+        self.expand: FusedConvBNAct | None = None
+        self.se: FusedSqueezeExcitation | None = None
+        project = None
+        for m in block.block:
+            if isinstance(m, SqueezeExcitation):
+                self.se = FusedSqueezeExcitation(m)
+                continue
+            conv, bn = m[0], m[1]
+            fused = FusedConvBNAct(conv, bn, activation=_activation_of(m[2] if len(m) > 2 else None),
+                                   backend=backend)
+            if conv.groups > 1:
+                self.depthwise = fused
+            elif not hasattr(self, "depthwise"):
+                self.expand = fused
+            else:
+                project = fused
+        if project is None or not hasattr(self, "depthwise"):
+            raise TypeError("not a MobileNetV3 inverted-residual block (expand, depthwise, SE, project)")
+        self.project = project
+        self.use_res_connect = bool(block.use_res_connect)
+        self.out_channels = block.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x if self.expand is None else self.expand(x)
+        y = self.depthwise(y)
+        if self.se is not None:
+            y = self.se(y)
+        return self.project(y, residual=x if self.use_res_connect else None)
+
+
+def _fuse_conv_norm_act(m: nn.Module, backend: str) -> FusedConvBNAct:
+    """torchvision's ``Conv2dNormActivation`` (conv, BN, [activation]) as one fused module."""
+    return FusedConvBNAct(m[0], m[1], activation=_activation_of(m[2] if len(m) > 2 else None), backend=backend)
+
+
+def fuse_mobilenet_backbone(backbone: MobileNetV3Backbone, backend: str) -> MobileNetV3Backbone:
+    """The fused copy of a MobileNetV3 backbone (same keys ``"0"`` … ``"16"``, same stride plan)."""
+    layers: dict[str, nn.Module] = {}
+    for name, m in backbone.items():
+        if isinstance(m, tv_mobilenetv3.InvertedResidual):
+            layers[name] = FusedInvertedResidual(m, backend=backend)
+        else:
+            layers[name] = _fuse_conv_norm_act(m, backend)
+    return MobileNetV3Backbone.from_modules(layers, like=backbone)
