@@ -60,12 +60,15 @@ def test_repository_layout(repo):
     path, report, options = repo
     model = path / "deeplabv3"
     assert sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) == [
-        "README.md", "deeplabv3/1/model.onnx", "deeplabv3/config.pbtxt", "deeplabv3/labels.txt"]
+        "README.md", "deeplabv3/1/model.onnx", "deeplabv3/config.pbtxt", "deeplabv3/labels.txt",
+        "deeplabv3_python/1/model.onnx", "deeplabv3_python/1/model.py", "deeplabv3_python/config.pbtxt",
+        "deeplabv3_python/labels.txt"]
     assert (model / "labels.txt").read_text().splitlines() == ["sky", "road", "car"]
     readme = (path / "README.md").read_text()
     assert "perf_analyzer -m deeplabv3" in readme and f"input:3,{SIZE[0]},{SIZE[1]}" in readme
     assert "tritonserver --model-repository" in readme
-    assert report.models == {"deeplabv3": model} and report.export.passed
+    assert report.models == {"deeplabv3_python": path / "deeplabv3_python", "deeplabv3": model}
+    assert report.export.passed
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 

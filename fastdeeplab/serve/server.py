@@ -446,6 +446,7 @@ class TritonServer:
         if process is None:
             return
         pgid = process.pid
+        regions = _shared_memory_of_group(pgid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
         try:
@@ -461,6 +462,25 @@ class TritonServer:
                     os.killpg(pgid, signal.SIGKILL)
                 deadline = time.monotonic() + 5
             time.sleep(0.1)
+        for region in regions:  # a killed server leaves its python-backend shared memory behind
+            with contextlib.suppress(OSError):
+                region.unlink()
+
+
+def _shared_memory_of_group(pgid: int) -> set[Path]:
+    """The python backend's shared-memory files mapped by the processes of group ``pgid`` (Linux /proc)."""
+    regions = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (proc / "maps").read_text().splitlines():
+                path = line.split(maxsplit=5)[-1]
+                if path.startswith("/dev/shm/triton_python_backend_shm_region_"):
+                    regions.add(Path(path.removesuffix(" (deleted)")))
+        except (OSError, IndexError, ValueError):
+            continue
+    return regions
 
 
 def _group_alive(pgid: int) -> bool:
