@@ -152,14 +152,32 @@ def autotune_cache_kwargs() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def wrap_kernel(kernel):
-    """``torch.library.wrap_triton(kernel)`` where torch has it and ``kernel`` is a compiled Triton kernel, so
-    ``torch.compile`` traces the launch inside a ``triton_op``; the kernel itself otherwise (eager launches,
-    or the interpreter, whose kernels torch cannot trace)."""
+def wrap_kernel(kernel, like: Tensor | None = None):
+    """The kernel to launch: ``torch.library.wrap_triton(kernel)`` while torch traces (``torch.compile``,
+    ``torch.export``, a ``triton_op``'s fake or functional pass: ``like``, the launch's input, is then not a
+    plain tensor, or a dispatch mode is active), so the launch enters the graph; the kernel itself for eager
+    launches and under the interpreter, whose kernels torch cannot trace.
+
+    Eager matters: outside a ``triton_op``, ``wrap_triton`` rebuilds an autotuner with no cache on every call
+    of a kernel that has an ``early_config_prune`` (torch's ``triton_kernel_wrap``), so each direct call of a
+    launcher would re-tune its problem. Launching the autotuned kernel itself tunes each problem once.
+    ``like=None`` (callers that do not pass their input) keeps the wrapping whenever torch allows it.
+    """
     wrap = getattr(torch.library, "wrap_triton", None)
     if wrap is None or interpreting():
         return kernel
+    if like is not None and type(like) is Tensor and not _tracing():
+        return kernel
     return wrap(kernel)
+
+
+def _tracing() -> bool:
+    """Whether torch is compiling, exporting or running a Python dispatch mode (make_fx, fake tensors)."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
 
 
 def patch_interpreter_indices() -> bool:

@@ -276,7 +276,7 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
         meta = {}
     b0, b1, b2, b3 = branches
     with launch_guard(x):
-        wrap_kernel(kernel)[grid](
+        wrap_kernel(kernel, x)[grid](
             b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out,
             n, h * w, w, cb, cout, m_bucket(n * h * w), device_key(x),
             b0.stride(0), b0.stride(2), b0.stride(3),
@@ -429,7 +429,7 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
         kernel, meta = _aspp_branches_autotuned, {}
     ensure_tma_allocator(x, config is None or meta["USE_TMA"])
     with launch_guard(x):
-        wrap_kernel(kernel)[grid](
+        wrap_kernel(kernel, x)[grid](
             x, packed_weight, bias if bias is not None else out, out,
             n, h, w, cin, cb, m_bucket(n * h * w), device_key(x),
             x.stride(0), x.stride(2), x.stride(3),

@@ -613,7 +613,7 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
     res = residual if residual is not None else out
     ensure_tma_allocator(x, config is None or meta["USE_TMA"])
     with launch_guard(x):
-        wrap_kernel(kernel)[grid](
+        wrap_kernel(kernel, x)[grid](
             x, packed_weight, bias if bias is not None else out, res, out, counts if counts is not None else out,
             n, h, w, cin, cout, oh, ow, m_bucket(n * oh * ow), device_key(x),
             x.stride(0), x.stride(2), x.stride(3),
