@@ -142,14 +142,51 @@ def m_bucket(m: int) -> int:
     return max(256, 1 << max(int(m) - 1, 0).bit_length())
 
 
+AUTOTUNE_MS_ENV = "FASTDEEPLAB_AUTOTUNE_MS"
+
+
+def autotune_timing() -> tuple[float, float] | None:
+    """``(warmup_ms, rep_ms)`` from ``$FASTDEEPLAB_AUTOTUNE_MS="warmup,rep"`` (e.g. ``"5,20"``), or ``None``
+    when unset (Triton's default benchmark: 25 ms warm-up, 100 ms of repeats). Read at every tuning, so it
+    can be set after import. A malformed value is a one-line ``ValueError`` naming the variable."""
+    raw = os.environ.get(AUTOTUNE_MS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        warmup, rep = (float(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{AUTOTUNE_MS_ENV}={raw!r}: expected 'warmup_ms,rep_ms', e.g. '5,20'") from None
+    if not (warmup >= 0 and rep > 0):
+        raise ValueError(f"{AUTOTUNE_MS_ENV}={raw!r}: warm-up must be >= 0 ms and repeat > 0 ms")
+    return warmup, rep
+
+
+def autotune_do_bench(kernel_call, quantiles):
+    """The autotuners' benchmark: ``triton.testing.do_bench`` with :func:`autotune_timing`'s warm-up and
+    repeat when ``$FASTDEEPLAB_AUTOTUNE_MS`` is set, else the driver's default benchmarker (unchanged)."""
+    timing = autotune_timing()
+    if timing is None:
+        from triton.runtime.driver import driver
+
+        return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=timing[0], rep=timing[1], quantiles=quantiles)
+
+
 def autotune_cache_kwargs() -> dict:
-    """``{"cache_results": True}`` where the installed ``triton.autotune`` can cache tuning results on disk
-    across processes (triton >= 3.4 has the argument), else ``{}``."""
+    """The kernels' extra ``triton.autotune`` arguments: ``do_bench=autotune_do_bench`` (the
+    ``$FASTDEEPLAB_AUTOTUNE_MS`` knob) and, where the installed ``triton.autotune`` can cache tuning results on
+    disk across processes (triton >= 3.4), ``cache_results=True``."""
     import inspect
 
     import triton
 
-    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    params = inspect.signature(triton.autotune).parameters
+    kwargs = {"cache_results": True} if "cache_results" in params else {}
+    if "do_bench" in params:
+        kwargs["do_bench"] = autotune_do_bench
+    return kwargs
 
 
 def wrap_kernel(kernel, like: Tensor | None = None):

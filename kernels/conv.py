@@ -35,6 +35,11 @@ TF32 (``allow_tf32``).
 the tuned tiling. Sizes are not specialised (``do_not_specialize``) and, where the installed Triton can,
 tuning results are cached on disk across processes (``cache_results``). An early prune drops every config
 that would execute over 1.25× the MMA work of the leanest one for the layer (:func:`executed_rows`).
+Each surviving config is benchmarked with Triton's default timing (25 ms warm-up, 100 ms of repeats);
+``FASTDEEPLAB_AUTOTUNE_MS="warmup,rep"`` (milliseconds, e.g. ``"5,20"``, read at each tuning) shortens it, as
+the GPU check does (:func:`fastdeeplab.kernels._utils.autotune_do_bench`; the dispatcher's Triton-vs-cuDNN
+timing follows it too). Launches outside a traced graph call the autotuned kernel itself, so a problem is
+tuned once per process whether the launcher is called directly or through the custom op.
 
 **Hopper.** Configs with ``USE_TMA`` load A (a ``[1, BLOCK_OH, BLOCK_OW, BLOCK_K]`` box of the NHWC input)
 and B through TMA tensor descriptors (``tl.make_tensor_descriptor``); out-of-bounds boxes read zeros, which

@@ -10,7 +10,8 @@ module runs its Triton op or its cuDNN form (``F.conv2d`` + the same bias, resid
    by the output's largest magnitude; NaN and ±inf must sit in the same places): a mismatch means cuDNN,
    whatever the timing;
 3. on CUDA (or with an injected timer) times both with :func:`fastdeeplab.timing.time_cuda`
-   (``triton.testing.do_bench``, L2 flushed before every run) and keeps the faster.
+   (``triton.testing.do_bench``, L2 flushed before every run; 10 ms warm-up and 40 ms of repeats, or
+   ``$FASTDEEPLAB_AUTOTUNE_MS``'s ``"warmup,rep"``) and keeps the faster.
 
 A fallback to cuDNN warns once (``RuntimeWarning``) naming the layer, the problem and the reason; every
 report row carries its ``reason``. ``"triton"`` and ``"cudnn"`` force one side (a failing Triton kernel then
@@ -334,4 +335,7 @@ def outputs_mismatch(actual: object, expected: object) -> str:
 def _time_cuda_us(fn: Callable[[], object]) -> float:
     from fastdeeplab.timing import time_cuda
 
-    return time_cuda(fn, warmup_ms=10, rep_ms=40).median * 1e3
+    from ._utils import autotune_timing
+
+    warmup_ms, rep_ms = autotune_timing() or (10, 40)  # $FASTDEEPLAB_AUTOTUNE_MS shortens it, as for tuning
+    return time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms).median * 1e3

@@ -84,3 +84,26 @@ def test_direct_launcher_calls_tune_each_problem_once():
     # batch size (another M bucket) is another problem
     assert tuned["conv_bn_relu 3x3"] > 1 and tuned["conv_bn_relu_packed 3x3 batch 8"] > 1, tuned
     assert tuned["aspp_project_packed"] > 1, tuned
+
+
+def test_autotune_timing_knob(monkeypatch):
+    """FASTDEEPLAB_AUTOTUNE_MS="warmup,rep" sets the autotuners' benchmark; unset keeps Triton's default."""
+    import triton.testing
+
+    from fastdeeplab.kernels import _utils
+    from fastdeeplab.kernels.aspp import _aspp_branches_autotuned, _aspp_project_autotuned
+    from fastdeeplab.kernels.conv import _conv1x1_autotuned, _conv_autotuned
+
+    for kernel in (_conv_autotuned, _conv1x1_autotuned, _aspp_branches_autotuned, _aspp_project_autotuned):
+        assert kernel._do_bench is _utils.autotune_do_bench
+    monkeypatch.delenv(_utils.AUTOTUNE_MS_ENV, raising=False)
+    assert _utils.autotune_timing() is None
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: calls.append((warmup, rep)) or [1.0])
+    monkeypatch.setenv(_utils.AUTOTUNE_MS_ENV, "5,20")
+    assert _utils.autotune_timing() == (5.0, 20.0)
+    assert _utils.autotune_do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0] and calls == [(5.0, 20.0)]
+    for bad in ("5", "a,b", "5,0", "-1,20"):
+        monkeypatch.setenv(_utils.AUTOTUNE_MS_ENV, bad)
+        with pytest.raises(ValueError, match="FASTDEEPLAB_AUTOTUNE_MS="):
+            _utils.autotune_timing()
