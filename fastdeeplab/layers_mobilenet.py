@@ -143,9 +143,11 @@ class FusedConvBNAct(nn.Module):
         weight = self._onednn_weight(x)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, self.activation, [None], "")
-        unary = None if self.activation == "none" else self.activation  # oneDNN: no post-op is None here
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *args, "add", 1.0,
-                                                              unary, [None], "")
+        # oneDNN fuses add → ReLU; no post-op is None here; hardswish after the add runs in place after it
+        unary = "relu" if self.activation == "relu" else None
+        y = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *args, "add", 1.0,
+                                                           unary, [None], "")
+        return F.hardswish(y, inplace=True) if self.activation == "hardswish" else y
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

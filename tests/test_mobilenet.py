@@ -166,3 +166,71 @@ def test_paper_head_rates_follow_the_stride():
     assert model.set_output_stride(32).aspp.rates == (3, 6, 9)
     tv_head = fastdeeplab.deeplabv3_mobilenet_v3_large(output_stride=8)
     assert tv_head.aspp.rates == MOBILENET_ASPP_RATES
+
+
+# --------------------------------------------------------------------------------------------------
+# optimize(): every CPU backend against eager
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eager():
+    return randomize_bn(fastdeeplab.deeplabv3_mobilenet_v3_large(aux_loss=True)).eval()
+
+
+def test_optimize_fuses_every_layer(eager):
+    from fastdeeplab.layers import FusedASPP
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct, FusedInvertedResidual, FusedSqueezeExcitation
+    from fastdeeplab.optimization import fused_module_counts
+
+    fast = fastdeeplab.optimize(eager, backend="torch")
+    counts = fused_module_counts(fast)
+    assert counts.get("BatchNorm2d", 0) == 0 and counts.get("Conv2d", 0) == 0, counts
+    blocks = [m for m in fast.modules() if isinstance(m, FusedInvertedResidual)]
+    assert len(blocks) == 15 and all(b.depthwise.depthwise for b in blocks)
+    assert sum(isinstance(m, FusedSqueezeExcitation) for m in fast.modules()) == 8
+    acts = [m.activation for m in fast.modules() if isinstance(m, FusedConvBNAct)]
+    assert acts.count("hardswish") > 0 and acts.count("relu") > 0 and acts.count("none") == 15
+    assert isinstance(fast.classifier[0], FusedASPP)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", [
+    ("torch", torch.float32, 1e-4),
+    ("torch", torch.bfloat16, 5e-2),
+    ("onnxruntime", torch.float32, 1e-4),
+    ("openvino", torch.float32, 1e-4),
+])
+@torch.no_grad()
+def test_optimize_matches_eager_on_every_cpu_backend(eager, backend, dtype, tol):
+    pytest.importorskip({"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(backend, "torch"))
+    fast = fastdeeplab.optimize(eager, backend=backend, dtype=dtype)
+    x = torch.randn(2, 3, 65, 81)
+    # the exported runtimes rebuild their graph on a stride switch (tested with the ResNets): one stride here
+    for os_ in (16, 8) if backend == "torch" else (16,):
+        eager.set_output_stride(os_)
+        fast.set_output_stride(os_)
+        ref, got = eager(x), fast(x)
+        assert set(got) == set(ref)
+        for key in ref:
+            assert got[key].dtype == torch.float32 and got[key].shape == ref[key].shape
+            assert rel_err(got[key], ref[key]) < tol, (os_, key)
+    eager.set_output_stride(16)
+
+
+@torch.no_grad()
+def test_fused_depthwise_module_against_conv():
+    """Every depthwise geometry of the network (3×3, 5×5, stride 1/2, dilation 1/2/4), each activation."""
+    from torch import nn
+
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct
+
+    torch.manual_seed(0)
+    for k, stride, dilation, act in [(3, 1, 1, "relu"), (3, 2, 1, "hardswish"), (5, 2, 1, "relu"),
+                                     (5, 1, 2, "hardswish"), (5, 1, 4, "none"), (3, 1, 2, "hardswish")]:
+        conv = nn.Conv2d(24, 24, k, stride, (k - 1) // 2 * dilation, dilation, groups=24, bias=False)
+        bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(24))).eval()[0]
+        ref_act = {"relu": nn.ReLU(), "hardswish": nn.Hardswish(), "none": nn.Identity()}[act]
+        x = torch.randn(1, 24, 17, 13).contiguous(memory_format=torch.channels_last)
+        expected = ref_act(bn(conv(x)))
+        fused = FusedConvBNAct(conv, bn, activation=act)
+        assert rel_err(fused(x), expected) < 1e-5, (k, stride, dilation, act)
+        residual = torch.randn_like(expected)
+        assert rel_err(fused(x, residual), ref_act(bn(conv(x)) + residual)) < 1e-5
