@@ -125,8 +125,9 @@ def test_refusals_before_any_work(tiny, tmp_path):
         fastdeeplab.deploy(tiny, repo, max_batch_size=4, preferred_batch_sizes=(8,))
     with pytest.raises(ValueError, match="device must be one of"):
         fastdeeplab.deploy(tiny, repo, device="tpu")
-    with pytest.raises(ValueError, match="plain directory name"):
-        fastdeeplab.deploy(tiny, repo, name="../escape")
+    for bad in ("../escape", 'x"\ninstance_group [{kind: KIND_GPU}]', ".hidden", "", "a b"):
+        with pytest.raises(ValueError, match="not a valid Triton model name"):
+            fastdeeplab.deploy(tiny, repo, name=bad, check=False)
     with pytest.raises(ValueError, match="nothing to serve"):
         fastdeeplab.deploy(tiny, repo, argmax=False)
     blocker = tmp_path / "afile"
@@ -175,3 +176,57 @@ def test_cli_writes_a_repository(tmp_path, capsys):
     config = load_model_config(out / "deeplabv3" / "config.pbtxt")
     assert config.max_batch_size == 2 and (out / "deeplabv3" / "labels.txt").read_text().split() == [
         "class_0", "class_1"]
+
+
+def test_class_name_count_is_checked_before_the_export(tmp_path, monkeypatch):
+    """A DeepLabV3 says its class count: a wrong --class-names fails before the (long) export."""
+    from fastdeeplab.export import onnx as export_onnx_module
+
+    model = fastdeeplab.deeplabv3_resnet50(num_classes=3).eval()
+    monkeypatch.setattr(export_onnx_module, "export_onnx", lambda *a, **k: pytest.fail("exported first"))
+    with pytest.raises(ValueError, match="class_names has 2 names; the model has 3 classes"):
+        fastdeeplab.deploy(model, tmp_path / "repo", class_names=["a", "b"])
+
+
+def test_a_hand_written_readme_is_not_replaced_without_overwrite(tiny, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("# my notes\n")
+    with pytest.raises(FileExistsError, match="README.md exists and was not written by fastdeeplab deploy"):
+        fastdeeplab.deploy(tiny, repo, input_size=SIZE, check=False, backends=("onnxruntime",))
+    assert (repo / "README.md").read_text() == "# my notes\n"
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md"]
+    fastdeeplab.deploy(tiny, repo, input_size=SIZE, check=False, backends=("onnxruntime",), overwrite=True)
+    assert "fastdeeplab deploy" in (repo / "README.md").read_text().splitlines()[0]
+    # its own README is replaced by the next deploy of another model without --overwrite
+    fastdeeplab.deploy(tiny, repo, name="other", input_size=SIZE, check=False, backends=("onnxruntime",))
+
+
+def test_a_killed_deploy_leaves_nothing_the_next_one_keeps(tiny, tmp_path):
+    """Work folders of a deploy that no longer runs (pid 999999999) are removed; a live one's (pid 1) kept."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dead = [tmp_path / ".deploy.999999999.abcd1234", repo / ".deeplabv3.999999999.x1y2z3w4.staging",
+            repo / ".deeplabv3.999999999.q1w2e3r4.old"]
+    live = [tmp_path / ".deploy.1.abcd1234", repo / ".deeplabv3.1.x1y2z3w4.staging"]
+    for folder in dead + live:
+        (folder / "1").mkdir(parents=True)
+        (folder / "1" / "model.onnx").write_bytes(b"x" * 1000)
+    fastdeeplab.deploy(tiny, repo, input_size=SIZE, check=False, backends=("onnxruntime",))
+    assert not any(p.exists() for p in dead)
+    assert all(p.exists() for p in live)
+    assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == ["README.md", "deeplabv3"]
+
+
+def test_cli_refuses_inputs_inside_what_it_replaces(tmp_path, capsys):
+    from fastdeeplab import cli
+
+    repo = tmp_path / "repo"
+    (repo / "deeplabv3").mkdir(parents=True)
+    weights = repo / "deeplabv3" / "w.pt"
+    torch.save(fastdeeplab.deeplabv3_resnet50(num_classes=3).state_dict(), weights)
+    rc = cli.main(["deploy", "--out", str(repo), "--weights", str(weights), "--num-classes", "3", "--overwrite",
+                   "--backends", "onnxruntime"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--weights" in err and "which this command replaces" in err, err
+    assert weights.is_file()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -151,7 +152,7 @@ def _readme(repo: Path, models: dict[str, str], input_name: str, input_type: str
     numpy_type = "np.uint8" if input_type == "uint8" else "np.float32"
     data = ("np.asarray(PIL.Image.open('photo.jpg').convert('RGB')).transpose(2, 0, 1)[None]"
             if input_type == "uint8" else "normalised_image[None]  # ImageNet mean/std, [1, 3, H, W]")
-    return f"""# Triton Inference Server model repository (written by `fastdeeplab deploy`)
+    return f"""# Triton Inference Server model repository {README_MARK}
 
 | model | backend |
 |---|---|
@@ -210,7 +211,7 @@ there is one.
 def _staged_dir(target: Path, overwrite: bool):
     """Yield an empty directory beside ``target``; on success it replaces ``target``, else it is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".staging", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700: a server running as another user could not read it
@@ -219,7 +220,7 @@ def _staged_dir(target: Path, overwrite: bool):
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(stage, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -228,6 +229,76 @@ def _staged_dir(target: Path, overwrite: bool):
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+README_MARK = "(written by `fastdeeplab deploy`)"
+# What deploy leaves while it runs: work folders beside the repository, staging and old model folders in it,
+# each named with the writing process's id, so a later deploy removes those of processes that no longer run.
+_STALE = re.compile(r"^\.(?:deploy\.(?P<pid>\d+)\..+|.+\.(?P<pid2>\d+)\..+\.(?:staging|old))$")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it is a valid Triton model name (a directory name, the ``name:`` of ``config.pbtxt``):
+    letters, digits, ``_``, ``.`` and ``-``, not starting with ``.`` or ``-``, at most 128 characters.
+    Anything else (quotes, line breaks, separators) is refused before any work: it would break or inject
+    lines into ``config.pbtxt``."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r} is not a valid Triton model name: use letters, digits, '_', '.' "
+                         "and '-' (not first), at most 128 characters, e.g. deeplabv3")
+    return name
+
+
+def _check_readme(readme: Path, overwrite: bool) -> None:
+    """Refuse to replace a ``README.md`` that ``deploy`` did not write, unless ``overwrite``."""
+    if overwrite or not readme.is_file():
+        return
+    try:
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            first = f.readline(4096)
+    except OSError:
+        first = ""
+    if README_MARK not in first:
+        raise FileExistsError(f"{readme} exists and was not written by fastdeeplab deploy; refusing to replace it: "
+                              "give another --out (repository), or --overwrite")
+
+
+def remove_stale_work(repository: str | os.PathLike) -> list[Path]:
+    """Remove (and return) the work, staging and old folders that a killed ``deploy`` left beside and inside
+    ``repository``: those whose process no longer runs. A running deploy's folders are kept."""
+    from .._io import _alive
+
+    repository = Path(repository)
+    removed = []
+    for folder in (repository.parent, repository):
+        if not folder.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                match = _STALE.match(entry.name)
+                if match is None or entry.is_symlink() or not entry.is_dir():
+                    continue
+                if folder == repository.parent and match["pid"] is None:
+                    continue  # beside the repository only the .deploy.<pid>.* work folders are deploy's
+                pid = int(match["pid"] or match["pid2"])
+                if pid != os.getpid() and not _alive(pid):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
+def _model_num_classes(model: nn.Module) -> int | None:
+    """The class count a model declares (its ``num_classes``, or the last convolution of its ``classifier``),
+    ``None`` when it does not say."""
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Module):
+        convs = [m for m in classifier.modules() if isinstance(m, nn.Conv2d)]
+        if convs:
+            return int(convs[-1].out_channels)
+    return None
 
 
 def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -283,8 +354,8 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
     """
     repository = Path(repository)
     check_output_path(repository / "README.md", what="model repository")  # fails before the export
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ValueError(f"model name {name!r} must be a plain directory name")
+    check_model_name(name)
+    _check_readme(repository / "README.md", overwrite)
     if device not in _KINDS:
         raise ValueError(f"device must be one of {tuple(_KINDS)}, got {device!r}")
     if max_batch_size < 0 or instances < 1 or max_queue_delay_us < 0:
@@ -305,6 +376,9 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
     for model_name in names:
         if (repository / model_name).exists() and not overwrite:
             raise FileExistsError(f"{repository / model_name} exists; pass overwrite=True (--overwrite) to replace it")
+    if class_names is not None:  # the count now, not after the export, where the model says it
+        known = _model_num_classes(model)
+        _class_names(class_names, known if known is not None else len(class_names))
     if tensorrt:
         from ..runtime.tensorrt import require_tensorrt
 
@@ -315,9 +389,10 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
             raise FileNotFoundError(f"calibration image folder not found: {calibration_images}")
     from .onnx import export_onnx
 
+    remove_stale_work(repository)
     outputs = ("out",) if logits else ()
-    with tempfile.TemporaryDirectory(prefix=".deploy.", dir=repository.parent if repository.parent.is_dir()
-                                     else None) as work:
+    with tempfile.TemporaryDirectory(prefix=f".deploy.{os.getpid()}.", dir=repository.parent
+                                     if repository.parent.is_dir() else None) as work:
         onnx_file = Path(work) / "model.onnx"
         report = export_onnx(model, onnx_file, input_size=input_size, output_stride=output_stride, opset=opset,
                              outputs=outputs, argmax=argmax, labels_dtype=labels_dtype, uint8_input=uint8_input,

@@ -3,6 +3,7 @@
 Examples::
 
     fastdeeplab deploy --out model_repository                          # ONNX Runtime on the CPU, uint8 in/out
+    fastdeeplab deploy --out repo && fastdeeplab serve repo             # and serve it here with tritonserver
     fastdeeplab deploy --model deeplabv3_resnet101 --weights ckpt.pth --num-classes 19 --output-stride 8 \\
         --device gpu --tensorrt --precision fp16 --out model_repository
 """
@@ -10,6 +11,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 __all__ = ["configure_parser", "run"]
 
@@ -39,6 +42,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-delay-us", type=int_at_least(0), default=100, help="default: 100")
     parser.add_argument("--instances", type=int_at_least(1), default=1, help="ONNX Runtime instances (default: 1)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="ONNX Runtime instances' device")
+    parser.add_argument("--backends", nargs="+", choices=("python", "onnxruntime", "tensorrt"),
+                        default=["python", "onnxruntime"],
+                        help="models to write (default: python onnxruntime): python = model.py over ONNX Runtime, "
+                             "serves in any Triton incl. `fastdeeplab serve`; onnxruntime = NVIDIA's images; "
+                             "tensorrt = same as --tensorrt")
+    parser.add_argument("--max-image-pixels", type=int_at_least(1), default=4096 * 4096,
+                        help="the python model refuses larger images, H*W (default 4096*4096)")
     parser.add_argument("--tensorrt", action="store_true", help="also build a TensorRT model.plan (GPU)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                         help="TensorRT precision (default: fp16)")
@@ -47,13 +57,49 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the export's checks (not recommended)")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before any work: a valid ``--name``, and no input (``--weights``, ``--class-names``,
+    ``--calibration-images``) inside what the command writes or replaces: ``README.md`` and the model folders."""
+    from .._io import check_not_input
+    from .deploy import _check_readme, check_model_name
+
+    try:
+        check_model_name(args.name)
+    except ValueError as exc:
+        raise ValueError(f"--name: {exc}") from None
+    _check_readme(Path(args.out) / "README.md", args.overwrite)
+    backends = getattr(args, "backends", None) or ["onnxruntime"]
+    dirs = ([f"{args.name}_python"] if "python" in backends else []) \
+        + ([args.name] if "onnxruntime" in backends else []) \
+        + ([f"{args.name}_tensorrt"] if args.tensorrt or "tensorrt" in backends else [])
+    inputs = {"--weights": args.weights if args.weights and Path(args.weights).exists() else None,
+              "--class-names": args.class_names, "--calibration-images": args.calibration_images}
+    check_not_input(Path(args.out) / "README.md", inputs, what="--out README.md")
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        real = Path(os.path.realpath(path))
+        for folder in dirs:
+            inside = Path(os.path.realpath(Path(args.out) / folder))
+            if real == inside or inside in real.parents:
+                raise ValueError(f"{flag} {path} lies inside {Path(args.out) / folder}, which this command "
+                                 "replaces; move it out of the model repository first")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..weights import build_model
     from .deploy import deploy
 
+    check_inputs(args)
     names = None
     if args.class_names is not None:
-        names = [line.strip() for line in args.class_names.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from .._io import read_regular_file
+
+        text = read_regular_file(args.class_names, max_bytes=2**20, what="--class-names file")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if args.num_classes is not None and len(names) != args.num_classes:
+            raise ValueError(f"--class-names {args.class_names} has {len(names)} names but the model has "
+                             f"{args.num_classes} classes (--num-classes); give one name per class")
     model = build_model(args.model, args.weights, num_classes=args.num_classes,
                       output_stride=args.output_stride)
     report = deploy(model, args.out, name=args.name, input_size=tuple(args.input_size),
@@ -61,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                     labels_dtype=args.labels_dtype, logits=args.logits, class_names=names,
                     max_batch_size=args.max_batch_size, preferred_batch_sizes=args.preferred_batch_sizes,
                     max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, device=args.device,
+                    backends=args.backends, max_image_pixels=args.max_image_pixels,
                     tensorrt=args.tensorrt, precision=args.precision, calibration_images=args.calibration_images,
                     overwrite=args.overwrite, check=not args.no_check)
     print(report)
