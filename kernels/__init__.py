@@ -9,7 +9,8 @@ stubs that raise ``ImportError`` (naming ``pip install 'fastdeeplab[triton]'``) 
 >>> from fastdeeplab.kernels import conv_bn_relu, aspp_project          # Triton kernels (lazy)
 
 Submodules: ``conv`` (implicit-GEMM conv + bias + residual + ReLU, spatial/raster/TMA tilings), ``aspp``
-(grouped ASPP branches, fused projection), ``ops`` (the torch custom ops), ``dispatch`` (per-layer
+(grouped ASPP branches, fused projection), ``depthwise`` (depthwise conv + bias + ReLU/hardswish + SE scale),
+``ops`` (the torch custom ops), ``dispatch`` (per-layer
 Triton-vs-cuDNN choice), ``work`` (the executed-work model), ``reference`` (the PyTorch twins), ``aot``.
 """
 
@@ -23,16 +24,18 @@ from ._utils import TRITON_EXTRA_HINT, triton_available
 if TYPE_CHECKING:  # pragma: no cover
     from .aspp import aspp_branches_packed, aspp_project, aspp_project_packed, pack_aspp_branch_weights, pack_aspp_weight
     from .conv import TapCounts, conv_bn_relu, conv_bn_relu_packed, pack_weight
+    from .depthwise import depthwise_conv_act, depthwise_conv_act_packed, pack_depthwise_weight
     from .reference import (
         aspp_branches_reference,
         aspp_project_reference,
         conv_bn_relu_module_reference,
         conv_bn_relu_reference,
+        depthwise_conv_act_reference,
         fold_bn,
     )
 
 _REFERENCE = ("fold_bn", "conv_bn_relu_reference", "conv_bn_relu_module_reference", "aspp_project_reference",
-              "aspp_branches_reference")
+              "aspp_branches_reference", "depthwise_conv_act_reference")
 _TRITON = {
     "conv_bn_relu": "conv",
     "conv_bn_relu_packed": "conv",
@@ -43,6 +46,9 @@ _TRITON = {
     "pack_aspp_branch_weights": "aspp",
     "aspp_project_packed": "aspp",
     "pack_aspp_weight": "aspp",
+    "depthwise_conv_act": "depthwise",
+    "depthwise_conv_act_packed": "depthwise",
+    "pack_depthwise_weight": "depthwise",
 }
 
 __all__ = [
@@ -56,9 +62,13 @@ __all__ = [
     "conv_bn_relu_module_reference",
     "conv_bn_relu_packed",
     "conv_bn_relu_reference",
+    "depthwise_conv_act",
+    "depthwise_conv_act_packed",
+    "depthwise_conv_act_reference",
     "fold_bn",
     "pack_aspp_branch_weights",
     "pack_aspp_weight",
+    "pack_depthwise_weight",
     "pack_weight",
     "triton_available",
 ]

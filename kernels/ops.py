@@ -4,6 +4,7 @@
 ``torch.ops.fastdeeplab.conv2d_act``  ``relu?(conv2d(x, W) + bias [+ residual])``: :func:`conv_bn_relu_packed`
 ``torch.ops.fastdeeplab.aspp_branches``  ASPP's 1×1 + three atrous 3×3 branches in one launch: ``[4N, Cb, H, W]``
 ``torch.ops.fastdeeplab.aspp_project``  the fused ASPP projection: :func:`aspp_project_packed`
+``torch.ops.fastdeeplab.depthwise_conv_act``  ``act(dwconv(x) + bias) * se_scale``: :func:`depthwise_conv_act_packed`
 ==================================  ===========================================================================
 
 Registration, by what the installed packages allow:
@@ -35,9 +36,9 @@ import torch
 from torch import Tensor
 
 from ._utils import interpreting, triton_available
-from .reference import aspp_project_reference, conv_bn_relu_reference
+from .reference import aspp_project_reference, conv_bn_relu_reference, depthwise_conv_act_reference
 
-__all__ = ["NAMESPACE", "TRITON_OPS", "aspp_branches", "aspp_project", "conv2d_act"]
+__all__ = ["NAMESPACE", "TRITON_OPS", "aspp_branches", "aspp_project", "conv2d_act", "depthwise_conv_act"]
 
 NAMESPACE = "fastdeeplab"
 # Whether the ops are triton_ops (traceable kernels) rather than opaque custom ops.
@@ -132,6 +133,30 @@ def _aspp_project_reference(branches: List[Tensor], pooled: Tensor, packed_weigh
     return y.contiguous(memory_format=torch.channels_last)
 
 
+def _depthwise_conv_act_kernel(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], se_scale: Optional[Tensor],
+                               kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
+                               activation: str) -> Tensor:
+    from .depthwise import depthwise_conv_act_packed
+
+    config = None
+    if x.device.type == "cpu":  # the interpreter: large tiles (its cost is per block operation)
+        import triton
+
+        config = triton.Config({"BLOCK_P": 64, "BLOCK_C": 256}, num_warps=4, num_stages=1)
+    return depthwise_conv_act_packed(x, packed_weight, bias, kernel_size=tuple(kernel_size), stride=tuple(stride),
+                                     padding=tuple(padding), dilation=tuple(dilation), activation=activation,
+                                     se_scale=se_scale, config=config)
+
+
+def _depthwise_conv_act_reference(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor],
+                                  se_scale: Optional[Tensor], kernel_size: List[int], stride: List[int],
+                                  padding: List[int], dilation: List[int], activation: str) -> Tensor:
+    weight = packed_weight.t().reshape(x.shape[1], 1, kernel_size[0], kernel_size[1])  # [KH*KW, C] -> [C,1,KH,KW]
+    y = depthwise_conv_act_reference(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                     activation=activation, se_scale=se_scale)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
 def _dispatching(kernel, reference):
     @functools.wraps(kernel)  # keeps the annotated signature: torch 2.11's triton_op infers a schema from it
     def impl(*args):
@@ -151,6 +176,15 @@ def _conv2d_act_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], r
     oh = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
     return _channels_last_empty([n, packed_weight.shape[1], oh, ow], x)
+
+
+def _depthwise_conv_act_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], se_scale: Optional[Tensor],
+                             kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
+                             activation: str) -> Tensor:
+    n, c, h, w = x.shape
+    oh = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    return _channels_last_empty([n, c, oh, ow], x)
 
 
 def _aspp_branches_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], rates: List[int]) -> Tensor:
@@ -189,3 +223,7 @@ aspp_branches = _register(
 aspp_project = _register(
     "aspp_project", _aspp_project_kernel, _aspp_project_reference, _aspp_project_fake,
     "(Tensor[] branches, Tensor pooled, Tensor packed_weight, Tensor? bias, bool relu) -> Tensor")
+depthwise_conv_act = _register(
+    "depthwise_conv_act", _depthwise_conv_act_kernel, _depthwise_conv_act_reference, _depthwise_conv_act_fake,
+    "(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? se_scale, int[] kernel_size, int[] stride, "
+    "int[] padding, int[] dilation, str activation) -> Tensor")
