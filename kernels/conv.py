@@ -194,19 +194,33 @@ def tma_eligible(configs: list, args: dict, *, stride: tuple[int, int], channels
 
 
 def ensure_tma_allocator(x: Tensor, config_may_use_tma: bool) -> None:
-    """Device-side tensor descriptors need a global scratch allocator (``triton.set_allocator``), set once."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET or not config_may_use_tma or x.device.type != "cuda" or not tma_available():
+    """Device-side tensor descriptors need a global scratch allocator (``triton.set_allocator``). Triton keeps
+    it in a ``ContextVar``, i.e. per thread (and per asyncio context), so it is checked at every launch that
+    may use TMA, in the launching thread, and set there when that context has none (an allocator the caller
+    set is kept)."""
+    if not config_may_use_tma or x.device.type != "cuda" or not tma_available():
         return
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device="cuda", dtype=torch.int8)
-
-    triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
+    current = _current_allocator()
+    if current is _tma_alloc or (current is not None and not _is_null_allocator(current)):
+        return
+    triton.set_allocator(_tma_alloc)
 
 
-_ALLOCATOR_SET = False
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _current_allocator():
+    """This context's Triton allocator, ``None`` where Triton does not expose it (then it is set each time)."""
+    try:
+        from triton.runtime._allocation import _allocator
+    except ImportError:
+        return None
+    return _allocator.get()
+
+
+def _is_null_allocator(allocator) -> bool:
+    return type(allocator).__name__ == "NullAllocator"
 
 
 @triton.jit

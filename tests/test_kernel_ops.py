@@ -339,3 +339,49 @@ def test_ops_are_triton_ops_outside_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]
+
+
+def test_tma_allocator_is_set_in_every_launching_thread():
+    """Triton keeps its allocator in a ContextVar (per thread): a launch from a second thread sets it there."""
+    import threading
+    from types import SimpleNamespace
+
+    from triton.runtime._allocation import _allocator
+
+    from fastdeeplab.kernels import conv
+
+    if not conv.tma_available():
+        pytest.skip("this triton has no device-side tensor descriptors")
+    cuda_x = SimpleNamespace(device=torch.device("cuda", 0))  # ensure_tma_allocator only reads .device
+    seen = {}
+
+    def launch(name):
+        seen[name + " before"] = _allocator.get()
+        conv.ensure_tma_allocator(cuda_x, True)
+        seen[name + " after"] = _allocator.get()
+
+    import contextvars
+
+    contextvars.copy_context().run(launch, "main")  # a copy: the test process's own context stays untouched
+    worker = threading.Thread(target=launch, args=("worker",))
+    worker.start()
+    worker.join()
+    assert seen["main after"] is conv._tma_alloc
+    assert seen["worker before"] is not conv._tma_alloc, "a new thread starts without the allocator"
+    assert seen["worker after"] is conv._tma_alloc
+    # an allocator the caller set is kept; no TMA config or a CPU tensor: nothing is touched
+    def own(size, alignment, stream):
+        return None
+
+    def keep():
+        import triton
+
+        triton.set_allocator(own)
+        conv.ensure_tma_allocator(cuda_x, True)
+        seen["own"] = _allocator.get()
+        conv.ensure_tma_allocator(SimpleNamespace(device=torch.device("cpu")), True)
+
+    t = threading.Thread(target=keep)
+    t.start()
+    t.join()
+    assert seen["own"] is own
