@@ -383,7 +383,7 @@ def depthwise_conv_act_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | N
     # the autotuner zeroes sum_ptr before each timing run: never hand it a tensor that holds data
     sums = channel_sums if channel_sums is not None else torch.empty(1, device=x.device, dtype=torch.float32)
     with launch_guard(x):
-        wrap_kernel(kernel)[grid](
+        wrap_kernel(kernel, x)[grid](
             x, packed_weight, bias if bias is not None else dummy, se_scale if se_scale is not None else dummy,
             sums, dummy,
             n, h, w, c, oh, ow, m_bucket(n * oh * ow), device_key(x),
