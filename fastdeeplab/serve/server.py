@@ -261,7 +261,10 @@ class RepositoryModel:
 
 def read_repository(repository: Path) -> list[RepositoryModel]:
     """Every model folder (with a ``config.pbtxt``) in ``repository``, its config parsed with Triton's schema."""
-    from google.protobuf import json_format
+    try:
+        from google.protobuf import json_format
+    except ImportError:
+        raise ImportError("fastdeeplab serve needs protobuf and tritonclient: pip install 'fastdeeplab[serve]'") from None
 
     from .._io import read_regular_file
     from ..export.deploy import load_model_config
@@ -277,6 +280,9 @@ def read_repository(repository: Path) -> list[RepositoryModel]:
         text = read_regular_file(config_file, max_bytes=1 << 20, what="config.pbtxt")
         try:
             config = load_model_config(text)
+        except ImportError:
+            raise ImportError("fastdeeplab serve reads config.pbtxt with Triton's schema from tritonclient: "
+                              "pip install 'fastdeeplab[serve]'") from None
         except Exception as exc:  # noqa: BLE001 - protobuf's ParseError and friends
             raise ValueError(f"{config_file}: not a Triton model config: {exc}") from None
         name = config.name or folder.name
@@ -381,7 +387,7 @@ class TritonServer:
             raise ValueError(f"model repository {repository}: no model this tritonserver can serve ("
                              + "; ".join(f"{n}: {why}" for n, why in self.skipped.items())
                              + "); write a python-backend model with `fastdeeplab deploy --backends python`")
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # the stub would write __pycache__ into the repository
+        env = dict(os.environ)  # note: the stub's Python writes model.py's __pycache__ beside it, in the repository
         stub = None
         if install.bundled and any(m.backend == "python" for m in servable):
             stub = stub_environment(install, self.progress)
