@@ -5,6 +5,7 @@
 ``torch.ops.fastdeeplab.aspp_branches``  ASPP's 1×1 + three atrous 3×3 branches in one launch: ``[4N, Cb, H, W]``
 ``torch.ops.fastdeeplab.aspp_project``  the fused ASPP projection: :func:`aspp_project_packed`
 ``torch.ops.fastdeeplab.depthwise_conv_act``  ``act(dwconv(x) + bias) * se_scale``: :func:`depthwise_conv_act_packed`
+``torch.ops.fastdeeplab.depthwise_conv_act_mean``  ``mean_hw(act(dwconv(x) + bias))`` ``[N, C]`` float32, no map written
 ==================================  ===========================================================================
 
 Registration, by what the installed packages allow:
@@ -38,7 +39,8 @@ from torch import Tensor
 from ._utils import interpreting, triton_available
 from .reference import aspp_project_reference, conv_bn_relu_reference, depthwise_conv_act_reference
 
-__all__ = ["NAMESPACE", "TRITON_OPS", "aspp_branches", "aspp_project", "conv2d_act", "depthwise_conv_act"]
+__all__ = ["NAMESPACE", "TRITON_OPS", "aspp_branches", "aspp_project", "conv2d_act", "depthwise_conv_act",
+           "depthwise_conv_act_mean"]
 
 NAMESPACE = "fastdeeplab"
 # Whether the ops are triton_ops (traceable kernels) rather than opaque custom ops.
@@ -138,14 +140,41 @@ def _depthwise_conv_act_kernel(x: Tensor, packed_weight: Tensor, bias: Optional[
                                activation: str) -> Tensor:
     from .depthwise import depthwise_conv_act_packed
 
-    config = None
-    if x.device.type == "cpu":  # the interpreter: large tiles (its cost is per block operation)
-        import triton
-
-        config = triton.Config({"BLOCK_P": 64, "BLOCK_C": 256}, num_warps=4, num_stages=1)
     return depthwise_conv_act_packed(x, packed_weight, bias, kernel_size=tuple(kernel_size), stride=tuple(stride),
                                      padding=tuple(padding), dilation=tuple(dilation), activation=activation,
-                                     se_scale=se_scale, config=config)
+                                     se_scale=se_scale, config=_depthwise_interpreter_config(x))
+
+
+def _depthwise_interpreter_config(x: Tensor):
+    """CPU tensors (only under ``TRITON_INTERPRET=1``): large tiles, the interpreter's cost is per block
+    operation. CUDA: autotune."""
+    if x.device.type != "cpu":
+        return None
+    import triton
+
+    return triton.Config({"BLOCK_P": 64, "BLOCK_C": 256}, num_warps=4, num_stages=1)
+
+
+def _depthwise_conv_act_mean_kernel(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], kernel_size: List[int],
+                                    stride: List[int], padding: List[int], dilation: List[int],
+                                    activation: str) -> Tensor:
+    from .depthwise import depthwise_conv_act_packed
+
+    sums = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    depthwise_conv_act_packed(x, packed_weight, bias, kernel_size=tuple(kernel_size), stride=tuple(stride),
+                              padding=tuple(padding), dilation=tuple(dilation), activation=activation,
+                              channel_sums=sums, write_output=False, config=_depthwise_interpreter_config(x))
+    oh = _out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = _out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
+    return sums / (oh * ow)
+
+
+def _depthwise_conv_act_mean_reference(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor],
+                                       kernel_size: List[int], stride: List[int], padding: List[int],
+                                       dilation: List[int], activation: str) -> Tensor:
+    y = _depthwise_conv_act_reference(x.float(), packed_weight.float(), bias, None, kernel_size, stride, padding,
+                                      dilation, activation)
+    return y.mean((2, 3))
 
 
 def _depthwise_conv_act_reference(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor],
@@ -185,6 +214,12 @@ def _depthwise_conv_act_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Te
     oh = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
     return _channels_last_empty([n, c, oh, ow], x)
+
+
+def _depthwise_conv_act_mean_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], kernel_size: List[int],
+                                  stride: List[int], padding: List[int], dilation: List[int],
+                                  activation: str) -> Tensor:
+    return torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
 
 
 def _aspp_branches_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], rates: List[int]) -> Tensor:
@@ -227,3 +262,8 @@ depthwise_conv_act = _register(
     "depthwise_conv_act", _depthwise_conv_act_kernel, _depthwise_conv_act_reference, _depthwise_conv_act_fake,
     "(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? se_scale, int[] kernel_size, int[] stride, "
     "int[] padding, int[] dilation, str activation) -> Tensor")
+depthwise_conv_act_mean = _register(
+    "depthwise_conv_act_mean", _depthwise_conv_act_mean_kernel, _depthwise_conv_act_mean_reference,
+    _depthwise_conv_act_mean_fake,
+    "(Tensor x, Tensor packed_weight, Tensor? bias, int[] kernel_size, int[] stride, int[] padding, "
+    "int[] dilation, str activation) -> Tensor")

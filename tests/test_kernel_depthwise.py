@@ -191,6 +191,16 @@ def test_custom_op_matches_reference_and_fake_shape():
     assert_close_verbose(ops._depthwise_conv_act_reference(*args), expected, atol=1e-6, rtol=1e-6, name="twin")
     fake = ops._depthwise_conv_act_fake(*args)
     assert tuple(fake.shape) == (2, 12, 4, 5) and fake.is_contiguous(memory_format=torch.channels_last)
+    # the SE pooling op: the mean over output pixels of act(conv + bias), float32, without writing the map
+    mean_args = (x, packed, bias, [5, 5], [2, 2], [4, 4], [2, 2], "hardswish")
+    mean = torch.ops.fastdeeplab.depthwise_conv_act_mean(*mean_args)
+    expected_mean = depthwise_conv_act_reference(x.double(), weight.double(), bias.double(), stride=2, padding=4,
+                                                 dilation=2, activation="hardswish").mean((2, 3))
+    assert mean.dtype == torch.float32 and mean.shape == (2, 12)
+    assert_close_verbose(mean, expected_mean, atol=1e-5, rtol=1e-5, name="mean op")
+    assert_close_verbose(ops._depthwise_conv_act_mean_reference(*mean_args), expected_mean, atol=1e-5, rtol=1e-5,
+                         name="mean twin")
+    assert tuple(ops._depthwise_conv_act_mean_fake(*mean_args).shape) == (2, 12)
 
 
 def test_prune_drops_tilings_that_pad_away_the_work():
