@@ -77,6 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if cfg.device == "cuda":  # fair to cuDNN: let it pick its fastest algorithm per shape (issue 13)
         torch.backends.cudnn.benchmark = True
     config.stash[_WRITTEN] = []
+    config.pluginmanager.register(_QuietBenchmarkTable(), "fastdeeplab-quiet-benchmark-table")
     default_columns = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]
     if getattr(config.option, "benchmark_columns", None) == default_columns:
         config.option.benchmark_columns = ["median", "iqr", "min", "max", "rounds"]
@@ -131,7 +132,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state.meta = meta  # type: ignore[attr-defined]
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own summary: the project's table comes last
+class _QuietBenchmarkTable:
+    """pytest-benchmark's own table (one row per test, ~200 columns wide) repeats the suite's samples without
+    the ratios: it is left out of the terminal. Its JSON (``--benchmark-json``) is written at session finish,
+    before this runs; its ``display`` prints nothing when it holds no groups."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_terminal_summary(self, config: pytest.Config) -> None:
+        benchmarks = getattr(config, "_benchmarksession", None)
+        if benchmarks is not None:
+            benchmarks.groups = []
+
+
+@pytest.hookimpl(trylast=True)  # the project's table comes last
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(_SESSION, None)
     if state is None or (not state.rows and not state.kernel_rows):
