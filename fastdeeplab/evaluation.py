@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data.base import one_line_worker_errors
 from .metrics import ConfusionMatrix, logits_of
 
 __all__ = ["PAPER_SCALES", "as_device", "available_memory", "build_inference_model", "check_inference_memory",
@@ -158,31 +159,6 @@ def _sample_name(dataset: Any, index: int, attr: str) -> str:
         except Exception:  # noqa: BLE001  (a name for a message only)
             pass
     return f"#{index}"
-
-
-def one_line_worker_errors(batches):
-    """Iterate ``batches`` (a DataLoader, possibly in a tqdm bar); an error raised in a data-loading worker
-    comes back as the same exception type with its own one-line message, not the worker's whole traceback
-    (``Caught ValueError in DataLoader worker process 0. Original Traceback ...``)."""
-    iterator = iter(batches)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:
-            message = str(exc)
-            if "Original Traceback" not in message:
-                raise
-            last = next((line for line in reversed(message.strip().splitlines()) if line.strip()), message)
-            prefix = f"{type(exc).__name__}: "
-            last = last[len(prefix):] if last.startswith(prefix) else last
-            try:
-                new = type(exc)(last)
-            except Exception:  # noqa: BLE001  (an exception type with an unusual constructor)
-                new = RuntimeError(last)
-            raise new from None
-        yield batch
 
 
 def as_device(device: str | torch.device) -> torch.device:

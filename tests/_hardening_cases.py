@@ -85,7 +85,8 @@ def run_case(case: Case, tmp: Path) -> Outcome:
         if case.error is None:
             outcome = Outcome("unclear error", f"{type(exc).__name__}: {message}")
         elif isinstance(exc, CommandFailed):
-            clear = exc.rc in (1, 2) and len(exc.error_lines) == 1 and re.search(case.match, message, re.I)
+            clear = (exc.rc in (1, 2) and len(exc.error_lines) == 1 and "Traceback" not in exc.stderr
+                     and re.search(case.match, message, re.I))
             outcome = Outcome("clear error" if clear else "unclear error", f"exit {exc.rc}: {message}")
         else:
             clear = isinstance(exc, case.error) and re.search(case.match, message, re.I) and "\n" not in message
@@ -642,9 +643,379 @@ def _script_cases() -> list[Case]:
     return cases
 
 
+# --------------------------------------------------------------------------------------------------
+# Issue 20: files and commands. No command replaces its own inputs or files it did not write; images load
+# by their real range; strict JSON; flags that do not apply are refused; one line before any long work.
+# --------------------------------------------------------------------------------------------------
+def _voc(tmp: Path, **kw) -> Path:
+    from _voc import make_voc
+
+    return make_voc(tmp / "voc", **kw)
+
+
+def _ppm_header(path: Path, width: int, height: int) -> Path:
+    """A PPM whose header claims ``width x height`` (PIL reads the size without the pixels)."""
+    path.write_bytes(f"P6\n{width} {height}\n255\n".encode() + b"\0" * 12)
+    return path
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    from _voc import NUM_CLASSES, SIZE
+
+    return ["train", "--data", str(data), "--out", str(out), "--split", "train", "--num-classes", str(NUM_CLASSES),
+            "--crop-size", str(SIZE), "--batch-size", "2", "--workers", "0", "--no-progress",
+            "--set", "stages=[{iterations: 2, lr: 0.01}]", "--set", "scale_range=[1.0, 1.0]",
+            "--set", "checkpoint_every=0", "--set", "log_every=0", *extra]
+
+
+@functools.cache
+def _trained_run() -> tuple[Path, dict]:
+    """A tiny run stopped after one iteration (its checkpoint is what the resume cases continue from)."""
+    import tempfile
+
+    from _voc import tiny_train_config
+
+    root = Path(tempfile.mkdtemp(prefix="fastdeeplab-hardening-"))
+    data = _voc(root)
+    config = tiny_train_config(data, root / "run", stop_after=1)
+    fastdeeplab.train(**config)
+    return root, config
+
+
+def _resume(change: dict) -> Callable[[Path], object]:
+    def go(t: Path) -> object:
+        import shutil
+
+        root, config = _trained_run()
+        shutil.copytree(root / "run", t / "run")
+        return fastdeeplab.train(**{**config, "out_dir": str(t / "run"), "stop_after": None, **change})
+    return go
+
+
+def _issue20_cases() -> list[Case]:
+    area = "files and commands"
+
+    def c(id_: str, what: str, argv: Callable[[Path], list[str]], match: str,
+          after: Callable[[Path], None] | None = None) -> Case:
+        return Case(id_, area, what, lambda t: run_cli(*argv(t)), CommandFailed, match, after)
+
+    def photo_and(t: Path, name: str, content: bytes | None = None) -> list[str]:
+        from PIL import Image
+
+        Image.new("RGB", (40, 33), (120, 30, 200)).save(t / "x.png")
+        Image.new("RGB", (40, 33), (1, 2, 3)).save(t / name)
+        return [str(t / "x.png"), str(t / name)]
+
+    def predict_foreign(t: Path) -> list[str]:
+        from PIL import Image
+
+        Image.new("RGB", (40, 33), (120, 30, 200)).save(t / "x.png")
+        (t / "x_mask.png").write_bytes(b"someone's file")
+        return ["predict", str(t / "x.png"), "--out", str(t), "--device", "cpu", "--num-classes", "3"]
+
+    def predict_link(t: Path) -> list[str]:
+        from PIL import Image
+
+        Image.new("RGB", (40, 33), (120, 30, 200)).save(t / "x.png")
+        (t / "out").mkdir()
+        (t / "out" / "x_mask.png").symlink_to(t / "x.png")
+        return ["predict", str(t / "x.png"), "--out", str(t / "out"), "--device", "cpu", "--num-classes", "3"]
+
+    def predict_twice(t: Path) -> str:
+        from PIL import Image
+
+        Image.new("RGB", (40, 33), (120, 30, 200)).save(t / "x.png")
+        argv = ["predict", str(t / "x.png"), "--out", str(t / "o"), "--device", "cpu", "--num-classes", "3"]
+        run_cli(*argv)
+        first = (t / "o" / "x_mask.png").stat().st_mtime_ns
+        run_cli(*argv)
+        assert (t / "o" / "x_mask.png").stat().st_mtime_ns >= first
+        return "its own earlier PNGs are replaced (they carry its Software chunk)"
+
+    def ckpt(t: Path, name: str = "c.pt") -> Path:
+        p = t / name
+        p.write_bytes(b"checkpoint bytes")
+        return p
+
+    def png16(t: Path) -> str:
+        import numpy as np
+        from PIL import Image
+
+        ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+        Image.fromarray(ramp).save(t / "g16.png")
+        got = np.asarray(_load_image(t / "g16.png"))[..., 0].astype(int)
+        assert (got == 255).mean() < 0.01, f"{(got == 255).mean():.1%} white: clipped"
+        assert got.min() == 0 and got.max() == 255 and (np.diff(got.ravel()) >= 0).all(), "not the ramp"
+        return "0..65520 ramp -> 0..255 ramp (Image.convert: 99.6% white)"
+
+    def float_tiff(t: Path, nan: bool = False) -> str:
+        import numpy as np
+        from PIL import Image
+
+        values = np.linspace(0.2, 0.7, 30 * 20, dtype=np.float32).reshape(20, 30)
+        if nan:
+            values[0, 0] = np.nan
+        Image.fromarray(values).save(t / "f.tif")
+        got = np.asarray(_load_image(t / "f.tif"))[..., 0].astype(int)
+        assert got.max() > 150 and got[~np.isnan(values)].min() >= 50, f"range {got.min()}..{got.max()}: black"
+        if nan:
+            assert got[0, 0] == 0
+        return "fractions x 255 (" + ("NaN -> 0; " if nan else "") + f"{got.min()}..{got.max()}; Image.convert: 0)"
+
+    def strict_json(t: Path) -> str:
+        import json
+
+        data = _voc(t, num_images=2)
+        run_cli("eval", "--data", str(data), "--split", "val", "--num-classes", "5", "--workers", "0",
+                "--no-progress", "--device", "cpu", "--json", str(t / "s.json"))
+
+        def refuse(token: str) -> None:
+            raise AssertionError(f"non-JSON token {token}")
+
+        scores = json.loads((t / "s.json").read_text(), parse_constant=refuse)
+        absent = [i for i, v in enumerate(scores["per_class_iou"]) if v is None]
+        assert absent and all(i >= 3 for i in absent), scores["per_class_iou"]  # the data holds classes 0..2
+        return f"classes {absent} absent from truth and prediction: null (was NaN); strict parsers read it"
+
+    def json_text_api(t: Path) -> str:
+        import json
+
+        from fastdeeplab._io import json_text
+
+        text = json_text({"a": float("nan"), "b": [float("inf"), 1.0], "t": torch.tensor([float("-inf")])})
+        assert json.loads(text) == {"a": None, "b": [None, 1.0], "t": [None]}, text
+        return text
+
+    def export_onnx(t: Path, *flags: str) -> list[str]:
+        return ["export", "--out", str(t / "m.onnx"), *flags]
+
+    def deploy_readme(t: Path) -> list[str]:
+        (t / "repo").mkdir()
+        (t / "repo" / "README.md").write_text("# hand-written\n")
+        return ["deploy", "--out", str(t / "repo")]
+
+    def stale_deploy(t: Path) -> str:
+        from test_export_onnx import TinySeg
+
+        repo = t / "repo"
+        dead = [t / ".deploy.999999999.abcd1234", repo / ".deeplabv3.999999999.abcd1234.staging"]
+        for d in dead:
+            (d / "1").mkdir(parents=True)
+            (d / "1" / "model.onnx").write_bytes(b"x" * 4096)
+        torch.manual_seed(0)
+        fastdeeplab.deploy(TinySeg().eval(), repo, input_size=(33, 33), check=False, backends=("onnxruntime",))
+        left = [p.name for p in dead if p.exists()]
+        assert not left, f"left behind: {left}"
+        return "the killed deploy's work and staging folders removed by the next deploy"
+
+    def huge_predict(t: Path) -> list[str]:
+        return ["predict", str(_ppm_header(t / "huge.ppm", 60000, 60000)), "--out", str(t / "o"), "--device", "cpu"]
+
+    def scaled_predict(t: Path) -> list[str]:
+        return ["predict", str(_ppm_header(t / "big.ppm", 6000, 6000)), "--out", str(t / "o"), "--device", "cpu",
+                "--scales", "1", "8"]
+
+    def bomb(t: Path) -> object:
+        return _load_image(_ppm_header(t / "bomb.ppm", 100000, 100000))
+
+    def eval_corrupt_worker(t: Path) -> list[str]:
+        data = _voc(t, num_images=2)
+        image = sorted((data / "JPEGImages").iterdir())[0]
+        image.write_bytes(b"not a jpeg")
+        return ["eval", "--data", str(data), "--split", "val", "--num-classes", "3", "--workers", "1",
+                "--no-progress", "--device", "cpu"]
+
+    def eval_bad_label(t: Path) -> list[str]:
+        import numpy as np
+        from PIL import Image
+
+        data = _voc(t, num_images=2)
+        label = sorted((data / "SegmentationClass").iterdir())[1]
+        array = np.array(Image.open(label))
+        array[0, 0] = 7
+        Image.fromarray(array).save(label)
+        return ["eval", "--data", str(data), "--split", "val", "--num-classes", "3", "--workers", "0",
+                "--no-progress", "--device", "cpu"]
+
+    def bom_split(t: Path) -> str:
+        from fastdeeplab.data import VOCSegmentation
+
+        data = _voc(t, num_images=2)
+        lst = data / "ImageSets" / "Segmentation" / "val.txt"
+        lst.write_bytes(b"\xef\xbb\xbf" + lst.read_bytes())
+        ds = VOCSegmentation(data, "val")
+        assert ds.image_path(0).is_file(), ds.image_path(0)
+        image, label = ds[0]
+        return f"{len(ds)} samples; the first id reads {ds.image_path(0).name}"
+
+    def config_pipe(t: Path) -> str:
+        from fastdeeplab.training import load_config
+
+        r, w = os.pipe()
+        os.write(w, b"batch_size: 3\ncrop_size: 65\n")
+        os.close(w)
+        try:
+            cfg = load_config(f"/dev/fd/{r}")
+        finally:
+            os.close(r)
+        assert (cfg.batch_size, cfg.crop_size) == (3, 65)
+        return "--config <(...) and /dev/stdin read to the end (at most 1 MiB)"
+
+    def disk_full(t: Path) -> None:
+        import resource
+        import signal
+
+        from fastdeeplab.training.checkpoint import write_state
+
+        (t / "checkpoint.pt").write_bytes(b"the last good checkpoint")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # writes past 64 KiB fail, as on a full disk
+        try:
+            write_state(t / "checkpoint.pt", {"model": {"w": torch.zeros(1 << 18)}})
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+
+    def deploy_names(t: Path) -> list[str]:
+        (t / "names.txt").write_text("background\ncat\n")
+        return ["deploy", "--out", str(t / "repo"), "--num-classes", "3", "--class-names", str(t / "names.txt")]
+
+    def out_is_weights(t: Path) -> list[str]:
+        data = _voc(t)
+        (t / "run").mkdir()
+        (t / "run" / "model_final.pt").write_bytes(b"weights to fine-tune from")
+        return _train_args(data, t / "run", "--no-resume", "--set", f"weights={t / 'run' / 'model_final.pt'}")
+
+    def moved_data(t: Path) -> str:
+        import shutil
+
+        root, config = _trained_run()
+        shutil.copytree(Path(config["data_root"]), t / "moved")
+        with _captured_warnings() as lines:
+            _resume({"data_root": str(t / "moved")})(t)
+        assert any("data_root" in line for line in lines), lines
+        return "resumed, with a warning naming data_root"
+
+    tensorrt_only = [("workspace", "--workspace-gb 8", ("--workspace-gb", "8")),
+                     ("timing-cache", "--timing-cache /nonexistent/x", ("--timing-cache", "/nonexistent/x")),
+                     ("profile", "--profile 1x3x65x65", ("--profile", "1x3x65x65")),
+                     ("calibration-cache", "--calibration-cache c.cache", ("--calibration-cache", "c.cache")),
+                     ("min-shape", "--min-shape 1x3x33x33", ("--min-shape", "1x3x33x33"))]
+    resume_changes = [("crop", {"crop_size": 35}, "crop_size=33"), ("seed", {"seed": 7}, "seed=0"),
+                      ("weight-decay", {"weight_decay": 5e-4}, "weight_decay=0.0001"),
+                      ("momentum", {"momentum": 0.5}, "momentum=0.9"),
+                      ("split", {"train_split": "val"}, "train_split='train'"),
+                      ("batch", {"batch_size": 3}, "batch_size=2")]
+    return [
+        # data lost
+        c("predict-out-is-input", "predict x.png x_mask.png --out <their folder>",
+          lambda t: ["predict", *photo_and(t, "x_mask.png"), "--out", str(t), "--device", "cpu"],
+          r"--out.*x_mask\.png is an input", _same_png(Path("x_mask.png"))),
+        c("predict-out-foreign", "predict x.png --out <a folder with someone's x_mask.png>", predict_foreign,
+          r"x_mask\.png exists and was not written by fastdeeplab predict.*--overwrite",
+          _same_file(Path("x_mask.png"), b"someone's file")),
+        c("predict-out-link-to-input", "predict x.png --out o/ where o/x_mask.png links to x.png", predict_link,
+          r"--out.*is an input", _same_png(Path("x.png"), (120, 30, 200))),
+        Case("predict-rerun", area, "predict twice into the same folder", predict_twice),
+        c("eval-json-is-weights", "eval --weights c.pt --json c.pt",
+          lambda t: ["eval", "--data", str(_dataset_dir(t)), "--weights", str(ckpt(t)), "--json", str(t / "c.pt")],
+          r"--json.*--weights input", _same_file(Path("c.pt"), b"checkpoint bytes")),
+        c("eval-json-is-weights-hardlink", "eval --weights c.pt --json <a hard link to c.pt>",
+          lambda t: ["eval", "--data", str(_dataset_dir(t)), "--weights", str(ckpt(t)), "--json",
+                     (os.link(t / "c.pt", t / "link.json"), str(t / "link.json"))[1]],
+          r"--json.*--weights input", _same_file(Path("c.pt"), b"checkpoint bytes")),
+        c("export-out-is-weights", "export --weights w.pt --out w.pt",
+          lambda t: ["export", "--weights", str(ckpt(t, "w.pt")), "--out", str(t / "w.pt")],
+          r"--out.*--weights input", _same_file(Path("w.pt"), b"checkpoint bytes")),
+        c("export-onnx-out-is-weights", "export --precision int8 --weights w.pt --onnx-out ./w.pt",
+          lambda t: ["export", "--precision", "int8", "--weights", str(ckpt(t, "w.pt")), "--out", str(t / "q.onnx"),
+                     "--onnx-out", str(t / "." / "w.pt")],
+          r"--onnx-out.*--weights input", _same_file(Path("w.pt"), b"checkpoint bytes")),
+        c("deploy-readme", "deploy --out repo (a hand-written README.md), no --overwrite", deploy_readme,
+          r"README\.md exists and was not written by fastdeeplab deploy",
+          _same_file(Path("repo/README.md"), b"# hand-written\n")),
+        Case("deploy-stale-work", area, "deploy after a killed deploy --overwrite (.deploy.*, *.staging left)",
+             stale_deploy),
+        c("train-out-is-weights", "train --out run --set weights=run/model_final.pt", out_is_weights,
+          r"model_final\.pt is the weights input", _same_file(Path("run/model_final.pt"),
+                                                              b"weights to fine-tune from")),
+        # silently wrong
+        Case("image-16-bit", area, "16-bit grayscale PNG", png16),
+        Case("image-float-tiff", area, "float32 TIFF in [0.2, 0.7]", float_tiff),
+        Case("image-float-nan", area, "float32 TIFF with a NaN pixel", lambda t: float_tiff(t, nan=True)),
+        Case("eval-json-strict", area, "eval --json with classes absent from truth and prediction", strict_json),
+        Case("json-text", area, "fastdeeplab._io.json_text with NaN, inf and a tensor", json_text_api),
+        *[c(f"export-onnx-{key}", f"export --format onnx {shown}", lambda t, f=flags: export_onnx(t, *f),
+            rf"{flags[0]} applies to --format tensorrt only", _nothing_created("m.onnx"))
+          for key, shown, flags in tensorrt_only],
+        c("export-workspace-negative", "export --format tensorrt --workspace-gb -5",
+          lambda t: export_onnx(t, "--format", "tensorrt", "--workspace-gb", "-5"), r"--workspace-gb.*\(0, inf\)"),
+        c("deploy-name-injection", "deploy --no-check --name 'x\"\\ninstance_group ...'",
+          lambda t: ["deploy", "--no-check", "--out", str(t / "repo"), "--name",
+                     'x"\ninstance_group [{ kind: KIND_GPU }]'], r"--name.*not a valid Triton model name",
+          _nothing_created("repo")),
+        *[Case(f"resume-changed-{key}", area, f"resume with {', '.join(f'{k}={v}' for k, v in change.items())}",
+               _resume(change), ValueError, rf"cannot resume.*{re.escape(saved)}")
+          for key, change, saved in resume_changes],
+        Case("resume-moved-data", area, "resume with the dataset at another data_root", moved_data),
+        # unclear before, one line now
+        c("predict-huge-image", "predict a 60000x60000 image", huge_predict, r"60000x60000.*GiB.*free",
+          _nothing_created("o")),
+        c("predict-scales-memory", "predict a 6000x6000 image at --scales 1 8", scaled_predict,
+          r"6000x6000.*scale 8.*GiB", _nothing_created("o")),
+        Case("image-decompression-bomb", area, "load_image of a 100000x100000 image", bomb, ValueError,
+             r"bomb\.ppm is too large to load safely"),
+        c("eval-worker-error", "eval --workers 1 with a corrupt image", eval_corrupt_worker,
+          r"cannot read image \S+\.jpg"),
+        c("eval-label-out-of-range", "eval with a mask value 7 and 3 classes", eval_bad_label,
+          r"label \S+/SegmentationClass/\S+\.png: target holds class ids \[7\]"),
+        Case("split-list-bom", area, "a VOC split list with a UTF-8 BOM", bom_split),
+        Case("config-pipe", area, "train --config from a pipe (<(...), /dev/stdin)", config_pipe),
+        c("config-dev-zero", "train --config /dev/zero", lambda t: ["train", "--config", "/dev/zero"],
+          r"config /dev/zero is a character device"),
+        Case("checkpoint-disk-full", area, "a checkpoint write that runs out of space (RLIMIT_FSIZE)", disk_full,
+             OSError, r"cannot write checkpoint \S+checkpoint\.pt: .*(space|file-size limit)",
+             lambda t: (_same_file(Path("checkpoint.pt"), b"the last good checkpoint")(t), _no_leftovers(t))),
+        c("deploy-class-names-count", "deploy --num-classes 3 --class-names <2 names>", deploy_names,
+          r"--class-names.*2 names.*3 classes", _nothing_created("repo")),
+        c("train-batch-size-1", "train --batch-size 1", lambda t: _train_args(_voc(t), t / "run", "--batch-size", "1"),
+          r"--batch-size.*batch norm", _nothing_created("run")),
+    ]
+
+
+def _same_png(path: Path, colour: tuple[int, int, int] = (1, 2, 3)) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        from PIL import Image
+
+        with Image.open(tmp / path) as im:
+            if im.convert("RGB").getpixel((0, 0)) != colour:
+                raise DataLost(f"{tmp / path} was replaced")
+    return check
+
+
+@contextlib.contextmanager
+def _captured_warnings():
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("fastdeeplab.training")
+    handler = Keep(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+
+
 def all_cases() -> list[Case]:
     return (_file_cases() + _cli_cases() + _model_cases() + _input_cases() + _nonfinite_cases()
-            + _persistence_cases() + _script_cases())
+            + _persistence_cases() + _script_cases() + _issue20_cases())
 
 
 CASES = all_cases()

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ..images import load_image
 
-__all__ = ["JointTransform", "SegmentationDataset", "read_label"]
+__all__ = ["JointTransform", "SegmentationDataset", "one_line_worker_errors", "read_label"]
 
 JointTransform = Callable[..., tuple[Tensor, Tensor]]
 """``transform(image: PIL.Image, label: np.ndarray [H, W], generator=None) -> (image [3, h, w], label [h, w])``."""
@@ -108,3 +108,28 @@ def _check_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
+
+
+def one_line_worker_errors(batches):
+    """Iterate ``batches`` (a DataLoader, possibly in a tqdm bar); an error raised in a data-loading worker
+    comes back as the same exception type with its own one-line message, not the worker's whole traceback
+    (``Caught ValueError in DataLoader worker process 0. Original Traceback ...``)."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            message = str(exc)
+            if "Original Traceback" not in message:
+                raise
+            last = next((line for line in reversed(message.strip().splitlines()) if line.strip()), message)
+            prefix = f"{type(exc).__name__}: "
+            last = last[len(prefix):] if last.startswith(prefix) else last
+            try:
+                new = type(exc)(last)
+            except Exception:  # noqa: BLE001  (an exception type with an unusual constructor)
+                new = RuntimeError(last)
+            raise new from None
+        yield batch

@@ -9,12 +9,12 @@ data and checkpoints by :func:`fastdeeplab.train`, whose ``ValueError``/``TypeEr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from typing import Any
 
+from .._io import json_text
 from .loop import logger, train
 from .recipes import overfit_demo
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overfit_demo:
         summary = overfit_demo(args.out_dir or "runs/overfit_demo", device=args.device,
                                progress=args.progress is not False)
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary, indent=2))
         return 0 if summary["mIoU"] >= 0.9 else 1
     overrides: dict[str, Any] = {key: getattr(args, key) for key in _FLAG_FIELDS if getattr(args, key) is not None}
     for item in args.set_values:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(args.config, **overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = result.history["loss"]
-        print(json.dumps({"iteration": result.iteration, "finished": result.finished,
+        print(json_text({"iteration": result.iteration, "finished": result.finished,
                           "loss_last": losses[-1] if losses else None, "evaluations": result.evaluations,
                           "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                           "final_weights": str(result.final_weights) if result.final_weights else None}))

@@ -332,17 +332,58 @@ def load_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | No
         raise type(exc)(f"{exc}{source}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is at most 1 MiB: a larger file (or an endless stream such as ``/dev/zero``) is refused."""
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a YAML config, read safely: a regular file of at most :data:`MAX_CONFIG_BYTES`, or a pipe
+    the user named (``--config <(...)``, ``--config /dev/stdin``), read to its end, at most as many bytes.
+    A folder, a missing file, a device other than a pipe, too many bytes or text that is not UTF-8 is a
+    one-line error naming the path."""
+    import stat
+
+    from .._io import read_regular_file
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise OSError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"config path {path} is a directory; give a YAML file")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    if not (stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and _is_stdin(path))):
+        return read_regular_file(path, max_bytes=MAX_CONFIG_BYTES, what="config")
+    try:  # a pipe (or a terminal on stdin): blocking, as `cat` reads it, and bounded
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise OSError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config {path} is more than the {MAX_CONFIG_BYTES} bytes allowed")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _is_stdin(path: Path) -> bool:
+    """Whether ``path`` is this process's standard input (``/dev/stdin``, ``/proc/self/fd/0``)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         import yaml
     except ImportError:
         raise ImportError("YAML configs need PyYAML: pip install 'fastdeeplab[train]'") from None
+    text = read_config_text(path)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = " ".join(str(exc).split())
         raise ValueError(f"cannot parse config {path}: {reason}") from None

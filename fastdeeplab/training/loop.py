@@ -40,7 +40,6 @@ images, under ``DistributedDataParallel``, with batch norm synchronised across p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -57,7 +56,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from .._io import atomic_path
+from .._io import atomic_path, json_text
+from ..data.base import one_line_worker_errors
 from ..metrics import IGNORE_INDEX
 from ..timing import time_call
 from . import checkpoint as ckpt
@@ -250,7 +250,7 @@ def _loader(run: RunState, stage_index: int, split: str, first: int) -> DataLoad
     indices = bootstrap_indices(base, cfg.bootstrap_classes, cfg.bootstrap_factor,
                                 progress=cfg.progress and ctx.is_main)
     samples = AugmentedSamples(base, indices, train_transform(cfg.crop_size, cfg.scale_range, cfg.flip,
-                                                              cfg.scale_step))
+                                                              cfg.scale_step), num_classes=run.num_classes)
     sampler = ResumableBatchSampler(len(samples), cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                     seed=cfg.seed, stream=stage_index, start_iteration=first)
     return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers,
@@ -299,7 +299,7 @@ def run_stage(run: RunState, stage_index: int, first: int = 0, resumed: Mapping[
                     len(loader.dataset), ctx.world_size)  # type: ignore[arg-type]
     bar = tqdm(total=stage.iterations, initial=first, desc=f"stage {stage_index + 1}/{len(cfg.stages)}",
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True, unit="it")
-    batches = iter(loader)
+    batches = one_line_worker_errors(loader)  # a worker's error is its one line, not its traceback
     stopped = False
     for in_stage in range(first, stage.iterations):
         lr = optimizer.param_groups[0]["lr"]
@@ -382,18 +382,32 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
     cfg = load_config(config, **overrides)
     if cfg.data_root is None:
         raise ValueError("data_root is not set: give the dataset's root folder (--data on the command line)")
+    inputs = {"weights": cfg.weights, "weights_backbone": cfg.weights_backbone,
+              "config": config if isinstance(config, (str, os.PathLike)) else None}
     ctx = setup_processes(cfg.device)
     try:
-        return _train(cfg, ctx)
+        return _train(cfg, ctx, inputs)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
 
 
-def _start(cfg: TrainConfig, ctx: ProcessContext) -> tuple[RunState, dict[str, Any] | None]:
+def _check_batch_norm_batch(cfg: TrainConfig, ctx: ProcessContext) -> None:
+    """Batch norm in training mode needs more than one value per channel; ASPP's image-pooling branch has one
+    per image, so a batch of one image in all (``batch_size`` x processes) cannot train it."""
+    trained = [i for i, s in enumerate(cfg.stages) if not s.freeze_bn]
+    if cfg.batch_size * ctx.world_size < 2 and trained:
+        raise ValueError(f"batch_size {cfg.batch_size} (--batch-size) cannot train batch norm (stage "
+                         f"{trained[0] + 1}): ASPP's image-pooling branch then has one value per channel; use "
+                         "--batch-size 2 or more, more processes, or freeze_bn: true in every stage")
+
+
+def _start(cfg: TrainConfig, ctx: ProcessContext,
+           inputs: Mapping[str, Any] | None = None) -> tuple[RunState, dict[str, Any] | None]:
     """Read the data and any checkpoint, check they fit the config, then build the model."""
     from ..data import build_dataset
 
+    _check_batch_norm_batch(cfg, ctx)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     checkpoint_path = out_dir / ckpt.CHECKPOINT_NAME if out_dir else None
     # Every split the run will read, and the output folder, are checked now, not after a stage.
@@ -401,12 +415,14 @@ def _start(cfg: TrainConfig, ctx: ProcessContext) -> tuple[RunState, dict[str, A
                            + ([cfg.val_split] if cfg.val_split else []))
     datasets = {split: build_dataset(cfg.dataset, cfg.data_root, split) for split in splits}  # type: ignore[arg-type]
     if out_dir is not None:
-        ckpt.output_paths(out_dir)
+        ckpt.output_paths(out_dir, inputs)
     num_classes = cfg.num_classes or datasets[cfg.stages[0].split or cfg.train_split].num_classes
     resumed = None
     if checkpoint_path is not None and cfg.resume and checkpoint_path.is_file():
         resumed = ckpt.read_checkpoint(checkpoint_path)
-        ckpt.check_resumable(resumed, cfg, num_classes, checkpoint_path)
+        for warning in ckpt.check_resumable(resumed, cfg, num_classes, checkpoint_path):
+            if ctx.is_main:
+                logger.warning("warning: %s", warning)
     torch.manual_seed(cfg.seed)  # identical initialisation on every process
     model = _build_model(cfg, num_classes)
     for m in model.modules():
@@ -428,8 +444,8 @@ def _start(cfg: TrainConfig, ctx: ProcessContext) -> tuple[RunState, dict[str, A
     return run, resumed
 
 
-def _train(cfg: TrainConfig, ctx: ProcessContext) -> TrainResult:
-    run, resumed = _start(cfg, ctx)
+def _train(cfg: TrainConfig, ctx: ProcessContext, inputs: Mapping[str, Any] | None = None) -> TrainResult:
+    run, resumed = _start(cfg, ctx, inputs)
     start_stage = int(resumed["stage"]) if resumed is not None else 0
     for stage_index in range(start_stage, len(cfg.stages)):
         first = int(resumed["stage_iteration"]) if resumed is not None and stage_index == start_stage else 0
@@ -447,7 +463,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext) -> TrainResult:
             ckpt.write_state(final_path, {"model": run.model.state_dict(),
                                           "model_config": ckpt.model_config(cfg, run.num_classes)})
         with atomic_path(out_dir / "history.json", what="training output") as tmp:
-            tmp.write_text(json.dumps({"history": run.history, "evaluations": run.evaluations}) + "\n")
+            tmp.write_text(json_text({"history": run.history, "evaluations": run.evaluations}) + "\n")
     ctx.barrier()
     if ctx.is_main:
         logger.info("%s at iteration %d/%d", "finished" if finished else "stopped", run.iteration,

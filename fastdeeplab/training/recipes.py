@@ -7,7 +7,6 @@ scratch with the paper's two stages (:data:`OVERFIT_STAGES`) and scores it on th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_path
+from .._io import atomic_path, json_text
 from ..timing import time_call
 from .config import Stage, parse_stages
 from .loop import TrainResult, train
@@ -82,5 +81,5 @@ def overfit_demo(out_dir: str | os.PathLike = "runs/overfit_demo", *, num_images
                     "device": str(next(result.model.parameters()).device)},
     }
     with atomic_path(out / "overfit.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json_text(summary, indent=2) + "\n")
     return summary

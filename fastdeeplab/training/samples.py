@@ -25,10 +25,14 @@ __all__ = ["AugmentedSamples", "bootstrap_indices", "out_of_range_labels"]
 
 
 class AugmentedSamples(Dataset):
-    """``dataset.load(indices[i])`` → ``transform(image, label, generator seeded with seed)``."""
+    """``dataset.load(indices[i])`` → ``transform(image, label, generator seeded with seed)``.
 
-    def __init__(self, dataset: Any, indices: Sequence[int], transform: Any) -> None:
+    With ``num_classes``, a label holding class ids outside ``0 .. num_classes - 1`` (other than the ignore
+    value) raises a ``ValueError`` naming its file (``dataset.label_path``), before the loss sees it."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], transform: Any, num_classes: int | None = None) -> None:
         self.dataset, self.indices, self.transform = dataset, list(indices), transform
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -36,6 +40,14 @@ class AugmentedSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor]:
         i, seed = item
         image, label = self.dataset.load(self.indices[i])
+        if self.num_classes is not None:
+            bad = out_of_range_labels(torch.from_numpy(np.asarray(label)), self.num_classes)
+            if bad:
+                where = getattr(self.dataset, "label_path", None)
+                name = where(self.indices[i]) if callable(where) else f"sample {self.indices[i]}"
+                raise ValueError(f"label {name} holds class ids {bad} outside 0..{self.num_classes - 1} "
+                                 f"(num_classes={self.num_classes}; {IGNORE_INDEX} marks ignored pixels): set "
+                                 "num_classes (--num-classes) to cover them, or map the labels to train ids")
         return self.transform(image, label, generator=torch.Generator().manual_seed(seed))
 
 
