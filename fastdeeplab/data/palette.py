@@ -18,6 +18,7 @@ __all__ = [
 ]
 
 from ..metrics import IGNORE_INDEX  # noqa: E402  (the one home of the ignore label)
+
 """Label value of pixels that are not scored (object boundaries in VOC, void classes in Cityscapes)."""
 
 VOC_CLASSES = (

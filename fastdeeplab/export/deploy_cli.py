@@ -18,8 +18,7 @@ __all__ = ["configure_parser", "run"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from ..cli import input_dir, input_file, int_at_least, output_dir
-    from ..cli import MODEL_NAMES, add_weights_argument
+    from ..cli import MODEL_NAMES, add_weights_argument, input_dir, input_file, int_at_least, output_dir
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("Examples::", 1)[1]
