@@ -200,7 +200,7 @@ class Dispatcher:
         """Merge this dispatcher's decisions into the file under the lock: other processes' decisions stay."""
         if self.cache_path is None:
             return
-        from fastdeeplab._io import atomic_path
+        from fastdeeplab._io import atomic_path, json_text
 
         try:
             with self._locked():
@@ -208,7 +208,7 @@ class Dispatcher:
                 section = data["envs"].setdefault(env, {})
                 section.update(self._decisions)
                 with atomic_path(self.cache_path) as tmp:
-                    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                    tmp.write_text(json_text(data, indent=1, sort_keys=True))
         except (OSError, ValueError) as exc:  # ValueError: atomic_path refuses to replace a fifo, device, ...
             warnings.warn(f"could not write the dispatch cache {self.cache_path}: {exc}; decisions are kept in "
                           "memory", RuntimeWarning, stacklevel=3)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._io import atomic_path
+from .._io import atomic_path, json_text
 from ..runtime.tensorrt import Profile, _Session, _torch_dtype, require_tensorrt, run_engine, select_profile
 from .calibration import CalibrationBatches
 
@@ -47,7 +47,7 @@ def report_paths(engine_path: str | os.PathLike) -> dict[str, Path]:
 
 def _write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json_text(data, indent=1) + "\n", encoding="utf-8")  # strict: NaN as null
 
 
 def _image_batches(images: Any, shape: Sequence[int], max_batches: int = 4) -> tuple[list[Tensor], str]:
