@@ -1,4 +1,4 @@
-"""Run every adversarial case of issue 16 and write the catalogue, ``docs/HARDENING.md``, from the outcomes.
+"""Run every adversarial case (issues 16 and 20) and write the catalogue, ``docs/HARDENING.md``, from the outcomes.
 
     python scripts/hardening_catalogue.py            # writes docs/HARDENING.md; exit 1 if any case fails
 
@@ -93,6 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         "removed by the next write of the same target; errors name the target.",
         "- **Persistence:** optimized models drop their sessions when pickled, copied or saved and rebuild them on "
         "the next call; `torch.load(..., weights_only=False)` is needed (the file holds classes).",
+        "- **No command replaces its own inputs** (`fastdeeplab._io.check_not_input`, paths compared as files: "
+        "links, hard links and other spellings included): `predict`'s PNGs, `eval --json`, `export --out`/"
+        "`--onnx-out`/caches, training checkpoints (against `weights`, `weights_backbone`, the config) and "
+        "`deploy`'s README and model folders (against `--weights`, `--class-names`, `--calibration-images`). "
+        "Files in an output folder that the command did not write are replaced only on request (`--overwrite`): "
+        "`predict` signs its PNGs (a `Software` text chunk), `deploy` its README. Work folders carry the pid; "
+        "the next `deploy` removes those of processes that no longer run.",
+        "- **Images load as a person expects** (`fastdeeplab.images.load_image`, the one loader): 16-bit, 32-bit "
+        "and float images are scaled to 8-bit by their real range (floats in [0, 1] as fractions), NaN to 0; "
+        "PIL's decompression-bomb limit is one line; `predict` reads every image's size from its header and "
+        "checks the memory it needs (per output stride and scale, measured) before building the model.",
+        "- **Strict JSON** (`fastdeeplab._io.json_text`): every JSON file the package writes is RFC 8259; an "
+        "undefined score (the IoU of a class absent from truth and prediction, NaN in the API) is `null`.",
+        "- **Flags that do not apply are refused by name** (`export --format onnx` with a TensorRT-only flag), "
+        "and so are Triton model names that are not plain names (no injection into `config.pbtxt`).",
+        "- **Resumes:** a changed recipe (crop, batch, seed, split, optimiser, augmentation) is refused with the "
+        "checkpoint's values as flags; a moved `data_root` or another `val_split` is a warning.",
+        "- **One line, before the work:** data-loading worker errors are the worker's own line (no traceback), "
+        "out-of-range labels name their file, a checkpoint write that fails names the checkpoint and the cause, "
+        "`--config` is read bounded (a pipe is read to its end, `/dev/zero` is refused), split lists may carry "
+        "a UTF-8 BOM. For the command line a clear error also means no traceback on stderr.",
         "",
     ]
     for area in areas:
