@@ -234,3 +234,42 @@ def test_fused_depthwise_module_against_conv():
         assert rel_err(fused(x), expected) < 1e-5, (k, stride, dilation, act)
         residual = torch.randn_like(expected)
         assert rel_err(fused(x, residual), ref_act(bn(conv(x)) + residual)) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and deploy
+# --------------------------------------------------------------------------------------------------
+def test_onnx_export_fp32_fp16_int8(eager, tmp_path):
+    """The fp32 export passes every check (ONNX Runtime against PyTorch at two sizes, in-graph labels,
+    TensorRT's op table: HardSwish, HardSigmoid), the fp16 graph too, and the int8 Q/DQ graph runs."""
+    pytest.importorskip("onnxruntime")
+    from fastdeeplab.export.quantize import quantize_onnx
+
+    report = fastdeeplab.export_onnx(eager, tmp_path / "m.onnx", input_size=(65, 65), outputs=("out", "aux"),
+                                     argmax=True)
+    ops = report.op_counts
+    assert ops["HardSwish"] > 0 and ops["HardSigmoid"] == 8 and "BatchNormalization" not in ops
+    fp16 = fastdeeplab.export_onnx(fastdeeplab.optimize(eager, backend="torch"), tmp_path / "m16.onnx",
+                                   input_size=(65, 65), precision="fp16")
+    assert fp16.precision == "fp16" and min(fp16.agreement.values()) > 0.9
+    int8 = quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", torch.randn(2, 3, 65, 65),
+                         input_size=(65, 65), tensorrt_compatible=True)
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(int8))
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 50
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: torch.randn(1, 3, 65, 65).numpy()})[0]
+    assert out.shape == (1, 21, 65, 65)
+
+
+def test_deploy_command(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fastdeeplab.cli import main
+
+    repo = tmp_path / "repo"
+    code = main(["deploy", "--model", "deeplabv3_mobilenet_v3_large", "--num-classes", "5", "--out", str(repo),
+                 "--input-size", "65", "65", "--backends", "onnxruntime"])
+    assert code in (0, None)
+    assert (repo / "deeplabv3" / "config.pbtxt").is_file() and any((repo / "deeplabv3").glob("*/model.onnx"))
