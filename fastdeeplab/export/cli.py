@@ -68,6 +68,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shape", default=None, help="tensorrt profile, e.g. 4x3x1025x1025")
 
 
+def _intermediate(args: argparse.Namespace) -> Path:
+    """The fp32 ONNX file a TensorRT or int8 export goes through, checked: never ``--out`` or an input, and by
+    default (beside ``--out``) never a file that fastdeeplab did not write."""
+    from .._io import check_not_input, check_output_path
+
+    onnx_path = args.onnx_out or _sibling(args.out, ".fp32.onnx" if args.format == "onnx" else ".onnx")
+    if onnx_path.resolve() == args.out.resolve():
+        raise ValueError(f"the intermediate ONNX file would overwrite --out {args.out}; pass --onnx-out")
+    check_output_path(onnx_path, what="intermediate ONNX")
+    check_not_input(onnx_path, _inputs(args), what="intermediate ONNX")
+    if args.onnx_out is None and onnx_path.is_file() and not _written_by_fastdeeplab(onnx_path):
+        raise FileExistsError(f"the intermediate ONNX file {onnx_path} exists and was not written by fastdeeplab; "
+                              "refusing to replace it: pass --onnx-out")
+    return onnx_path
+
+
+def _written_by_fastdeeplab(path: Path) -> bool:
+    """Whether the ONNX file ``path`` names fastdeeplab as its producer (field 2, serialised at the start)."""
+    try:
+        with open(path, "rb") as f:
+            return b"fastdeeplab" in f.read(64)
+    except OSError:
+        return False
+
+
 def _sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.name.removesuffix(out.suffix) + suffix)
 
@@ -94,6 +119,8 @@ def check_flags(args: argparse.Namespace) -> str:
     if args.onnx_out is not None:
         check_output_path(args.onnx_out, what="--onnx-out")
         check_not_input(args.onnx_out, {**_inputs(args), "--out": args.out}, what="--onnx-out")
+    if args.format == "tensorrt" or precision == "int8":
+        _intermediate(args)
     for flag, cache in (("--timing-cache", args.timing_cache), ("--calibration-cache", args.calibration_cache)):
         if cache is not None:  # read when it exists, and written by the build
             check_output_path(cache, what=flag)
@@ -108,7 +135,6 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import check_not_input, check_output_path
     from ..weights import build_model
     from .onnx import export_onnx
 
@@ -139,11 +165,7 @@ def run(args: argparse.Namespace) -> int:
         print(export_onnx(model, args.out, precision=precision, keep_fp32=args.keep_fp32, **common))
         return 0
 
-    onnx_path = args.onnx_out or _sibling(args.out, ".fp32.onnx" if args.format == "onnx" else ".onnx")
-    if onnx_path.resolve() == args.out.resolve():
-        raise ValueError(f"the intermediate ONNX file would overwrite --out {args.out}; pass --onnx-out")
-    check_output_path(onnx_path, what="intermediate ONNX")
-    check_not_input(onnx_path, _inputs(args), what="intermediate ONNX")
+    onnx_path = _intermediate(args)
     created = not onnx_path.exists()
     try:
         print(export_onnx(model, onnx_path, **common))
