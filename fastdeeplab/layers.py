@@ -15,8 +15,10 @@ Backends, chosen per module at construction (``backend=``):
   when that measured faster. The stem (RGB input) always runs on cuDNN. CPU tensors run the kernels only
   under ``TRITON_INTERPRET=1``, for testing.
 * ``"torch"`` — plain PyTorch. On CPU, float32/bfloat16 convolutions call oneDNN's fused
-  convolution + bias + (residual add) + ReLU primitive (``torch.ops.mkldnn._convolution_pointwise``), one
-  pass over memory instead of three; elsewhere ``F.conv2d`` then epilogue ops.
+  convolution + bias + (residual add) primitive (``torch.ops.mkldnn._convolution_pointwise``) with the
+  weight reordered once per problem, then an in-place ``torch.relu_`` (oneDNN's ReLU post-op maps NaN to 0;
+  PyTorch's ReLU keeps NaN, so NaN and overflow reach the output as in the eager model); elsewhere
+  ``F.conv2d`` then epilogue ops.
 
 While exporting to ONNX or running TorchScript, every module runs its plain ``F.conv2d`` form, so those
 graphs hold only standard ops (Conv, Relu, Add, GlobalAveragePool, Concat). ``torch.compile`` and
@@ -183,13 +185,17 @@ class FusedConvBNReLU(nn.Module):
         return self._onednn_packed
 
     def _forward_onednn(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """oneDNN's fused conv + bias (+ residual add); the ReLU runs as ``torch.relu_`` because oneDNN's ReLU
+        post-op maps NaN to 0 (``max(x, 0)``), which turned overflowing inputs into confident labels: NaN in
+        (or overflow inside) must give NaN out, as in the eager model."""
         args = (list(self.padding), list(self.stride), list(self.dilation), 1)
-        unary = "relu" if self.relu else "none"
         weight = self._onednn_weight(x)
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, unary, [None], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *args, "add",
-                                                              1.0, unary, [None], "")
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [None], "")
+        else:
+            y = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *args, "add", 1.0,
+                                                               None, [], "")
+        return torch.relu_(y) if self.relu else y
 
     def __getstate__(self) -> dict:  # copies and pickles never carry backend caches
         state = dict(self.__dict__)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .kernels._utils import interpreting, triton_available
 from .layers import FusedASPP, FusedBottleneck, FusedConvBNReLU
-from .layers_mobilenet import fuse_mobilenet_backbone
+from .layers_mobilenet import FusedConvBNAct, fuse_mobilenet_backbone
 from .mobilenet import MobileNetV3Backbone
 from .model import ASPP, Backbone, DeepLabV3, capturing_graph, check_input
 from .runtime.base import TRAIN_ERROR, RuntimeModel
@@ -165,7 +165,7 @@ class OptimizedDeepLabV3(DeepLabV3):
 
             self.dispatcher = Dispatcher(dispatch)
             for name, m in self.named_modules():
-                if isinstance(m, (FusedConvBNReLU, FusedASPP)):
+                if isinstance(m, (FusedConvBNReLU, FusedASPP, FusedConvBNAct)):
                     m.dispatcher, m.dispatch_name = self.dispatcher, name
 
     def dispatch_report(self):
@@ -186,8 +186,14 @@ class OptimizedDeepLabV3(DeepLabV3):
         return super().train(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if torch.compiler.is_compiling():  # torch.compile/torch.export: the same conversions, traced
+            in_dtype = x.dtype
+            x = x.to(self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return {k: v.to(in_dtype) for k, v in super().forward(x).items()}
         if capturing_graph():
-            return super().forward(x)  # graphs carry no layout or dtype conversions
+            return super().forward(x)  # ONNX and TorchScript graphs carry no layout or dtype conversions
         check_input(x, self.output_stride)
         in_dtype = x.dtype
         x = x.to(self.dtype)
@@ -250,6 +256,9 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("optimize() needs real weights, but this model has tensors on the meta device: "
+                         "materialise it first (model.to_empty(device='cpu'), then load_state_dict(...))")
     concrete = resolve_backend(backend, device, dtype, getattr(model, "output_stride", None))
     if dtype is None:
         dtype = torch.float16 if (concrete == "triton" and device.type == "cuda") else torch.float32

@@ -277,3 +277,86 @@ def test_triton_backend_equals_original(model, os_):
     for key in expected:
         assert rel_err(got[key], expected[key]) < 1e-4, key
     model.cpu()
+
+
+# ------------------------------------------------------------------------------------------------
+# State stays true, NaN stays NaN, torch.compile, the meta device
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_load_state_dict_rebuilds_what_the_torch_backend_derived(model):
+    """oneDNN's packed weights are rebuilt after load_state_dict (and after in-place changes)."""
+    torch.manual_seed(3)
+    other = randomize_bn(fastdeeplab.deeplabv3_resnet50(num_classes=7, aux_loss=True), seed=5).eval()
+    x = torch.randn(1, 3, 33, 33)
+    fast = fastdeeplab.optimize(model, backend="torch")
+    before = fast(x)["out"]  # packs oneDNN weights for this shape
+    target = fastdeeplab.optimize(other, backend="torch")
+    expected = target(x)["out"]
+    assert rel_err(before, expected) > 1e-2, "the two models must differ for this test to mean anything"
+    fast.load_state_dict(target.state_dict())
+    assert rel_err(fast(x)["out"], expected) < 1e-6
+    # an in-place change of one layer's folded weight is seen too
+    layer = fast.backbone.layer1[0].conv2
+    layer.weight.mul_(0.5)
+    twin = FusedConvBNReLU(nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1, bias=True), None,
+                           relu=True, backend="torch")
+    twin.weight.copy_(layer.weight)
+    twin.bias.copy_(layer.bias)
+    h = torch.randn(1, layer.in_channels, 9, 9).contiguous(memory_format=torch.channels_last)
+    assert rel_err(layer(h), twin(h)) < 1e-6
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@torch.no_grad()
+def test_load_state_dict_rebuilds_the_triton_packed_weights():
+    """Triton layers (interpreter): _packed/_bias32 and the ASPP packs follow load_state_dict, in place."""
+    torch.manual_seed(0)
+
+    def head(seed):
+        torch.manual_seed(seed)
+        aspp = randomize_bn(ASPP(16, [1, 2, 3], out_channels=8), seed=seed).eval()
+        return FusedASPP(aspp, backend="triton")
+
+    a, b = head(0), head(1)
+    x = torch.randn(1, 16, 5, 6).contiguous(memory_format=torch.channels_last)
+    a(x)
+    packed, branch_packed = a._packed, a._branch_packed
+    a.load_state_dict(b.state_dict())
+    assert a._packed is packed and a._branch_packed is branch_packed, "refilled in place (CUDA graphs hold them)"
+    assert torch.equal(a._packed, b._packed) and torch.equal(a._branch_packed, b._branch_packed)
+    assert rel_err(a(x), b(x)) < 1e-5
+
+
+@torch.no_grad()
+def test_overflow_and_nan_inputs_give_nan_like_eager(model):
+    """oneDNN's fused ReLU maps NaN to 0; the torch backend must not: overflow inside gives NaN out."""
+    fast = fastdeeplab.optimize(model, backend="torch")
+    huge = torch.full((1, 3, 65, 65), 3e38)
+    eager = model(huge)["out"]
+    assert eager.isnan().any()
+    out = fast(huge)["out"]
+    assert bool(out.isnan().all()) == bool(eager.isnan().all()) and out.isnan().any(), \
+        "confident labels from an overflowing input"
+    x = torch.randn(1, 3, 33, 33)
+    x[0, 1, 5, 7] = float("nan")
+    assert fast(x)["out"].isnan().any() and model(x)["out"].isnan().any()
+
+
+def test_optimize_refuses_a_meta_model():
+    with torch.device("meta"):
+        meta = fastdeeplab.deeplabv3_resnet50(num_classes=3)
+    with pytest.raises(ValueError, match="meta device") as info:
+        fastdeeplab.optimize(meta, backend="torch")
+    assert "\n" not in str(info.value)
+
+
+@torch.no_grad()
+def test_torch_compile_of_a_bfloat16_optimized_model(model):
+    """torch.compile(optimize(...)) converts the input's dtype and layout as the eager model does."""
+    fast = fastdeeplab.optimize(model, backend="torch", dtype=torch.bfloat16)
+    compiled = torch.compile(fast, backend="aot_eager")
+    x = torch.randn(1, 3, 65, 65)  # float32 into a bfloat16 model
+    got, expected = compiled(x), fast(x)
+    assert got["out"].dtype == torch.float32 and set(got) == set(expected)
+    assert rel_err(got["out"], expected["out"]) < 3e-2
+    assert compiled(x.to(torch.bfloat16))["out"].dtype == torch.bfloat16
