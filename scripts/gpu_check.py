@@ -171,7 +171,9 @@ class Driver:
         capability = (self.result["environment"].get("gpu") or {}).get("capability") or "sm_90"
         plan["target_arch"] = int(capability.removeprefix("sm_"))
         _write_plan(self.outdir, plan)
-        self.result["plan"] = {k: v for k, v in plan.items() if k != "precompile_jobs"}
+        self.result["plan"] = {k: v for k, v in plan.items() if k not in ("precompile_jobs", "stages")}
+        self.result["plan"]["stages"] = {n: {k: v for k, v in st.items() if k != "tuned"}
+                                         for n, st in plan["stages"].items()}
         self.say(f"plan ({time.monotonic() - start:.1f} s):\n{format_table(plan)}")
 
     def run_stage(self, name: str, workdir: Path) -> None:

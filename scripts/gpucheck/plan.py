@@ -76,16 +76,21 @@ def unit(name: str) -> float:
     return UNIT_COSTS[name][0]
 
 
-def _dispatch_timing_ms() -> tuple[float, float]:
-    """The dispatcher's own ``time_cuda`` warm-up and repeat (ms), read from kernels/dispatch.py."""
+def _dispatch_timing_ms(environ: dict) -> tuple[float, float]:
+    """The dispatcher's ``time_cuda`` warm-up and repeat (ms) per side: ``$FASTDEEPLAB_AUTOTUNE_MS`` when it
+    follows that setting, else its own default, both read from kernels/dispatch.py."""
     import inspect
     import re
 
     import fastdeeplab.kernels.dispatch as dispatch
 
     text = inspect.getsource(dispatch)
-    match = re.search(r"time_cuda\(fn, warmup_ms=(\d+(?:\.\d+)?), rep_ms=(\d+(?:\.\d+)?)\)", text)
-    return (float(match.group(1)), float(match.group(2))) if match else (25.0, 100.0)
+    number = r"(\d+(?:\.\d+)?)"
+    follows = re.search(rf"autotune_timing\(\) or \({number}, {number}\)", text)
+    if follows:
+        return autotune_ms(environ) if environ.get(AUTOTUNE_ENV) else (float(follows[1]), float(follows[2]))
+    fixed = re.search(rf"time_cuda\(fn, warmup_ms={number}, rep_ms={number}\)", text)
+    return (float(fixed[1]), float(fixed[2])) if fixed else (25.0, 100.0)
 
 
 def measure_compile_s(samples: int = 3) -> float:
@@ -127,6 +132,7 @@ class _Counter:
         self.benchmarks = 0
         self.variants: set = set()
         self.new_builds: set = set()
+        self.tuned_list: list[dict[str, Any]] = []  # each new key's launch and its benchmarked config count
 
     def add(self, launches: Iterable) -> dict[str, int]:
         """Count launches; returns what they added (keys, benchmarks, builds) for per-case costing."""
@@ -147,6 +153,7 @@ class _Counter:
                 if key not in self.tuned and key not in self.keys:
                     self.keys.add(key)
                     self.benchmarks += len(configs)
+                    self.tuned_list.append({"launch": launch.as_dict(), "configs": len(configs)})
                     added["keys"] += 1
                     added["benchmarks"] += len(configs)
         return added
@@ -181,11 +188,11 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
     costs["time_cuda_s"] = {"value": round(time_s, 4), "source": (
         f"configured: the kernel stage times each side with time_cuda({plan.warmup_ms:g} ms warm-up, "
         f"{plan.rep_ms:g} ms repeat) + overhead")}
-    d_warm, d_rep = _dispatch_timing_ms()
+    d_warm, d_rep = _dispatch_timing_ms(environ)
     dispatch_s = 2 * ((d_warm + d_rep) / 1e3 + unit("autotune_bench_overhead_s")) + unit("case_setup_s")
     costs["dispatch_key_s"] = {"value": round(dispatch_s, 4), "source": (
-        f"configured in kernels/dispatch.py: time_cuda({d_warm:g} ms, {d_rep:g} ms) of each side, plus the "
-        "output comparison")}
+        f"configured: the dispatcher times each side with time_cuda({d_warm:g} ms, {d_rep:g} ms) "
+        "(kernels/dispatch.py, following the autotune setting), plus the output comparison")}
     load_s = unit("cache_load_s")
 
     tuned: set = set()
@@ -205,7 +212,7 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
                                      sweep_cases=sum(c.sweep for c in kcases),
                                      tma_cases=sum(bool(c.config.kwargs.get("USE_TMA")) for c in kcases),
                                      autotune_keys=len(c1.keys), config_benchmarks=c1.benchmarks, compiles=0,
-                                     cache_loads=len(c1.variants), estimated_s=est1)
+                                     cache_loads=len(c1.variants), estimated_s=est1, tuned=c1.tuned_list)
         c1.close()
 
         # ---- stage 2: kernels (autotuned, one launch per case; per-case cost decides how many fit)
@@ -227,7 +234,7 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
         c2.add(kernel_bench.launch_of(e, b, d) for d, e, b in kcases2[:reach])
         stages["kernels"] = dict(cases=reach, cases_total=len(kcases2), autotune_keys=len(c2.keys),
                                  config_benchmarks=c2.benchmarks, compiles=0, cache_loads=len(c2.variants),
-                                 estimated_s=elapsed)
+                                 estimated_s=elapsed, tuned=c2.tuned_list)
         c2.close()
 
         # ---- stage 3: whole model (dispatch "auto": each new key timed against cuDNN; torch.compile rows)
@@ -251,7 +258,7 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
                 + timing_s + compiles * unit("torch_compile_s"))
         stages["model"] = dict(cases=len(settings) * 7, settings=len(settings), autotune_keys=len(c3.keys),
                                config_benchmarks=c3.benchmarks, dispatch_keys=dispatch_keys, torch_compiles=compiles,
-                               compiles=0, cache_loads=len(c3.variants), estimated_s=est3)
+                               compiles=0, cache_loads=len(c3.variants), estimated_s=est3, tuned=c3.tuned_list)
         c3.close()
 
         # ---- stage 0: every build the three stages need, in parallel
