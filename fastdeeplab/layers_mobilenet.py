@@ -24,7 +24,7 @@ from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.ops.misc import SqueezeExcitation
 
 from .kernels.reference import fold_bn
-from .layers import _ONEDNN, _check_backend, _standard_ops_only
+from .layers import _ONEDNN, _check_backend, _first_call, _forced, _Plan, _standard_ops_only
 from .mobilenet import MobileNetV3Backbone
 from .model import capturing_graph
 
@@ -62,8 +62,10 @@ class FusedConvBNAct(nn.Module):
         conv: the convolution (its bias, if any, is folded too); depthwise when ``groups == channels``.
         bn: the BatchNorm that follows it, or ``None``.
         activation: ``"none"``, ``"relu"`` or ``"hardswish"``.
-        backend: ``"torch"`` or ``"triton"`` (``"triton"`` runs the plain form on this module until a Triton
-            depthwise kernel is wired in).
+        backend: ``"torch"`` or ``"triton"``. On ``"triton"`` a depthwise conv runs the Triton kernel
+            ``fastdeeplab::depthwise_conv_act`` (bias, activation and an optional SE scale in its epilogue),
+            dispatched per problem against its cuDNN form by ``module.dispatcher`` as
+            :class:`~fastdeeplab.layers.FusedConvBNReLU` is; the other convs run cuDNN.
 
     ``stride``, ``padding`` and ``dilation`` are plain attributes, so ``set_output_stride`` can change them.
     ``forward(x, residual=None)``.
@@ -90,6 +92,20 @@ class FusedConvBNAct(nn.Module):
         self.backend = _check_backend(backend)
         self._onednn_packed: Tensor | None = None
         self._onednn_key: tuple | None = None
+        self.dispatcher = None  # a kernels.dispatch.Dispatcher shared by an optimized model; None: always Triton
+        self.dispatch_name = ""
+        self._plans: dict[tuple, _Plan] = {}
+        # Triton backend (depthwise only): the kernel's [KH*KW, C] weight and float32 bias, packed once
+        self.register_buffer("_packed", None, persistent=False)
+        self.register_buffer("_bias32", None, persistent=False)
+        self._prepare_triton()
+
+    def _prepare_triton(self) -> None:
+        if self.backend == "triton" and self.depthwise:
+            from .kernels.depthwise import pack_depthwise_weight
+
+            self._packed = pack_depthwise_weight(self.weight)
+            self._bias32 = self.bias.detach().to(torch.float32).contiguous()
 
     @property
     def in_channels(self) -> int:
@@ -109,14 +125,67 @@ class FusedConvBNAct(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to()/.half(): repack
         self._onednn_packed = self._onednn_key = None
-        return super()._apply(fn, recurse)
+        self._plans = {}
+        module = super()._apply(fn, recurse)
+        self._prepare_triton()
+        return module
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_onednn_packed=None, _onednn_key=None)
+        state.update(_onednn_packed=None, _onednn_key=None, _plans={})
         return state
 
+    def _triton_ready(self, residual: Tensor | None) -> bool:
+        return self.backend == "triton" and self.depthwise and residual is None and not _standard_ops_only()
+
+    def dispatch_key(self, x: Tensor, se: bool) -> str:
+        """The problem a dispatch decision holds for: geometry, epilogue, input shape, dtype, device."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (f"dwconv{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} {self.out_channels} {self.activation}"
+                f" se{int(se)} | x{list(x.shape)} {x.dtype} {x.device}")
+
+    def _dispatch(self, x: Tensor, se: bool, run_triton, run_cudnn) -> Tensor:
+        """The dispatcher pattern of :class:`~fastdeeplab.layers.FusedConvBNReLU`: one plan per geometry."""
+        key = None
+        if torch.compiler.is_compiling():  # traced: the cached decision, else Triton; no bookkeeping
+            d = self.dispatcher
+            key = self.dispatch_key(x, se)
+            return run_cudnn() if d is not None and d.decided(key) == "cudnn" else run_triton()
+        geometry = (x.shape, x.dtype, x.device, se, self.stride, self.padding, self.dilation)
+        plan = self._plans.get(geometry)
+        if plan is None or plan.dispatcher is not self.dispatcher:
+            plan = self._plans[geometry] = _Plan(self, x, key or self.dispatch_key(x, se))
+        if plan.choice == "triton":
+            return _forced(self, plan, run_triton) if plan.forced else run_triton()
+        if plan.choice == "cudnn":
+            return run_cudnn()
+        return _first_call(self, plan, x, run_triton, run_cudnn)
+
+    def _kernel_args(self) -> tuple:
+        return (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.activation)
+
+    def forward_se(self, x: Tensor, se: FusedSqueezeExcitation) -> Tensor:
+        """``se(self(x))``. On the Triton backend: the SE's pooled input from one kernel that writes no map
+        (``depthwise_conv_act_mean``), then the depthwise kernel with the SE scale in its epilogue, so the
+        expanded map is written once and never re-read for the scale."""
+        if not self._triton_ready(None):
+            return se(self(x))
+        from .kernels import ops
+
+        args = self._kernel_args()
+
+        def run_triton() -> Tensor:
+            mean = ops.depthwise_conv_act_mean(x, self._packed, self._bias32, *args)
+            return ops.depthwise_conv_act(x, self._packed, self._bias32, se.excite(mean), *args)
+        return self._dispatch(x, True, run_triton, lambda: se(self._forward_plain(x, None)))
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self._triton_ready(residual):
+            from .kernels import ops
+
+            return self._dispatch(x, False, lambda: ops.depthwise_conv_act(x, self._packed, self._bias32, None,
+                                                                           *self._kernel_args()),
+                                  lambda: self._forward_plain(x, None))
         if capturing_graph() or _standard_ops_only():
             return self._forward_plain(x, residual)
         if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
@@ -177,9 +246,13 @@ class FusedSqueezeExcitation(nn.Module):
         self.register_buffer("fc2_weight", se.fc2.weight.detach().flatten(1).clone())
         self.register_buffer("fc2_bias", se.fc2.bias.detach().clone())
 
-    def scale(self, x: Tensor) -> Tensor:
-        s = F.relu(F.linear(x.mean(dim=(2, 3)), self.fc1_weight, self.fc1_bias))
+    def excite(self, pooled: Tensor) -> Tensor:
+        """``[N, C]`` channel means → ``[N, C]`` scale."""
+        s = F.relu(F.linear(pooled.to(self.fc1_weight.dtype), self.fc1_weight, self.fc1_bias))
         return F.hardsigmoid(F.linear(s, self.fc2_weight, self.fc2_bias))
+
+    def scale(self, x: Tensor) -> Tensor:
+        return self.excite(x.mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> Tensor:
         if capturing_graph() or _standard_ops_only():  # GlobalAveragePool → Conv → Relu → Conv → HardSigmoid
@@ -218,9 +291,7 @@ class FusedInvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = x if self.expand is None else self.expand(x)
-        y = self.depthwise(y)
-        if self.se is not None:
-            y = self.se(y)
+        y = self.depthwise(y) if self.se is None else self.depthwise.forward_se(y, self.se)
         return self.project(y, residual=x if self.use_res_connect else None)
 
 

@@ -273,3 +273,56 @@ def test_deploy_command(tmp_path):
                  "--input-size", "65", "65", "--backends", "onnxruntime"])
     assert code in (0, None)
     assert (repo / "deeplabv3" / "config.pbtxt").is_file() and any((repo / "deeplabv3").glob("*/model.onnx"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton backend: the depthwise kernel (and the SE scale in its epilogue) behind the dispatcher
+# --------------------------------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,
+                                  reason="triton not installed: pip install 'fastdeeplab[triton]'")
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg, dispatch", [
+    ((8, 5, 16, 8, True, "HS", 1, 2), "triton"),    # 5×5 dilated, SE in the epilogue, hardswish, residual
+    ((8, 3, 16, 16, False, "RE", 2, 1), "triton"),  # 3×3 stride 2, ReLU, no SE
+    ((8, 5, 16, 8, True, "RE", 1, 4), "auto"),      # auto on the CPU: checked against cuDNN's form, kept
+])
+@torch.no_grad()
+def test_triton_depthwise_block_matches_eager(cfg, dispatch):
+    from functools import partial
+
+    from torch import nn
+    from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
+
+    from fastdeeplab.kernels._utils import interpreting
+    from fastdeeplab.kernels.dispatch import Dispatcher
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct, FusedInvertedResidual
+
+    if not interpreting():
+        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
+    block = randomize_bn(InvertedResidual(InvertedResidualConfig(*cfg, 1.0),
+                                          partial(nn.BatchNorm2d, eps=0.001))).eval()
+    x = torch.randn(1, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    fused = FusedInvertedResidual(block, backend="triton")
+    dispatcher = Dispatcher(dispatch, cache_path=None)
+    for m in fused.modules():
+        if isinstance(m, FusedConvBNAct):
+            m.dispatcher, m.dispatch_name = dispatcher, "block"
+    with torch.inference_mode():
+        assert rel_err(fused(x), block(x)) < 1e-5
+    (row,) = dispatcher.report().rows
+    assert row["choice"] == "triton" and row["key"].startswith("dwconv")
+
+
+@needs_triton
+def test_optimize_triton_shares_the_dispatcher_with_depthwise_layers(eager):
+    from fastdeeplab.kernels._utils import interpreting
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct
+
+    if not interpreting():
+        pytest.skip("backend='triton' on the CPU needs TRITON_INTERPRET=1")
+    fast = fastdeeplab.optimize(eager, backend="triton", dtype=torch.float32)
+    depthwise = [m for m in fast.modules() if isinstance(m, FusedConvBNAct) and m.depthwise]
+    assert len(depthwise) == 15 and all(m.dispatcher is fast.dispatcher and m._packed is not None
+                                        for m in depthwise)
