@@ -6,14 +6,14 @@ Column definitions (also stored under ``"columns"`` in the JSON):
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastdeeplab._io import atomic_path
+from fastdeeplab._io import atomic_path, json_text
 
 __all__ = ["COLUMNS", "ROW_KEYS", "add_kernel_speedups", "add_speedups", "format_kernel_table", "format_table", "write_json", "write_plot"]
 
@@ -185,6 +185,10 @@ def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
             f"{_err(r['max_rel_logit_error']):>8} {_f(r.get('pixel_agreement_same_os'), '6.4f'):>6} "
             f"{_f(r['pixel_agreement'], '6.4f', na):>6} {_f(r.get(miou_key), '6.4f', na):>6}"
             + (f" {_f(r.get('val_miou'), '8.4f'):>8}" if has_val else "") + f"  {status}")
+    described = {r["implementation"]: r.get("description") for r in rows if r.get("description")}
+    if described:  # the README's table names its rows with these words
+        width = max(len(n) for n in described)
+        lines += ["", "rows:"] + [f"  {n:<{width}}  {d}" for n, d in described.items()]
     if any(r.get("accuracy_note") for r in rows):
         lines.append("n/a (random weights): OS16-vs-OS8 agreement and mIoU carry no meaning with random weights; "
                      "use --weights synthetic or torchvision weights for them")
@@ -218,7 +222,7 @@ def write_json(directory: Path, payload: dict[str, Any], stamp: str) -> tuple[Pa
     """Write ``latest.json`` and the timestamped copy ``<stamp>.json`` in ``directory``."""
     latest = directory / "latest.json"
     with atomic_path(latest, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
+        tmp.write_text(json_text(payload, indent=2, default=str) + "\n")  # strict: NaN as null
     stamped = directory / f"{stamp}.json"
     with atomic_path(stamped, suffix=".json") as tmp:
         shutil.copyfile(latest, tmp)
@@ -236,26 +240,36 @@ def _plot_axis(meta: dict[str, Any]) -> tuple[str, str, bool]:
     return "pixel_agreement", "pixel agreement with torchvision fp32 OS8", True
 
 
-def _spread_labels(ys: list[float], gap: float, low: float, high: float) -> list[float]:
-    """Label positions near ``ys`` (any order), at least ``gap`` apart, within [low, high]."""
-    order = sorted(range(len(ys)), key=lambda i: ys[i])
-    placed = [0.0] * len(ys)
-    last = low - gap
-    for i in order:
-        last = max(ys[i], last + gap)
-        placed[i] = last
-    if last > high:  # the top ones ran past the end: push down from the top, keeping the gaps
-        nxt = high + gap
-        for i in reversed(order):
-            placed[i] = min(placed[i], nxt - gap)
-            nxt = placed[i]
-    return placed
+# A fixed colour and marker per implementation (never assigned by row order, so a row looks the same in every
+# run): Okabe-Ito's colour-blind-safe hues plus black and grey; rows that share a hue differ in marker shape,
+# never in shade alone.
+_STYLES: dict[str, tuple[str, str]] = {
+    "torchvision": ("#000000", "o"),
+    "fastdeeplab": ("#999999", "o"),
+    "optimize_torch": ("#D55E00", "s"),
+    "optimize_onnxruntime": ("#0072B2", "s"),
+    "optimize_openvino": ("#009E73", "s"),
+    "openvino": ("#009E73", "P"),
+    "onnxruntime_torchvision": ("#0072B2", "^"),
+    "openvino_torchvision": ("#009E73", "^"),
+    "optimize_bf16": ("#CC79A7", "D"),
+    "openvino_torchvision_bf16": ("#CC79A7", "v"),
+    "onnxruntime_int8": ("#E69F00", "X"),
+    "triton": ("#56B4E9", "*"),
+    "tensorrt": ("#F0E442", "h"),
+    "torch_compile": ("#D55E00", "p"),
+}
+
+
+def plot_style(implementation: str) -> tuple[str, str]:
+    """(colour, marker) of an implementation in the plot: fixed per name (unknown names: grey diamonds)."""
+    return _STYLES.get(implementation, ("#666666", "d"))
 
 
 def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> Path | None:
     """Latency (median, IQR error bars, log scale) against accuracy, or against the per-round speed-up when
-    accuracy has no meaning (random weights); one panel per output stride, labels in a column beside each
-    panel joined to their points. Returns None when no row has both numbers."""
+    accuracy has no meaning (random weights); one panel per output stride, a legend beside each (fixed colour
+    and marker per implementation, :func:`plot_style`). Returns None when no row has both numbers."""
     key, ylabel, is_accuracy = _plot_axis(meta)
     if not any(r.get(key) is not None for r in rows):  # e.g. rows from an older run
         key, ylabel, is_accuracy = "pixel_agreement", "pixel agreement with torchvision fp32 OS8", True
@@ -269,10 +283,7 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     strides = sorted({r["output_stride"] for r in points}, reverse=True)
-    names = list(dict.fromkeys(r["implementation"] for r in rows if r in points))
-    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
-    markers = {16: "o", 8: "s", 32: "^"}
-    fig, axes = plt.subplots(len(strides), 1, figsize=(11, 4.2 * len(strides) + 0.8), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(len(strides), 1, figsize=(12.5, 4.2 * len(strides) + 0.8), dpi=110, squeeze=False)
     for ax, stride in zip(axes[:, 0], strides, strict=True):
         pts = [r for r in points if r["output_stride"] == stride]
         xs = [r["latency_ms_median"] for r in pts]
@@ -283,8 +294,11 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
             yerr = None
             if not is_accuracy and r.get("speedup_same_os_q1") is not None:
                 yerr = [[y - r["speedup_same_os_q1"]], [r["speedup_same_os_q3"] - y]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers.get(stride, "D"), color=colours[r["implementation"]],
-                        markeredgecolor="black", markeredgewidth=0.5, markersize=7, capsize=3, zorder=3)
+            colour, marker = plot_style(r["implementation"])
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, markeredgecolor="black",
+                        markeredgewidth=0.5, markersize=8, capsize=3, zorder=3,
+                        label=textwrap.shorten(f"{r['implementation']}: {r.get('description') or ''}", 64,
+                                              placeholder=" ..."))
         xlim = (min(xs) / 1.3, max(xs) * 1.3)
         span = max(ys) - min(ys)
         pad = 0.12 * max(span, 0.02 if is_accuracy else 0.1)
@@ -298,17 +312,7 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xlabel("latency per forward, median with IQR (ms, log scale)")
         ax.set_ylabel(ylabel if len(ylabel) < 45 else ylabel.split(" (")[0], fontsize=9)
-        ax.set_title(f"output stride {stride} ({'circles' if stride == 16 else 'squares'})", fontsize=10,
-                     loc="left")
-        # labels in a column right of the axes, spread so they never overlap, joined to their points
-        frac = [(y - ylim[0]) / (ylim[1] - ylim[0]) for y in ys]
-        height_pt = ax.get_position().height * fig.get_figheight() * 72
-        gap = min(1.0 / max(len(pts), 1), 11.5 / max(height_pt, 1.0))  # one 8-pt line of text, in axes units
-        placed = _spread_labels(frac, gap, 0.0, 1.0)
-        for r, x, y, ly in zip(pts, xs, ys, placed, strict=True):
-            ax.annotate(f"{r['implementation']} OS{stride}", xy=(x, y), xycoords="data", xytext=(1.02, ly),
-                        textcoords="axes fraction", va="center", fontsize=8, color="black",
-                        arrowprops=dict(arrowstyle="-", color=colours[r["implementation"]], lw=0.8, alpha=0.8))
+        ax.set_title(f"output stride {stride}", fontsize=10, loc="left")
     s = meta["settings"]
     noisy = " | NOISY RUN" if meta.get("noisy") else ""
     fig.suptitle(f"DeepLabv3-{s['backbone']} {s['resolution']}x{s['resolution']} batch {s['batch']}, "
@@ -316,7 +320,14 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
                  fontsize=9)
     if not is_accuracy:
         fig.text(0.01, 0.005, ylabel, fontsize=8)
-    fig.tight_layout(rect=(0, 0.02, 0.78, 0.97))
+    fig.tight_layout(rect=(0, 0.02, 0.6, 0.97))
+    # one legend for both panels, right of them: no labels among the points, so no line runs through a label
+    legend: dict[str, Any] = {}
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(0.605, 0.5),
+               fontsize=8, frameon=False, labelspacing=0.9)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

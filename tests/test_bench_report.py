@@ -113,7 +113,7 @@ def test_synthetic_header_says_synthetic() -> None:
 
 def test_plot_uses_speedup_for_random_weights(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from bench._report import _plot_axis, _spread_labels
+    from bench._report import _plot_axis
 
     meta = {**_meta(), "weights": {"kind": "random", "description": "random (seed 0)"}}
     assert _plot_axis(meta)[0] == "speedup_vs_torchvision_same_os"
@@ -122,7 +122,29 @@ def test_plot_uses_speedup_for_random_weights(tmp_path: Path) -> None:
             for os_ in (16, 8) for i in range(12)]
     png = write_plot(tmp_path / "p.png", meta, rows)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    placed = _spread_labels([0.5] * 12 + [0.0, 1.0], 0.05, 0.0, 1.0)  # crowded points: labels kept apart
-    ordered = sorted(placed)
-    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(ordered, ordered[1:]))
-    assert 0.0 <= ordered[0] and ordered[-1] <= 1.0
+
+
+def test_plot_styles_are_fixed_per_implementation_and_distinct() -> None:
+    """A row's colour and marker depend on its name only (not on row order), and no two implementations
+    share both: rows of one hue differ in marker shape, never in shade alone."""
+    from bench._report import plot_style
+    from fastdeeplab.bench_cli import IMPLEMENTATIONS
+
+    styles = [plot_style(name) for name in IMPLEMENTATIONS]
+    assert len(set(styles)) == len(styles)
+    assert plot_style("optimize_torch") == plot_style("optimize_torch")
+    hues = {colour for colour, _ in styles}
+    assert all(len(h) == 7 and h.startswith("#") for h in hues)
+
+
+def test_table_names_its_rows_in_the_readmes_words() -> None:
+    """The suite's row names appear, with the README's words for them, under the table."""
+    from bench._impls import IMPLEMENTATIONS as BUILT
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name in ("torchvision", "optimize_torch", "optimize_onnxruntime", "optimize_openvino",
+                 "onnxruntime_torchvision", "openvino_torchvision", "optimize_bf16", "openvino_torchvision_bf16",
+                 "onnxruntime_int8"):
+        row = next(line for line in readme.splitlines() if f"(`{name}`" in line or f"`{name}`;" in line)
+        words = BUILT[name].description.replace("peer: ", "").split(" (")[0]
+        assert words.lower()[:20] in row.replace("`", "").lower(), (name, words, row)
