@@ -984,6 +984,9 @@ def _issue20_cases() -> list[Case]:
              lambda t: (_same_file(Path("checkpoint.pt"), b"the last good checkpoint")(t), _no_leftovers(t))),
         c("deploy-class-names-count", "deploy --num-classes 3 --class-names <2 names>", deploy_names,
           r"--class-names.*2 names.*3 classes", _nothing_created("repo")),
+        c("train-crop-memory", "train --crop-size 20000", lambda t: _train_args(_voc(t), t / "run", "--crop-size",
+                                                                             "20000"),
+          r"--crop-size.*--batch-size.*GiB", _nothing_created("run")),
         c("train-batch-size-1", "train --batch-size 1", lambda t: _train_args(_voc(t), t / "run", "--batch-size", "1"),
           r"--batch-size.*batch norm", _nothing_created("run")),
     ]

@@ -36,10 +36,12 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
                 raise ValueError(f"cannot read label {path}: expected a single-channel class-index image "
                                  f"(mode P or L), got mode {im.mode}")
             array = np.array(im)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"label {path} is too large to load safely ({' '.join(str(exc).split())})") from None
     except ValueError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read label {path}: {exc}") from exc
+        raise ValueError(f"cannot read label {path}: {' '.join(str(exc).split())}") from None
     if array.dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
             raise ValueError(f"cannot read label {path}: class ids must lie in 0..255, got {array.min()}..{array.max()}")
