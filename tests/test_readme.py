@@ -32,16 +32,21 @@ def use_snippet() -> str:
 
 
 def command_lines() -> list[str]:
-    """Every command line of the README's ``bash`` blocks, comments and all, as written."""
+    """Every command of the README's ``bash`` blocks as written (a line ``a && b`` gives ``a`` and ``b``, except
+    the set-up lines, kept whole)."""
     text = README.read_text(encoding="utf-8")
-    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-            for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [part.strip() for line in lines
+            for part in ([line] if "pip install" in line else line.split("#", 1)[0].split("&&"))]
 
 
 def _why_not(line: str) -> str | None:
     """Why a README line cannot run offline here (None: it can)."""
     if "pip install" in line:
         return "installs from the network (the set-up commands; test_setup_commands_are_what_ci_runs)"
+    if line.startswith(("fastdeeplab serve", "fastdeeplab client")):
+        return "a tritonserver in the foreground (fetched from PyPI on first use) and its client: tests/test_serve.py"
     if "tensorrt" in line:
         return "needs TensorRT and an NVIDIA GPU"
     if "VOCdevkit" in line or "ckpt.pt" in line:
