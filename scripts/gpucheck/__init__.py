@@ -17,7 +17,8 @@ are what made the earlier plan unworkable: the kernel stage alone needs 192 auto
 1076 benchmarks (not ~4 a case) and 120 builds. What makes the run fit instead:
 
 * **Stage 0 builds everything first, in parallel** (254 distinct builds for the three stages, 16 processes,
-  ~0.74 s of CPU each measured here: ~29 s with start-up) into the ``TRITON_CACHE_DIR`` the stages share,
+  0.63–0.85 s of CPU each measured here with triton 3.6 / 3.8: ~32 s with
+  start-up) into the ``TRITON_CACHE_DIR`` the stages share,
   with the same compile-cache keys the JIT computes; a stage's first launch of a build is then a cache load.
 * **A short autotune benchmark**, ``FASTDEEPLAB_AUTOTUNE_MS=5,20`` (0.03 s per config instead of 0.13 s):
   1076 benchmarks ≈ 32 s. Triton keeps tuning results on disk (``cache_results``), so the model stage
@@ -25,8 +26,8 @@ are what made the earlier plan unworkable: the kernel stage alone needs 192 auto
 * **Case counts chosen by the plan**: the kernel stage runs the cases, most important first, that its
   estimate fits into its limit (all 192 at these costs: ~79 s of 100 s) and prints that count at its start.
 
-Estimates / limits (s): setup ~21 / 40, precompile ~29 / 50, correctness ~32 / 75, kernels ~79 / 100, model
-~182 / 195 (two ``torch.compile`` runs of ~60 s each dominate); total ~343 s expected, 480 s at the limits
+Estimates / limits (s): setup ~21 / 40, precompile ~32 / 50, correctness ~32 / 75, kernels ~79 / 100, model
+~177 / 195 (two ``torch.compile`` runs of ~60 s each dominate); total ~341 s expected, 480 s at the limits
 with a 5 s kill grace per stage. Every stage also stops starting work at its own deadline and writes every
 row as it is measured, so a slow stage ends with rows rather than being killed.
 

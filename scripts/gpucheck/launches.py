@@ -287,13 +287,19 @@ def _variant(launch: Launch, config: Any) -> str:
 
 def compile_variant(launch: Launch, config: Any, arch: int = ASSUMED_ARCH) -> dict[str, Any]:
     """Build one variant for ``sm_<arch>`` into ``TRITON_CACHE_DIR`` (what the JIT would build at the first
-    launch); returns ``{"seconds", "cached"}`` (``cached``: it was already there)."""
+    launch); returns ``{"seconds", "cpu_seconds"}`` (wall, and CPU of this process and ptxas)."""
     import time
 
     import triton
     from triton.backends.compiler import GPUTarget
 
-    start = time.perf_counter()
+    def cpu() -> float:  # this process and its finished children (ptxas)
+        import resource
+
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    start, start_cpu = time.perf_counter(), cpu()
     _, src, backend, options = _compile_parts(launch, config, GPUTarget("cuda", arch, 32))
     triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu() - start_cpu}
