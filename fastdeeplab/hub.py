@@ -10,6 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .mobilenet import AUX_KEY as MOBILENET_AUX_KEY
+from .mobilenet import (
+    MOBILENET_ASPP_RATES,
+    MobileNetV3Backbone,
+    depthwise_conv,
+    is_mobilenet_v3_large,
+    mobilenet_atrous_plan,
+)
+from .mobilenet import OUT_KEY as MOBILENET_OUT_KEY
 from .model import (
     ASPP_RATES_AT_OS16,
     Backbone,
@@ -22,7 +31,6 @@ from .model import (
     check_int,
     check_ints,
 )
-from .mobilenet import deeplabv3_mobilenet_v3_large, from_torchvision_mobilenet
 
 __all__ = [
     "deeplabv3_cascade_resnet50",
@@ -295,7 +303,110 @@ def deeplabv3_cascade_resnet101(*, weights: Any = None, weights_backbone: Any = 
                       aspp_rates=ASPP_RATES_AT_OS16, cascade_blocks=blocks)
 
 
-register_model(deeplabv3_mobilenet_v3_large)  # fastdeeplab/mobilenet.py: backbone, plan and builder
+# MobileNetV3-Large (backbone and stride plan in fastdeeplab/mobilenet.py)
+def _mobilenet_weights_enums(kind: str) -> list[Any]:
+    from torchvision.models import MobileNet_V3_Large_Weights
+    from torchvision.models.segmentation import DeepLabV3_MobileNet_V3_Large_Weights
+
+    return [MobileNet_V3_Large_Weights if kind == "backbone" else DeepLabV3_MobileNet_V3_Large_Weights]
+
+
+def _load_mobilenet_backbone_weights(backbone: MobileNetV3Backbone, weights_backbone: Any) -> None:
+    if weights_backbone is None:
+        return
+    if _looks_like_path(weights_backbone):
+        state = _read_state_dict(weights_backbone)
+    else:
+        state = _torchvision_weights(weights_backbone, _mobilenet_weights_enums("backbone")).get_state_dict(
+            progress=True, check_hash=True)
+    state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"backbone weights lack {len(missing)} keys, e.g. {missing[:5]}")
+    backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+@register_model
+def deeplabv3_mobilenet_v3_large(*, weights: Any = None, weights_backbone: Any = None,
+                                 num_classes: int | None = 21, aux_loss: bool | None = False,
+                                 output_stride: int = 16, head: str = "torchvision",
+                                 aspp_rates: Sequence[int] | None = None,
+                                 multi_grid: Sequence[int] = (1, 1, 1)) -> DeepLabV3:
+    """DeepLabv3 with a MobileNetV3-Large backbone; the defaults reproduce torchvision's
+    ``deeplabv3_mobilenet_v3_large`` (output stride 16, ASPP rates (12, 24, 36)).
+
+    Args:
+        weights: a torchvision weights enum or its name, full
+            (``"DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT"``) or short (``"COCO_WITH_VOC_LABELS_V1"``,
+            ``"DEFAULT"``), downloaded through torchvision or read from its cache; or a checkpoint path.
+        weights_backbone: ImageNet weights for MobileNetV3-Large (enum, name or path), for training.
+        num_classes: number of output classes.
+        aux_loss: add torchvision's auxiliary FCN head on ``features[4]`` (C2, 40 channels).
+        output_stride: 8, 16 or 32; changeable later with ``model.set_output_stride``.
+        head: ``"torchvision"`` (ASPP + 3×3 conv; rates fixed at every stride) or ``"paper"`` (ASPP + 1×1
+            conv; rates follow the stride).
+        aspp_rates: ASPP rates; default (12, 24, 36) for torchvision's head, (6, 12, 18) at OS16 for the paper's.
+        multi_grid: accepted for a uniform builder signature (training configs pass it); only ``(1, 1, 1)``:
+            multi-grid is a ResNet block4 scheme.
+    """
+    if head not in _HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {_HEADS}")
+    paper = head == "paper"
+    if aspp_rates is None:
+        aspp_rates = ASPP_RATES_AT_OS16 if paper else MOBILENET_ASPP_RATES
+    mobilenet_atrous_plan(output_stride, (), aspp_rates)  # types and ranges checked before any work
+    if check_ints("multi_grid", multi_grid) != (1, 1, 1):
+        raise ValueError(f"multi_grid {tuple(multi_grid)} applies to ResNet backbones; "
+                         "deeplabv3_mobilenet_v3_large takes multi_grid (1, 1, 1) (in a training config: multi_grid: [1, 1, 1])")
+    num_classes = 21 if num_classes is None else check_int("num_classes", num_classes, minimum=1)
+    if aux_loss is not None and not isinstance(aux_loss, bool):
+        raise TypeError(f"aux_loss must be True, False or None; got {aux_loss!r}")
+    enums = _mobilenet_weights_enums("model")
+    for given in (weights, weights_backbone):  # a bad path or unknown name fails before the model is built
+        if given is not None and _looks_like_path(given):
+            _check_checkpoint_path(Path(given))
+    if weights is not None and not _looks_like_path(weights):
+        _torchvision_weights(weights, enums)
+    if weights_backbone is not None and not _looks_like_path(weights_backbone):
+        _torchvision_weights(weights_backbone, _mobilenet_weights_enums("backbone"))
+    aux = bool(aux_loss)
+    backbone = MobileNetV3Backbone(return_aux=aux, aspp_follows_stride=paper)
+    channels = backbone[MOBILENET_OUT_KEY].out_channels
+    classifier = (PaperHead if paper else DeepLabHead)(channels, num_classes)
+    aux_classifier = FCNHead(backbone[MOBILENET_AUX_KEY].out_channels, num_classes) if aux else None
+    model = DeepLabV3(backbone, classifier, aux_classifier, output_stride=output_stride,
+                      aspp_rates_at_os16=aspp_rates)
+    _load_mobilenet_backbone_weights(backbone, weights_backbone)
+    _load_weights(model, weights, enums)
+    return model
+
+
+def from_torchvision_mobilenet(model: nn.Module) -> DeepLabV3:
+    """Convert torchvision's ``deeplabv3_mobilenet_v3_large`` (any classes, aux head or not) into a
+    fastdeeplab model with the same weights and the same outputs; ``model`` is not modified."""
+    from torchvision.models.segmentation.deeplabv3 import ASPP as TvASPP
+
+    backbone = model.backbone
+    if not is_mobilenet_v3_large(backbone):
+        raise TypeError("the backbone is not torchvision's MobileNetV3-Large features (17 blocks, 960 channels)")
+    aspp = model.classifier[0]
+    if not isinstance(aspp, TvASPP) or len(model.classifier) != 5:
+        raise TypeError("the classifier is not torchvision's DeepLabHead")
+    rates = tuple(m[0].dilation[0] for m in aspp.convs[1:-1])
+    stride = 2  # the stem
+    for i in range(1, 16):
+        stride *= depthwise_conv(backbone[str(i)]).stride[0]
+    ours = deeplabv3_mobilenet_v3_large(num_classes=model.classifier[-1].out_channels,
+                                        aux_loss=model.aux_classifier is not None, output_stride=stride,
+                                        aspp_rates=rates)
+    for i in range(1, 16):
+        a, b = depthwise_conv(backbone[str(i)]), depthwise_conv(ours.backbone[str(i)])
+        if (a.stride, a.dilation, a.padding) != (b.stride, b.dilation, b.padding):
+            raise ValueError(f"features[{i}] has a stride/dilation this converter does not reproduce")
+    load_checkpoint(ours, model.state_dict())
+    ours.train(model.training)
+    return ours
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,10 +60,9 @@ def test_parameters_and_names_match_torchvision():
 def test_weights_names_and_registry(tmp_path):
     from torchvision.models.segmentation import DeepLabV3_MobileNet_V3_Large_Weights as W
 
-    from fastdeeplab.hub import _torchvision_weights
-    from fastdeeplab.mobilenet import _weights_enums
+    from fastdeeplab.hub import _mobilenet_weights_enums, _torchvision_weights
 
-    enums = _weights_enums("model")
+    enums = _mobilenet_weights_enums("model")
     assert _torchvision_weights("COCO_WITH_VOC_LABELS_V1", enums) is W.COCO_WITH_VOC_LABELS_V1
     assert _torchvision_weights("DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT", enums) is W.DEFAULT
     assert _torchvision_weights(W.DEFAULT, enums) is W.DEFAULT
@@ -292,11 +291,11 @@ needs_triton = pytest.mark.skipif(__import__("importlib").util.find_spec("triton
 def test_triton_depthwise_block_matches_eager(cfg, dispatch):
     from functools import partial
 
+    from fastdeeplab.kernels._utils import interpreting
+    from fastdeeplab.kernels.dispatch import Dispatcher
     from torch import nn
     from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
-    from fastdeeplab.kernels._utils import interpreting
-    from fastdeeplab.kernels.dispatch import Dispatcher
     from fastdeeplab.layers_mobilenet import FusedConvBNAct, FusedInvertedResidual
 
     if not interpreting():
@@ -318,6 +317,7 @@ def test_triton_depthwise_block_matches_eager(cfg, dispatch):
 @needs_triton
 def test_optimize_triton_shares_the_dispatcher_with_depthwise_layers(eager):
     from fastdeeplab.kernels._utils import interpreting
+
     from fastdeeplab.layers_mobilenet import FusedConvBNAct
 
     if not interpreting():
