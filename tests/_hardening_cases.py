@@ -980,7 +980,7 @@ def _issue20_cases() -> list[Case]:
         c("config-dev-zero", "train --config /dev/zero", lambda t: ["train", "--config", "/dev/zero"],
           r"config /dev/zero is a character device"),
         Case("checkpoint-disk-full", area, "a checkpoint write that runs out of space (RLIMIT_FSIZE)", disk_full,
-             OSError, r"cannot write checkpoint \S+checkpoint\.pt: .*(space|file-size limit)",
+             OSError, r"cannot write \S+checkpoint\.pt: .*(space|file-size limit)",
              lambda t: (_same_file(Path("checkpoint.pt"), b"the last good checkpoint")(t), _no_leftovers(t))),
         c("deploy-class-names-count", "deploy --num-classes 3 --class-names <2 names>", deploy_names,
           r"--class-names.*2 names.*3 classes", _nothing_created("repo")),

@@ -38,6 +38,7 @@ __all__ = [
     "nonfinite_tensors",
     "output_paths",
     "read_checkpoint",
+    "write_file",
     "write_state",
 ]
 
@@ -79,10 +80,16 @@ def write_state(path: Path, state: Mapping[str, Any]) -> None:
 
     A failed write (no space left, a read-only mount, a file-size limit) raises ``OSError`` naming ``path``
     and the reason (with the free space when the disk is full); the previous file stays as it was."""
+    write_file(path, lambda tmp: torch.save(dict(state), tmp), suffix=".pt")
+
+
+def write_file(path: Path, write: Any, suffix: str = "") -> None:
+    """``write(tmp)`` through :func:`fastdeeplab._io.atomic_path` for a training output ``path``
+    (checkpoints, ``history.json``): every failure of the write is one ``OSError`` naming ``path``."""
     try:
-        with atomic_path(path, suffix=".pt", what="training output") as tmp:
+        with atomic_path(path, suffix=suffix, what="training output") as tmp:
             try:
-                torch.save(dict(state), tmp)
+                write(tmp)
             except (RuntimeError, OSError) as exc:
                 raise OSError(_write_failure(path, exc)) from None
     except OSError as exc:
@@ -103,12 +110,14 @@ def _write_failure(path: Path, exc: BaseException) -> str:
         free = None
     if code == errno.ENOSPC or (free is not None and free < 64 * 2**20):
         where = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
-        return f"cannot write checkpoint {path}: no space left on the device{where}; free some space or " \
+        return f"cannot write {path}: no space left on the device{where}; free some space or " \
                "give another --out"
     if code == errno.EROFS or not os.access(path.parent, os.W_OK):
-        return f"cannot write checkpoint {path}: {path.parent} is read-only; give another --out"
+        return f"cannot write {path}: {path.parent} is read-only; give another --out"
     reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
-    return f"cannot write checkpoint {path}: {reason}; check the disk (space, quota, file-size limit) or " \
+    if "enforce fail" in reason or "inline_container" in reason:  # torch's zip writer: it never says why
+        reason = "the write stopped before the end of the file"
+    return f"cannot write {path}: {reason}; check the disk (space, quota, file-size limit) or " \
            "give another --out"
 
 

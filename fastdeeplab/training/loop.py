@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from .._io import atomic_path, json_text
+from .._io import json_text
 from ..data.base import one_line_worker_errors
 from ..metrics import IGNORE_INDEX
 from ..timing import time_call
@@ -486,8 +486,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, inputs: Mapping[str, Any] | No
             final_path = out_dir / ckpt.FINAL_WEIGHTS_NAME
             ckpt.write_state(final_path, {"model": run.model.state_dict(),
                                           "model_config": ckpt.model_config(cfg, run.num_classes)})
-        with atomic_path(out_dir / "history.json", what="training output") as tmp:
-            tmp.write_text(json_text({"history": run.history, "evaluations": run.evaluations}) + "\n")
+        text = json_text({"history": run.history, "evaluations": run.evaluations}) + "\n"
+        ckpt.write_file(out_dir / "history.json", lambda tmp: tmp.write_text(text))
     ctx.barrier()
     if ctx.is_main:
         logger.info("%s at iteration %d/%d", "finished" if finished else "stopped", run.iteration,
