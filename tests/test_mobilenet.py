@@ -326,3 +326,21 @@ def test_optimize_triton_shares_the_dispatcher_with_depthwise_layers(eager):
     depthwise = [m for m in fast.modules() if isinstance(m, FusedConvBNAct) and m.depthwise]
     assert len(depthwise) == 15 and all(m.dispatcher is fast.dispatcher and m._packed is not None
                                         for m in depthwise)
+
+
+def test_train_predict_configs_build_it(tmp_path):
+    """A training config and the predict/eval builder know the model (multi_grid (1, 1, 1): ResNet-only)."""
+    from fastdeeplab.evaluation import build_inference_model
+    from fastdeeplab.training.config import TrainConfig
+    from fastdeeplab.training.loop import _build_model
+
+    cfg = TrainConfig(model="deeplabv3_mobilenet_v3_large", multi_grid=(1, 1, 1), data_root=str(tmp_path))
+    model = _build_model(cfg, num_classes=4)
+    assert model.classifier[-1].out_channels == 4 and model.output_stride == cfg.stages[0].output_stride
+    with pytest.raises(ValueError, match=r"multi_grid: \[1, 1, 1\]"):
+        _build_model(TrainConfig(model="deeplabv3_mobilenet_v3_large", data_root=str(tmp_path)), num_classes=4)
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    again = build_inference_model("deeplabv3_mobilenet_v3_large", weights=str(path), num_classes=4,
+                                  output_stride=8)
+    assert again.output_stride == 8 and not again.training
