@@ -198,3 +198,36 @@ def test_colorize_round_trips_and_overlay_keeps_background(tmp_path):
     np.testing.assert_array_equal(blended[0, 0], [100, 100, 100])  # background untouched
     np.testing.assert_array_equal(blended[1, 1], [100, 100, 100])  # ignore untouched
     np.testing.assert_array_equal(blended[0, 1], [114, 50, 50])  # (100 + 128) / 2, 100 / 2, 100 / 2
+
+
+@pytest.mark.parametrize("dtype, values, expected", [
+    (np.uint8, [0, 128, 255], [0, 128, 255]),            # 8-bit: as is
+    (np.uint16, [0, 200, 255], [0, 200, 255]),           # 8-bit values in 16 bits: as is
+    (np.uint16, [1000, 33000, 65000], [0, 128, 255]),    # 16-bit: its real range, not clipped at 255
+    (np.int32, [-5, 0, 5], [0, 128, 255]),               # signed: min to 0, max to 255
+    (np.float32, [0.0, 0.5, 1.0], [0, 128, 255]),        # fractions
+    (np.float32, [-1.0, 0.0, 1.0], [0, 128, 255]),       # other units: the real range
+    (np.float32, [np.nan, 0.25, 0.75], [0, 64, 191]),    # NaN -> 0
+    (np.float32, [3.0, 3.0, 3.0], [3, 3, 3]),            # constant: kept, clipped to 0..255
+])
+def test_to_8bit_scales_by_the_real_range(dtype, values, expected):
+    from fastdeeplab.images import to_8bit
+
+    assert to_8bit(np.array([values], dtype=dtype)).tolist() == [expected]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "L", "LA", "P", "RGBA", "1"])
+def test_load_image_gives_8_bit_rgb_for_every_mode(tmp_path, mode):
+    from fastdeeplab.images import load_image
+
+    ramp = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+    scale = {"I;16": 60000, "I": 1_000_000, "F": 1.0}.get(mode, 255)
+    base = Image.fromarray((ramp * scale).astype({"F": np.float32, "I": np.int32, "I;16": np.uint16}.get(mode, np.uint8)))
+    image = base if mode in ("I;16", "I", "F", "L") else base.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("I", "F") else "x.png")
+    image.save(path)
+    got = load_image(path)
+    assert got.mode == "RGB" and got.size == (16, 16)
+    grey = np.asarray(got)[..., 0].astype(int)
+    if mode in ("I;16", "I", "F", "L", "LA"):
+        assert grey.min() <= 1 and grey.max() >= 254 and (np.diff(grey.ravel()) >= 0).all(), (grey.min(), grey.max())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -56,8 +58,10 @@ def test_predict_writes_palette_mask_and_overlay(tmp_path, photos, weights):
         mask = np.array(mask_png)
         assert mask.max() < NUM_CLASSES
         np.testing.assert_array_equal(mask, predict_mask(model, image, flip=True))  # the same model, in-process
-        assert overlay_png.mode == "RGB" and overlay_png.size == image.size
-        photo_px, overlay_px = np.asarray(image), np.asarray(overlay_png)
+        # the overlay is the photograph's size plus a legend strip on its right
+        assert overlay_png.mode == "RGB" and overlay_png.width > image.width and overlay_png.height >= image.height
+        photo_px = np.asarray(image)
+        overlay_px = np.asarray(overlay_png)[: image.height, : image.width]
         background = mask == 0
         np.testing.assert_array_equal(overlay_px[background], photo_px[background])
         if (~background).any():
@@ -90,3 +94,28 @@ def test_images_smaller_than_the_output_stride_are_upsampled_for_the_model(tmp_p
     assert rc == 0
     with Image.open(tmp_path / "out" / "tiny_mask.png") as mask:
         assert mask.size == (12, 40)  # the model saw 16 x 40; the mask is back at the image's size
+
+
+def test_outputs_never_replace_inputs_or_files_predict_did_not_write(tmp_path):
+    """Compared as files: the same name, a hard link, a symbolic link; a foreign file needs overwrite=True;
+    predict's own earlier PNGs (signed with a Software chunk) are replaced."""
+    from fastdeeplab.predict import SIGNATURE, check_outputs, write_prediction, written_by_predict
+
+    photo = tmp_path / "x.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(photo)
+    with pytest.raises(ValueError, match="is an input of this command"):
+        check_outputs(tmp_path, ["x"], [photo, tmp_path / "x_mask.png"])
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(photo, out / "x_mask.png")
+    with pytest.raises(ValueError, match="is an input of this command"):
+        check_outputs(out, ["x"], [photo], overwrite=True)  # --overwrite never reaches an input
+    (out / "x_mask.png").unlink()
+    (out / "x_mask.png").write_bytes(b"someone's notes")
+    with pytest.raises(FileExistsError, match="not written by fastdeeplab predict"):
+        check_outputs(out, ["x"], [photo])
+    assert len(check_outputs(out, ["x"], [photo], overwrite=True)) == 2
+    (out / "x_mask.png").unlink()
+    write_prediction(out, "x", Image.open(photo), np.zeros((8, 8), np.uint8))
+    assert written_by_predict(out / "x_mask.png") and Image.open(out / "x_overlay.png").info["Software"] == SIGNATURE
+    assert len(check_outputs(out, ["x"], [photo])) == 2  # its own files: replaced without asking
