@@ -270,10 +270,13 @@ def run_one_stage(name: str, plan, rows, outdir: Path) -> int:
     saved = None if plan.dry_run else _read_plan(outdir)
     try:
         if name == "precompile":
-            if saved is None:
+            if plan.dry_run:
                 from gpucheck.plan import dry_jobs
 
                 stage.run(plan, rows, dry_jobs(plan), arch=90, workers=2)
+            elif saved is None:
+                rows.row(kind="build", kernel="(all)", skipped="no plan (gpucheck.plan.json): the stages build "
+                                                               "what they launch, inside their own limits")
             else:
                 stage.run(plan, rows, saved["precompile_jobs"], arch=saved.get("target_arch", 90))
         elif name == "kernels":

@@ -81,6 +81,8 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert graph and all("GPU" in r["skipped"] for r in graph)  # CUDA graphs: recorded as skipped on a CPU
     assert any(r["impl"].startswith("torch.compile(eager") and r.get("median_ms") for r in rows)
     assert any(r["impl"] == "torch.compile(optimize triton)" and r.get("median_ms") for r in rows)
+    dispatch = [r for r in stages["model"]["rows"] if r["kind"] == "dispatch"]
+    assert dispatch and not [r for r in dispatch if "raised" in (r.get("reason") or "")], dispatch  # no fallback
     firsts = [r for r in stages["model"]["rows"] if r["kind"] == "model_first"]
     assert any(r["impl"] == "torch.compile(optimize triton)" for r in firsts)  # written before the timing
 

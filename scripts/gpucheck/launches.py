@@ -200,7 +200,7 @@ def assume_sm90() -> Iterator[None]:
         yield
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def candidates(launch: Launch) -> list:
     """The configs one launch compiles and (autotuned) benchmarks: the forced one, or what the autotuner's
     early prune keeps on sm_90 (all its configs when it has no prune; Triton benchmarks even a single one).
@@ -276,9 +276,8 @@ _VARIANTS: dict[tuple[Launch, str], str] = {}
 
 
 def _variant(launch: Launch, config: Any) -> str:
-    from triton.runtime.cache import get_cache_key
-
     from triton.compiler.compiler import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key
     _, src, backend, options = _compile_parts(launch, config)
     options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
     key = get_cache_key(src, backend, options, get_cache_invalidating_env_vars())

@@ -246,7 +246,7 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
         c3 = _Counter(tuned, built)
         dispatch_keys = 0
         timing_s = 0.0
-        for (output_stride, batch), launches in settings.items():
+        for launches in settings.values():
             c3.add(launches)
             dispatch_keys += len(set(launches))
             flop = sum(_flop(launch) for launch in launches)

@@ -18,7 +18,7 @@ Rows, per output stride and batch:
   stage), at batch 8 and OS16 only (``Plan.compile_batches``, ``Plan.compile_strides``: each other setting
   would be a recompile): started only while more than ``Plan.compile_s`` seconds are left, else skipped;
 * ``torch.compile(optimize triton)`` — ``torch.compile`` of the optimized Triton model itself (its kernels
-  are ``triton_op``\ s that Inductor keeps in the graph; the dispatch decisions of its eager first call are
+  are triton ops that Inductor keeps in the graph; the dispatch decisions of its eager first call are
   reused), same settings and rule.
 
 Each fast row passes when its max relative error against the fp32 reference is at most ``ERROR_FACTOR`` (4)
