@@ -9,7 +9,9 @@ request and sending the next when the answer arrives:
 * ``in-process``: the same ``model.onnx`` in ONNX Runtime, called from as many threads (one shared session).
 
 Both modes run at each level back to back, in alternating order per round, so a change of machine load hits
-both. ``perf_analyzer`` is used instead of the Python clients when it is on PATH and runs (``--perf-analyzer``).
+both. The load generator is Python (threads, one tritonclient each): ``perf_analyzer`` ships only in the
+tritonclient 2.50/2.51 wheels (which need numpy<2) and needs CUDA's runtime library even on a CPU; the
+repository's README gives its command for machines that have it.
 The table, versions and load go to stdout and ``--results`` (a markdown section appended), the plot to ``--plot``.
 
     python scripts/serve_load.py --requests 24 --results bench/RESULTS.md --plot bench/serve_load.png
@@ -18,10 +20,10 @@ The table, versions and load go to stdout and ``--results`` (a markdown section 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -90,7 +92,6 @@ def main() -> int:
 
     import onnxruntime as ort
     import torch
-    import tritonclient
     import tritonclient.http as triton_http
 
     import fastdeeplab
@@ -167,12 +168,13 @@ def main() -> int:
         f"Machine: {cpu}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB; load average during the run "
         f"{min(loads):.1f}-{max(loads):.1f} (other jobs shared the CPUs).",
         f"Versions: {server_desc}, python backend model over onnxruntime {ort.__version__}, clients tritonclient "
-        f"{getattr(tritonclient, '__version__', '?')} (HTTP, binary tensors), Python {platform.python_version()}.",
+        f"{importlib.metadata.version('tritonclient')} (HTTP, binary tensors), Python {platform.python_version()}.",
         f"Load: {args.model}, output stride {args.output_stride}, random weights (seed 0), uint8 RGB "
         f"{args.size}x{args.size} real photos (scikit-image), batch 1 per request, closed loop; {args.requests} "
         f"requests per level and mode, {args.rounds} round(s), modes alternating. Dynamic batching: "
         f"{inferences} inferences in {executions} executions (mean batch {inferences / max(executions, 1):.2f}). "
-        f"Served labels vs in-process: {agreement * 100:.3f}% of pixels equal.",
+        f"Served labels vs in-process: {agreement * 100:.3f}% of pixels equal. p99 of {args.requests * args.rounds} "
+        "requests is close to their maximum.",
         "",
         "| concurrency | mode | img/s | p50 ms | p99 ms | requests |",
         "|---|---|---|---|---|---|",
