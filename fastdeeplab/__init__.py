@@ -15,7 +15,7 @@ from importlib import import_module
 from importlib.util import find_spec
 from typing import Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 # Public name -> the module that defines it, imported on first use.
 _LAZY = {

@@ -474,14 +474,14 @@ def load_or_train(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progres
 
 
 
-def write_synthetic_scene(path: str | "os.PathLike[str]", index: int = 0, spec: SyntheticSpec = SPEC) -> Path:
+def write_synthetic_scene(path: str | os.PathLike[str], index: int = 0, spec: SyntheticSpec = SPEC) -> Path:
     """Write held-out synthetic scene ``index`` (never seen in training) as an RGB PNG, for ``--weights
     synthetic``; its true labels go beside it as ``<stem>_truth.png`` (VOC palette). Returns ``path``."""
     from PIL import Image
 
     from ._io import atomic_path
-    from .data.synthetic import synthetic_sample
     from .data.palette import colorize
+    from .data.synthetic import synthetic_sample
 
     path = Path(path)
     image, label = synthetic_sample(index, (spec.size, spec.size), spec.num_classes, seed=spec.held_out_seed,

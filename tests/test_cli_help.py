@@ -14,18 +14,19 @@ from fastdeeplab import cli
 HEAVY = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "triton", "matplotlib")
 
 # One subprocess for all subcommands: `main([name, "--help"])` each, and the heavy modules each one imported.
-_PROBE = """
+_PROBE = f"""
 import json, sys
+HEAVY = {HEAVY!r}
 from fastdeeplab.cli import COMMANDS, main
-out = {}
+out = {{}}
 for argv in [[]] + [[name] for name in COMMANDS]:
     try:
         main([*argv, "--help"])
     except SystemExit:
         pass
-    out[" ".join(argv) or "(top)"] = sorted(m for m in %r if m in sys.modules)
+    out[" ".join(argv) or "(top)"] = sorted(m for m in HEAVY if m in sys.modules)
 print("@@" + json.dumps(out))
-""" % (HEAVY,)
+"""
 
 
 def test_every_help_imports_no_torch():
