@@ -56,5 +56,10 @@ def test_bad_arguments_are_named(exported, tmp_path):
         openvino_compiled_model(42)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not an onnx model")
-    with pytest.raises(ValueError, match="could not read an ONNX model from .*corrupt.onnx"):
+    with pytest.raises(ValueError, match="corrupt.onnx is not an ONNX model: it looks like text"):
         openvino_compiled_model(corrupt)
+    corrupt.write_bytes(path.read_bytes()[:5000])  # truncated: the reason comes from the one ONNX reader
+    with pytest.raises(ValueError, match="corrupt.onnx is not a readable ONNX model .truncated or corrupt"):
+        openvino_compiled_model(corrupt)
+    with pytest.raises(ValueError, match=r"OpenVINO could not read ONNX model \(the given 4 bytes\)"):
+        openvino_compiled_model(b"\x08\x07\x12\x00")

@@ -405,7 +405,9 @@ def check_tensorrt(model: onnx.ModelProto | str | os.PathLike, *, table: Mapping
     import onnx
 
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(os.fspath(model))
+        from ..runtime.onnx_files import load_onnx
+
+        model = load_onnx(model)
     table = _packaged_table() if table is None else table
     result = TensorRTCheck()
     opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)

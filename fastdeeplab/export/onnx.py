@@ -63,6 +63,7 @@ from .prepare import (
     _check_size,
     _ExportWrapper,
     _inference_state,
+    _without_autocast,
     fold_batchnorm_,
 )
 from .report import (
@@ -244,7 +245,7 @@ def onnx_model_proto(model: nn.Module, *, input_size: Sequence[int] = (513, 513)
                                      uint8_input, argmax)
     source = _as_exportable(model)
     outputs = _check_outputs(source, outputs, argmax)
-    with _inference_state(source, output_stride) as stride:
+    with _without_autocast(), _inference_state(source, output_stride) as stride:
         size = _check_size(input_size, stride)
         proto, _ = _export_proto(source, size=size, stride=stride, dynamic=dynamic, opset=opset, outputs=outputs,
                                  argmax=argmax, half=half, precision=precision, keep_fp32=keep_fp32,
@@ -264,9 +265,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequen
     """Export ``model`` to ONNX at ``path``, check the graph, and return an :class:`ExportReport`.
 
     Args:
-        model: a fastdeeplab ``DeepLabV3`` (optimized or not), a torchvision ``DeepLabV3`` (converted with
+        model: a fastdeeplab ``DeepLabV3`` (optimized or not: an ONNX Runtime or OpenVINO model exports the
+            fused model it runs, a bfloat16 one a float32 copy), a torchvision ``DeepLabV3`` (converted with
             :func:`fastdeeplab.from_torchvision`), or any module mapping ``[N, 3, H, W]`` to ``{"out": ...}``.
-            It is not modified: the export runs on a deep copy, its stride and mode are restored.
+            It is not modified: the export runs on a deep copy, its stride and mode are restored. An
+            enclosing ``torch.autocast`` does not apply: the graph's precision is ``precision``'s.
         path: where to write the ``.onnx`` file. Written atomically, and only if every check passes.
         input_size: ``(H, W)`` traced, and the first size checked.
         output_stride: export at this stride (8, 16 or 32) instead of the model's.
@@ -307,7 +310,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequen
     source = _as_exportable(model)
     outputs = _check_outputs(source, outputs, argmax)
     start = time.perf_counter()
-    with _inference_state(source, output_stride) as stride:
+    with _without_autocast(), _inference_state(source, output_stride) as stride:
         size = _check_size(input_size, stride)
         if check_sizes is None:
             sizes = [size, second_size(*size, stride)] if dynamic else [size]

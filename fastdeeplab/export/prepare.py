@@ -27,14 +27,47 @@ def _is_torchvision_deeplab(model: nn.Module) -> bool:
 
 
 def _as_exportable(model: nn.Module) -> nn.Module:
-    """A torchvision ``DeepLabV3`` becomes a fastdeeplab model (pooled branch: Expand, not Resize)."""
+    """The PyTorch model the graph is exported from and checked against.
+
+    A torchvision ``DeepLabV3`` becomes a fastdeeplab model (pooled branch: Expand, not Resize). An optimized
+    model exports the fused model it runs: an ONNX Runtime or OpenVINO model its float32 fused model, a
+    CUDA-graph model the model it replays; a TensorRT engine cannot be exported back. A model whose weights
+    are not float32 (``optimize(dtype=torch.bfloat16)``, ``.half()``) is exported and checked as a float32 copy:
+    the graph's precision is ``precision=``'s, not the module's.
+    """
+    from ..cuda_graphs import CUDAGraphModel
+    from ..runtime.base import RuntimeModel
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    while isinstance(model, (RuntimeModel, CUDAGraphModel)):
+        inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"cannot export a {type(model).__name__} to ONNX: it runs a compiled "
+                            f"{getattr(model, 'backend', 'runtime')} engine, not PyTorch modules; export the model "
+                            "it was built from")
+        model = inner
     if _is_torchvision_deeplab(model):
         from ..hub import from_torchvision
 
         return from_torchvision(model)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in [*model.parameters(), *model.buffers()]):
+        import copy
+
+        model = copy.deepcopy(model).float()
     return model
+
+
+@contextlib.contextmanager
+def _without_autocast() -> Iterator[None]:
+    """Autocast off for the export and its checks: the graph's precision is ``precision=``'s. Under
+    ``torch.autocast`` the exporter would trace bfloat16/float16 casts into an fp32 graph, and the checks would
+    compare it with a reduced-precision reference."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+        yield
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ __all__ = [
     "QuantizationReport",
     "calibration_tensor",
     "compare_quantized",
+    "image_input",
     "pixel_agreement",
     "quantize_onnx",
     "to_pixels",
@@ -72,7 +73,7 @@ def calibration_tensor(source: CalibrationSource, size: Sequence[int] = (513, 51
         if source is not None and not Path(source).is_dir():
             raise FileNotFoundError(f"calibration image folder not found: {source}")
         _, batch = sample_images((h, w), count=None, folder=source)
-        return batch[:max_images]
+        return _finite(batch[:max_images], source)
     if isinstance(source, Tensor):
         tensors = [source] if source.dim() == 4 else [source.unsqueeze(0)]
     else:
@@ -82,7 +83,18 @@ def calibration_tensor(source: CalibrationSource, size: Sequence[int] = (513, 51
     batch = torch.cat([t.detach().float().cpu() for t in tensors])
     if batch.shape[0] == 0:
         raise ValueError("no calibration images")
-    return batch[:max_images]
+    return _finite(batch[:max_images], None)
+
+
+def _finite(batch: Tensor, source: CalibrationSource) -> Tensor:
+    """``batch``, refused when an image holds NaN or inf: calibration would turn them into NaN scales."""
+    bad = (~torch.isfinite(batch)).flatten(1).any(1)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        where = f" from {source}" if source is not None else ""
+        raise ValueError(f"calibration images{where}: {int(bad.sum())} of {batch.shape[0]} hold NaN or inf values "
+                         f"(the first is image {first}); give finite, normalised images")
+    return batch
 
 
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
@@ -112,18 +124,15 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         )
     except ImportError as exc:
         raise ImportError("quantization needs onnxruntime: pip install 'fastdeeplab[onnx]'") from exc
-    from .report import INPUT_NAME
-
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
     fp32_path = Path(fp32_path)
-    if not fp32_path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {fp32_path}")
+    input_name, takes_pixels = image_input(fp32_path)
     check_output_path(out_path, what="quantized ONNX")
     if Path(out_path).expanduser().resolve() == fp32_path.resolve():
         raise ValueError(f"out_path would overwrite the fp32 graph {fp32_path}")
     images = calibration_tensor(calibration_images_or_tensors, input_size, max_images=max_images)
-    if _takes_pixels(fp32_path):  # a graph that normalises uint8 pixels itself (export_onnx(uint8_input=True))
+    if takes_pixels:  # a graph that normalises uint8 pixels itself (export_onnx(uint8_input=True))
         images = to_pixels(images)
 
     class Reader(CalibrationDataReader):
@@ -134,7 +143,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
             if self._next >= images.shape[0]:
                 return None
             self._next += 1
-            return {INPUT_NAME: images[self._next - 1: self._next].numpy()}
+            return {input_name: images[self._next - 1: self._next].numpy()}
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
@@ -156,12 +165,11 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         finally:
             root.setLevel(level)
         if tensorrt_compatible:
-            import onnx
-
+            from ..runtime.onnx_files import load_onnx
             from .checks import check_qdq_graph, check_tensorrt
 
             check_tensorrt(str(tmp)).raise_if_failed()
-            qdq = check_qdq_graph(onnx.load(str(tmp)))
+            qdq = check_qdq_graph(load_onnx(tmp, what="quantized ONNX"))
             if not qdq.ok:
                 raise ValueError(f"the Q/DQ graph is not what TensorRT's explicit quantization takes: {qdq}")
     return Path(out_path)
@@ -176,11 +184,30 @@ def to_pixels(images: Tensor) -> Tensor:
     return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _takes_pixels(path: Path) -> bool:
+def image_input(path: str | os.PathLike) -> tuple[str, bool]:
+    """The name of the fp32 graph's one image input ``[N, 3, H, W]`` and whether it takes uint8 pixels; a file
+    that is not such a graph is refused in one line naming it (before any calibration work)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    from ..runtime.onnx_files import load_onnx
+
+    graph = load_onnx(path, what="fp32 ONNX model", load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        raise ValueError(f"fp32 ONNX model {path} has {len(inputs)} inputs "
+                         f"({', '.join(i.name for i in inputs) or 'none'}); quantization takes a graph with one "
+                         "image input [N, 3, H, W]")
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_value or d.dim_param for d in tensor.shape.dim]
+    if len(dims) != 4 or dims[1] not in (3, "3"):
+        raise ValueError(f"fp32 ONNX model {path}: its input {inputs[0].name!r} has shape {dims}; quantization "
+                         "takes an image batch [N, 3, H, W]")
+    if tensor.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8):
+        name = onnx.TensorProto.DataType.Name(tensor.elem_type)
+        raise ValueError(f"fp32 ONNX model {path}: its input {inputs[0].name!r} is {name}; quantization takes "
+                         "a float32 (or uint8 pixel) graph")
+    return inputs[0].name, tensor.elem_type == onnx.TensorProto.UINT8
 
 
 @dataclass
@@ -212,14 +239,15 @@ def compare_quantized(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
     on the first image, batch 1."""
     from ..runtime.onnxruntime import ort_session, physical_cores
     from ..timing import interleaved
-    from .report import INPUT_NAME
 
     batch = calibration_tensor(images, size)
     sessions = [ort_session(p, threads=threads) for p in (fp32_path, int8_path)]
+    if sessions[0].get_inputs()[0].type == "tensor(uint8)":
+        batch = to_pixels(batch)
     agreement = pixel_agreement(*sessions, batch)
-    x = {INPUT_NAME: batch[:1].numpy()}
-    timings = interleaved({"fp32": lambda: sessions[0].run(["out"], x), "int8": lambda: sessions[1].run(["out"], x)},
-                          rounds=runs, warmup=1)
+    xs = [{s.get_inputs()[0].name: batch[:1].numpy()} for s in sessions]
+    timings = interleaved({"fp32": lambda: sessions[0].run(["out"], xs[0]),
+                           "int8": lambda: sessions[1].run(["out"], xs[1])}, rounds=runs, warmup=1)
     medians = [1e3 * timings.spread(name).median for name in ("fp32", "int8")]
     return QuantizationReport(batch.shape[0], (int(batch.shape[2]), int(batch.shape[3])), agreement,
                               medians[0], medians[1], threads or physical_cores())
@@ -231,12 +259,12 @@ def pixel_agreement(reference: Any, candidate: Any, images: Tensor) -> float:
     :func:`fastdeeplab.metrics.pixel_agreement`)."""
     from .. import metrics
     from ..runtime.onnxruntime import ort_session
-    from .report import INPUT_NAME
 
     sessions = [s if hasattr(s, "run") else ort_session(s) for s in (reference, candidate)]
+    names = [s.get_inputs()[0].name for s in sessions]
     a, b = [], []
     for i in range(images.shape[0]):
-        x = {INPUT_NAME: images[i: i + 1].numpy()}
-        a.append(torch.from_numpy(sessions[0].run(["out"], x)[0].argmax(axis=1)))
-        b.append(torch.from_numpy(sessions[1].run(["out"], x)[0].argmax(axis=1)))
+        x = images[i: i + 1].numpy()
+        a.append(torch.from_numpy(sessions[0].run(["out"], {names[0]: x})[0].argmax(axis=1)))
+        b.append(torch.from_numpy(sessions[1].run(["out"], {names[1]: x})[0].argmax(axis=1)))
     return metrics.pixel_agreement(torch.cat(b), torch.cat(a), ignore_index=None)

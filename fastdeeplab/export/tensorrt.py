@@ -32,6 +32,7 @@ torch.Size([1, 21, 513, 513])
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_path, check_output_path
+from ..runtime.onnx_files import check_onnx_file, load_onnx
 from ..runtime.tensorrt import (
     Profile,
     check_profile,
@@ -84,11 +86,10 @@ DEFAULT_MAX_SHAPE = (4, 3, 1025, 1025)
 # --------------------------------------------------------------------------------------------------
 def _onnx_input(onnx_path: Path) -> tuple[str, list[int | str], int] | None:
     """The ONNX graph's single input (name, dims, elem_type) without the weights; ``None`` without onnx."""
-    try:
-        import onnx
-    except ImportError:
+    if importlib.util.find_spec("onnx") is None:
+        check_onnx_file(onnx_path)
         return None
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path, load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -103,7 +104,7 @@ def graph_precision(model: Any) -> str:
     import onnx
 
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+        model = load_onnx(model)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         return "int8"
     weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
@@ -118,9 +119,8 @@ def _parser_errors(parser: Any, onnx_path: Path) -> str:
     """Every parser error with the ONNX node's index, name and op (looked up in the graph when needed)."""
     nodes = None
     try:
-        import onnx
 
-        nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
+        nodes = load_onnx(onnx_path, load_external_data=False).graph.node
     except Exception:  # the error message is still useful without the names
         nodes = None
     lines = []
@@ -164,7 +164,7 @@ def _graph_for(precision: str | None, onnx_path: Path, engine_path: Path, *, kee
             from .checks import check_fp16_graph
             from .passes import convert_float16
 
-            proto = onnx.load(str(onnx_path))
+            proto = load_onnx(onnx_path)
             kept = convert_float16(proto, keep_fp32=keep_fp32)
             found = check_fp16_graph(proto, kept=kept)
             if not found.ok:
@@ -235,9 +235,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
         raise ValueError(f"precision must be one of {PRECISIONS} (or None: the graph's), got {precision!r}")
     if not workspace_gb > 0:
         raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
+    onnx_path = check_onnx_file(onnx_path)
     engine_path = Path(engine_path)
     if engine_path.expanduser().resolve() == onnx_path.resolve():
         raise ValueError(f"engine_path would overwrite the ONNX model {onnx_path}")

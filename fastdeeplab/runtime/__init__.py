@@ -12,7 +12,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .base import LABELS_DTYPE, RuntimeModel
+from .base import LABELS_DTYPE as LABELS_DTYPE
+from .base import RuntimeModel as RuntimeModel
 
 _LAZY = {
     "ExportedDeepLabV3": "exported",

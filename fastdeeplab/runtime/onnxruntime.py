@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .exported import ExportedDeepLabV3
+from .onnx_files import check_onnx_file, onnx_load_error
 
 if TYPE_CHECKING:
     import onnx
@@ -93,13 +93,16 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike | bytes, *, threads: 
     if isinstance(model, bytes):
         source: bytes | str = model
     elif isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        source = str(path)
-    else:
+        source = str(check_onnx_file(model))
+    elif hasattr(model, "SerializeToString"):
         source = model.SerializeToString()
-    return ort.InferenceSession(source, sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+    else:
+        raise TypeError(f"expected an onnx.ModelProto, bytes or a path, got {type(model).__name__}")
+    try:
+        return ort.InferenceSession(source, sess_options=options,
+                                    providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # noqa: BLE001  (ONNX Runtime's InvalidProtobuf, InvalidGraph, Fail, ...)
+        raise onnx_load_error(model, exc, runtime="ONNX Runtime") from None
 
 
 
