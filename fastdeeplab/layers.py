@@ -236,14 +236,17 @@ class FusedConvBNReLU(nn.Module):
             from .kernels import ops
 
             args = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.relu)
-            plan = self._plans[geometry] = _Plan(self, x, self.dispatch_key(x, residual), ops.conv2d_act, args)
+            plan = self._plans[geometry] = _Plan(self, x, self.dispatch_key(x, residual),
+                                                 ops.EAGER["conv2d_act"], args)
         if plan.choice == "triton":
+            op = _ops_conv2d_act() if _recording() else plan.op
             if plan.forced:
-                return _forced(self, plan, lambda: plan.op(x, self._packed, self._bias32, residual, *plan.args))
-            return plan.op(x, self._packed, self._bias32, residual, *plan.args)
+                return _forced(self, plan, lambda: op(x, self._packed, self._bias32, residual, *plan.args))
+            return op(x, self._packed, self._bias32, residual, *plan.args)
         if plan.choice == "cudnn":
             return self._forward_plain(x, residual)
-        return _first_call(self, plan, x, lambda: plan.op(x, self._packed, self._bias32, residual, *plan.args),
+        op = _ops_conv2d_act() if _recording() else plan.op
+        return _first_call(self, plan, x, lambda: op(x, self._packed, self._bias32, residual, *plan.args),
                            lambda: self._forward_plain(x, residual))
 
     def extra_repr(self) -> str:
@@ -254,6 +257,18 @@ class FusedConvBNReLU(nn.Module):
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         return s + f", relu={self.relu}, backend={self.backend!r}, dtype={self.weight.dtype}"
+
+
+def _recording() -> bool:
+    """Whether a Python dispatch mode records the ops (make_fx, fake tensors, an op log): the fused layers
+    then call the ``torch.ops.fastdeeplab`` ops, which such modes see, instead of what they run."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def _ops_conv2d_act():
+    from .kernels import ops
+
+    return ops.conv2d_act
 
 
 def _refill(old: Tensor | None, new: Tensor) -> Tensor:
@@ -460,13 +475,15 @@ class FusedASPP(nn.Module):
     def _branches_kernel(self, x: Tensor) -> list[Tensor]:
         from .kernels import ops
 
-        stacked = ops.aspp_branches(x, self._branch_packed, self._branch_bias32, list(self.rates))
+        op = ops.aspp_branches if torch.compiler.is_compiling() or _recording() else ops.EAGER["aspp_branches"]
+        stacked = op(x, self._branch_packed, self._branch_bias32, list(self.rates))
         return list(stacked.chunk(4))  # branch i is images [i*N, (i+1)*N): views with equal strides
 
     def _project_kernel(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
         from .kernels import ops
 
-        return ops.aspp_project(branches, pooled, self._packed, self._bias32, self.relu)
+        op = ops.aspp_project if torch.compiler.is_compiling() or _recording() else ops.EAGER["aspp_project"]
+        return op(branches, pooled, self._packed, self._bias32, self.relu)
 
     def _project_plain(self, branches: list[Tensor], pooled: Tensor) -> Tensor:
         per_image = F.linear(pooled, self.pooled_weight, self.bias)  # [N, Cout]: c(n)

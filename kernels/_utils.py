@@ -203,12 +203,12 @@ def wrap_kernel(kernel, like: Tensor | None = None):
     wrap = getattr(torch.library, "wrap_triton", None)
     if wrap is None or interpreting():
         return kernel
-    if like is not None and type(like) is Tensor and not _tracing():
+    if like is not None and type(like) is Tensor and not tracing():
         return kernel
     return wrap(kernel)
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """Whether torch is compiling, exporting or running a Python dispatch mode (make_fx, fake tensors)."""
     if torch.compiler.is_compiling():
         return True

@@ -322,3 +322,29 @@ def test_package_imports_without_triton():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_repeated_calls_replay_a_checked_launch_with_new_data():
+    """The second call of a signature replays the first call's checked launch (nothing rebuilt): new data,
+    bias or no bias, residual or not, NCHW input; every result still equals the reference."""
+    from fastdeeplab.kernels import conv as conv_module
+
+    conv_module._LAUNCH_PLANS.clear()
+    cin, cout = 12, 20
+    for trial in range(3):
+        x = torch.randn(2, cin, 7, 9, device=DEV)
+        if trial != 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(cout, cin, 3, 3, device=DEV)
+        b = torch.randn(cout, device=DEV)
+        r = torch.randn(2, cout, 7, 9, device=DEV).contiguous(memory_format=torch.channels_last)
+        for bias, residual in ((b, None), (None, r), (b.double().float(), r)):
+            got = conv_bn_relu_packed(x, pack_weight(w), bias, kernel_size=3, padding=2, dilation=2,
+                                      residual=residual, allow_tf32=False)
+            want = conv_bn_relu_reference(x.double(), w.double(), None if bias is None else bias.double(),
+                                          padding=2, dilation=2, residual=None if residual is None else residual.double())
+            assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, name=f"trial {trial}")
+    # one plan per signature: 3 (bias, residual) kinds x 2 layouts (channels-last, NCHW) of x
+    assert len(conv_module._LAUNCH_PLANS) == 6, len(conv_module._LAUNCH_PLANS)
+    with pytest.raises(ValueError, match="residual must be the output's shape"):  # still checked: a new signature
+        conv_bn_relu_packed(x, pack_weight(w), b, kernel_size=3, padding=2, dilation=2, residual=r[:, :, :5])
