@@ -145,20 +145,25 @@ def _torchvision_weights(weights: Any, enums: Sequence[Any] = ()) -> Any:
     from torchvision.models._api import WeightsEnum
 
     if isinstance(weights, WeightsEnum):
-        return weights
-    if not isinstance(weights, str):
+        resolved = weights
+    elif not isinstance(weights, str):
         raise TypeError(f"weights must be a torchvision weights enum, its name or a checkpoint path; got "
                         f"{type(weights).__name__}")
-    for enum in enums:
-        if weights in enum.__members__:
-            return enum[weights]
-    try:
-        return get_weight(weights)
-    except (ValueError, KeyError, AttributeError):
-        valid = [f"{e.__name__}.{m} (or {m})" for e in enums for m in e.__members__]
-        hint = f"; valid here: {', '.join(valid)}" if valid else ""
-        raise ValueError(f"unknown torchvision weights {weights!r}{hint}; or give a checkpoint file "
-                         "(.pt, .pth)") from None
+    else:
+        for enum in enums:
+            if weights in enum.__members__:
+                return enum[weights]
+        try:
+            resolved = get_weight(weights)
+        except (ValueError, KeyError, AttributeError):
+            valid = [f"{e.__name__}.{m} (or {m})" for e in enums for m in e.__members__]
+            hint = f"; valid here: {', '.join(valid)}" if valid else ""
+            raise ValueError(f"unknown torchvision weights {weights!r}{hint}; or give a checkpoint file "
+                             "(.pt, .pth)") from None
+    if enums and type(resolved) not in enums:  # another model's weights: refused before any download
+        raise ValueError(f"weights {type(resolved).__name__}.{resolved.name} are for another model; this one "
+                         f"takes {' or '.join(e.__name__ for e in enums)} (e.g. {enums[0].__name__}.DEFAULT)")
+    return resolved
 
 
 _CHECKPOINT_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar"}
