@@ -136,7 +136,8 @@ class FusedConvBNReLU(nn.Module):
     def _state_token(self) -> tuple:
         """Changes whenever ``weight`` or ``bias`` is replaced or modified in place (``load_state_dict``,
         ``copy_``, ...): everything derived from them is rebuilt when it does."""
-        w, b = self.weight, self.bias
+        buffers = self._buffers  # not self.weight: nn.Module.__getattr__ costs a lookup chain per call
+        w, b = buffers["weight"], buffers["bias"]
         return id(w), w._version, id(b), b._version
 
     def _prepare_triton(self) -> None:
