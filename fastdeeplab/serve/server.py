@@ -397,6 +397,9 @@ class TritonServer:
             logs = cache_dir() / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             self.log_path = logs / f"tritonserver-{self.http_port}.log"
+            for old in sorted(logs.glob("tritonserver-*.log"), key=lambda f: f.stat().st_mtime)[:-20]:
+                with contextlib.suppress(OSError):  # keep the 20 newest logs
+                    old.unlink()
         command = [str(install.executable), f"--model-repository={repository}", "--model-control-mode=explicit",
                    f"--backend-directory={install.backends}", f"--http-address={self.host}",
                    f"--http-port={self.http_port}", f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
