@@ -270,7 +270,11 @@ def _checkpoint_model_config(weights: str | None) -> dict[str, Any]:
     except Exception:  # the builder reports unreadable files with a better message
         return {}
     config = obj.get("model_config") if isinstance(obj, Mapping) else None
-    return dict(config) if isinstance(config, Mapping) else {}
+    if config is None:
+        return {}
+    from .hub import check_model_config
+
+    return check_model_config(config, weights)  # bad or extra fields: one line naming the checkpoint
 
 
 def build_inference_model(name: str | None = None, *, weights: str | None = None, num_classes: int | None = None,

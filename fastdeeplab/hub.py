@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -74,6 +75,43 @@ def get_model(name: str, **kwargs: Any) -> DeepLabV3:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
+_CONFIG_FIELDS = ("name", "kwargs")
+_WEIGHT_ARGUMENTS = ("weights", "weights_backbone")  # never taken from a checkpoint: its own tensors are
+
+
+def check_model_config(config: Any, source: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``model_config`` (``{"name": builder, "kwargs": {...}}``, what :func:`fastdeeplab.train`
+    stores) checked before anything is built: only those two fields, a registered builder, keyword arguments
+    it takes, with values it accepts (the builder itself checks them, on the meta device: nothing is
+    allocated). Any problem is one ``ValueError`` naming the checkpoint ``source`` and the field. Returns the
+    config with list values as tuples."""
+    where = f"checkpoint {os.fspath(source)}: model_config"
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where} is a {type(config).__name__}; expected a mapping with {_CONFIG_FIELDS}")
+    extra = sorted(str(k) for k in config if k not in _CONFIG_FIELDS)
+    if extra:
+        raise ValueError(f"{where} has unknown field(s) {extra}; expected only {_CONFIG_FIELDS}")
+    name = config.get("name", "deeplabv3_resnet50")
+    if not isinstance(name, str) or name not in _MODELS:
+        raise ValueError(f"{where} field 'name' is {name!r}, not a registered model ({', '.join(list_models())})")
+    kwargs = config.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where} field 'kwargs' is a {type(kwargs).__name__}; expected a mapping of arguments")
+    builder = _MODELS[name]
+    accepted = inspect.signature(builder).parameters
+    for key in kwargs:
+        if key not in accepted or key in _WEIGHT_ARGUMENTS:
+            raise ValueError(f"{where} field 'kwargs.{key}' is not an argument of {name} (it takes "
+                             f"{', '.join(k for k in accepted if k not in _WEIGHT_ARGUMENTS)})")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    try:
+        with torch.device("meta"):
+            builder(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} field 'kwargs' is refused by {name}: {' '.join(str(exc).split())}") from None
+    return {"name": name, "kwargs": kwargs}
+
+
 def _check_checkpoint_path(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {path}: Is a directory; give the checkpoint file (e.g. "
