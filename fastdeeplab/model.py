@@ -369,6 +369,9 @@ def check_input(x: Tensor, output_stride: int, in_channels: int = 3) -> None:
     """Raise a ``ValueError``/``TypeError`` that names the problem with an input batch ``[N, 3, H, W]``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:
+        kind = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
+        raise TypeError(f"expected a dense input tensor, got a {kind} one; convert it first (x.to_dense())")
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -381,6 +384,18 @@ def check_input(x: Tensor, output_stride: int, in_channels: int = 3) -> None:
     if h < output_stride or w < output_stride:
         raise ValueError(f"input size {h}x{w} is smaller than the output stride {output_stride}; "
                          f"each side must be at least {output_stride} pixels")
+
+
+def check_train_batch(model: nn.Module, x: Tensor) -> None:
+    """A model in training mode cannot run one image: the BatchNorm after ASPP's image pooling would see one
+    value per channel (torch's "Expected more than 1 value per channel when training"). Say so first."""
+    if model.training and x.shape[0] == 1 and any(
+            isinstance(m, ASPPPooling) and any(isinstance(b, nn.modules.batchnorm._BatchNorm) and b.training
+                                               for b in m.modules())
+            for m in model.modules()):
+        raise ValueError("the model is in training mode and the batch holds one image: BatchNorm after ASPP's "
+                         "image pooling needs more than one value per channel; call model.eval() for inference, "
+                         "or train with a batch size > 1")
 
 
 def check_input_matches(x: Tensor, weight: Tensor) -> None:
@@ -487,6 +502,7 @@ class DeepLabV3(nn.Module):
         if not torch.jit.is_scripting():
             if not capturing_graph():
                 check_input(x, self.output_stride)
+                check_train_batch(self, x)
                 stem = getattr(self.backbone, "stem", None)  # MobileNetV3's features[0][0]; a ResNet's conv1
                 check_input_matches(x, (self.backbone["conv1"] if stem is None else stem).weight)
                 checked = True
