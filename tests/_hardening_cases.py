@@ -1021,9 +1021,210 @@ def _captured_warnings():
         log.removeHandler(handler)
 
 
+def _tiny_onnx(path: Path, input_name: str = "x") -> Path:
+    """A one-Conv ONNX graph [1, 3, 8, 8] -> ``out``, made with onnx.helper (no export needed)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", [input_name, "w"], ["out"], pads=[1, 1, 1, 1])], "tiny",
+                              [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])], [weight])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _bad_onnx(t: Path, kind: str) -> Path:
+    path = t / f"{kind}.onnx"
+    if kind == "truncated":
+        good = _tiny_onnx(t / "good.onnx").read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "text":
+        path.write_text("this is not a model\n")
+    elif kind == "png":
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+    else:
+        path.write_bytes(b"")
+    return path
+
+
+def _issue20_library_cases() -> list[Case]:
+    """Issue 20, the library API and the runtimes: one ONNX reader, state that stays true, one-line errors."""
+    import importlib.util
+
+    area = "library API"
+    cases: list[Case] = []
+    readers: dict[str, Callable[[Path], object]] = {}
+    if importlib.util.find_spec("onnxruntime"):
+        from fastdeeplab.export.quantize import quantize_onnx
+        from fastdeeplab.runtime.onnxruntime import ort_session
+
+        readers["ort_session"] = ort_session
+        readers["quantize_onnx"] = lambda p: quantize_onnx(p, p.with_name("q.onnx"), torch.randn(1, 3, 8, 8))
+    if importlib.util.find_spec("openvino"):
+        from fastdeeplab.runtime.openvino import openvino_compiled_model
+
+        readers["openvino"] = openvino_compiled_model
+    if importlib.util.find_spec("onnx"):
+        from fastdeeplab.export.checks import check_tensorrt
+        from fastdeeplab.export.tensorrt import build_tensorrt_engine
+
+        readers["check_tensorrt"] = check_tensorrt
+        readers["build_tensorrt_engine"] = lambda p: build_tensorrt_engine(p, p.with_name("m.engine"))
+    reasons = {"truncated": "not a readable ONNX model", "text": "not an ONNX model: it looks like text",
+               "png": "not an ONNX model: it looks like a PNG image", "empty": r"is empty \(0 bytes\)"}
+    for kind, reason in reasons.items():
+        for reader, call in readers.items():
+            cases.append(Case(f"onnx-{kind}-{reader}", area, f"{reader} of a {kind} .onnx file",
+                              lambda t, k=kind, f=call: f(_bad_onnx(t, k)), ValueError, rf"{kind}\.onnx .*{reason}",
+                              _nothing_created("q.onnx", "m.engine")))
+    if "quantize_onnx" in readers:
+        def input_named_x(t: Path) -> str:
+            from fastdeeplab.export.quantize import quantize_onnx
+
+            out = quantize_onnx(_tiny_onnx(t / "x.onnx"), t / "q.onnx", torch.randn(4, 3, 8, 8), input_size=(8, 8))
+            ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+            assert "QuantizeLinear" in ops, ops
+            return "quantized (the graph's own input name is fed)"
+
+        def nan_calibration(t: Path) -> object:
+            from fastdeeplab.export.quantize import quantize_onnx
+
+            images = torch.randn(4, 3, 8, 8)
+            images[2, 1, 3, 3] = float("nan")
+            return quantize_onnx(_tiny_onnx(t / "x.onnx"), t / "q.onnx", images, input_size=(8, 8))
+
+        cases += [Case("quantize-input-not-named-input", area, "quantize_onnx of a graph whose input is 'x'",
+                       input_named_x),
+                  Case("quantize-nan-calibration", area, "quantize_onnx with a NaN in a calibration image",
+                       nan_calibration, ValueError, r"calibration images: 1 of 4 hold NaN or inf",
+                       _nothing_created("q.onnx"))]
+
+    def other_model(seed: int = 1) -> fastdeeplab.DeepLabV3:
+        torch.manual_seed(seed)
+        return fastdeeplab.deeplabv3_resnet50(num_classes=NUM_CLASSES, output_stride=16).eval()
+
+    def state_follows(backend: str) -> Callable[[Path], str]:
+        def go(t: Path) -> str:
+            fast, x, m2 = optimized(backend), _image(), other_model()
+            before = fast.state_dict()
+            fast(x)  # a session over model()'s weights
+            try:
+                fast.load_state_dict(fastdeeplab.optimize(m2, backend=backend).state_dict())
+                with torch.no_grad():
+                    got, want = fast(x)["out"], m2(x)["out"]
+            finally:
+                fast.load_state_dict(before)
+            error = float((got - want).abs().max() / want.abs().max())
+            assert error < 1e-4, f"{backend}: after load_state_dict the output is {error:.2e} from the loaded model's"
+            return f"the session is rebuilt: {error:.1e} from the loaded model (relative)"
+        return go
+
+    def overflow(backend: str) -> Callable[[Path], str]:
+        def go(t: Path) -> str:
+            with torch.no_grad():
+                y = optimized(backend)(torch.full((1, 3, SIZE, SIZE), 3e38))["out"]
+            assert y.isnan().all(), f"{backend}: {int((~y.isnan()).sum())} finite logits where eager gives NaN"
+            return "all NaN, as eager"
+        return go
+
+    def autocast_runtime(backend: str) -> Callable[[Path], str]:
+        def go(t: Path) -> str:
+            x = _image()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = optimized(backend)(x)["out"]
+            want = model()(x)["out"]
+            error = float((got - want).abs().max() / want.abs().max())
+            assert got.dtype == torch.float32 and error < 1e-4, (got.dtype, error)
+            return f"runs in float32 under autocast ({error:.1e} from eager float32)"
+        return go
+
+    runtimes = [b for b in ("onnxruntime", "openvino") if b in _backends()]
+    for backend in runtimes:
+        cases += [Case(f"state-load-{backend}", "state", f"load_state_dict into a used {backend} model",
+                       state_follows(backend)),
+                  Case(f"autocast-{backend}", "state", f"torch.autocast(bfloat16) around a {backend} model",
+                       autocast_runtime(backend))]
+    for backend in ["eager", *runtimes]:
+        cases.append(Case(f"overflow-{backend}", "non-finite input",
+                          f"torch.full((1, 3, 65, 65), 3e38) (overflows), backend {backend}", overflow(backend)))
+
+    if "ort_session" in readers:
+        class Tiny(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, NUM_CLASSES, 3, padding=1)
+
+            def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {"out": self.conv(x)}
+
+        def export_under_autocast(t: Path) -> str:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                report = fastdeeplab.export_onnx(Tiny().eval(), t / "m.onnx", input_size=(16, 16))
+            assert report.passed and report.precision == "fp32", str(report)
+            return "exported and checked in fp32 (autocast does not apply to the graph)"
+
+        def export_optimized(t: Path) -> str:
+            report = fastdeeplab.export_onnx(optimized("onnxruntime"), t / "m.onnx", input_size=(SIZE, SIZE),
+                                             check_sizes=[(SIZE, SIZE)])
+            assert report.passed, str(report)
+            return "exports the fused model it runs; checks pass"
+
+        cases += [Case("export-under-autocast", area, "export_onnx inside torch.autocast(bfloat16)",
+                       export_under_autocast),
+                  Case("export-optimized-runtime", area, "export_onnx of an optimize(backend='onnxruntime') model",
+                       export_optimized)]
+
+    def checkpoint(t: Path, config: object) -> object:
+        from fastdeeplab.evaluation import build_inference_model
+
+        torch.save({"model": model().state_dict(), "model_config": config}, t / "c.pt")
+        return build_inference_model(weights=str(t / "c.pt"))
+
+    good = {"name": "deeplabv3_resnet50", "kwargs": {"num_classes": NUM_CLASSES}}
+    x1 = torch.randn(1, 3, SIZE, SIZE)
+
+    def train_mode_batch_1(t: Path) -> object:
+        m = model()
+        m.train()
+        try:
+            return m(x1)
+        finally:
+            m.eval()
+
+    cases += [
+        Case("weights-other-depth", area, "deeplabv3_resnet50(weights='DeepLabV3_ResNet101_Weights.DEFAULT')",
+             lambda t: fastdeeplab.deeplabv3_resnet50(weights="DeepLabV3_ResNet101_Weights.DEFAULT"), ValueError,
+             r"DeepLabV3_ResNet101_Weights\.\S+ are for another model.*takes DeepLabV3_ResNet50_Weights"),
+        Case("backbone-weights-other-depth", area, "deeplabv3_resnet50(weights_backbone='ResNet101_Weights.DEFAULT')",
+             lambda t: fastdeeplab.deeplabv3_resnet50(weights_backbone="ResNet101_Weights.DEFAULT"), ValueError,
+             r"ResNet101_Weights\.\S+ are for another model.*takes ResNet50_Weights"),
+        Case("checkpoint-config-extra-field", area, "a checkpoint whose model_config has an extra field",
+             lambda t: checkpoint(t, {**good, "colour": "red"}), ValueError,
+             r"checkpoint \S+c\.pt: model_config has unknown field.*colour"),
+        Case("checkpoint-config-unknown-argument", area, "a checkpoint whose model_config kwargs has depth=7",
+             lambda t: checkpoint(t, {"name": "deeplabv3_resnet50", "kwargs": {"depth": 7}}), ValueError,
+             r"checkpoint \S+c\.pt: model_config field 'kwargs\.depth' is not an argument"),
+        Case("checkpoint-config-bad-value", area, "a checkpoint whose model_config has num_classes=-3",
+             lambda t: checkpoint(t, {"name": "deeplabv3_resnet50", "kwargs": {"num_classes": -3}}), ValueError,
+             r"checkpoint \S+c\.pt: model_config field 'kwargs'.*num_classes must be >= 1"),
+        Case("checkpoint-config-bad-name", area, "a checkpoint whose model_config names no registered model",
+             lambda t: checkpoint(t, {"name": "resnet", "kwargs": {}}), ValueError,
+             r"checkpoint \S+c\.pt: model_config field 'name' is 'resnet', not a registered model"),
+        Case("input-sparse", area, "a sparse COO input", lambda t: model()(x1.to_sparse()), TypeError,
+             r"dense input.*sparse_coo.*to_dense"),
+        Case("train-mode-batch-1", area, "a model in training mode at batch 1", train_mode_batch_1, ValueError,
+             r"training mode.*one image.*model\.eval\(\).*batch size > 1"),
+    ]
+    return cases
+
+
 def all_cases() -> list[Case]:
     return (_file_cases() + _cli_cases() + _model_cases() + _input_cases() + _nonfinite_cases()
-            + _persistence_cases() + _script_cases() + _issue20_cases())
+            + _persistence_cases() + _script_cases() + _issue20_cases() + _issue20_library_cases())
 
 
 CASES = all_cases()
