@@ -897,6 +897,18 @@ def _issue20_cases() -> list[Case]:
         assert any("data_root" in line for line in lines), lines
         return "resumed, with a warning naming data_root"
 
+    def changed_data(t: Path) -> str:
+        import shutil
+
+        root, config = _trained_run()
+        shutil.copytree(Path(config["data_root"]), t / "changed")
+        lst = t / "changed" / "ImageSets" / "Segmentation" / "train.txt"
+        lst.write_text("\n".join(lst.read_text().split()[:-1]) + "\n")  # one image fewer
+        with _captured_warnings() as lines:
+            _resume({"data_root": str(t / "changed")})(t)
+        assert any("split 'train' now has 3 samples" in line for line in lines), lines
+        return "resumed, with a warning that the split changed size (the sample order differs)"
+
     tensorrt_only = [("workspace", "--workspace-gb 8", ("--workspace-gb", "8")),
                      ("timing-cache", "--timing-cache /nonexistent/x", ("--timing-cache", "/nonexistent/x")),
                      ("profile", "--profile 1x3x65x65", ("--profile", "1x3x65x65")),
@@ -964,6 +976,7 @@ def _issue20_cases() -> list[Case]:
                _resume(change), ValueError, rf"cannot resume.*{re.escape(saved)}")
           for key, change, saved in resume_changes],
         Case("resume-moved-data", area, "resume with the dataset at another data_root", moved_data),
+        Case("resume-changed-data", area, "resume after an image was dropped from the split", changed_data),
         # unclear before, one line now
         c("predict-huge-image", "predict a 60000x60000 image", huge_predict, r"60000x60000.*GiB.*free",
           _nothing_created("o")),

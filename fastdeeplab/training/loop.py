@@ -237,6 +237,7 @@ def save_checkpoint(run: RunState, stage_index: int, in_stage: int, optimizer: A
             "iteration": run.iteration, "stage": stage_index, "stage_iteration": in_stage,
             "finished": run.iteration == run.cfg.total_iterations,
             "rng": rng, "world_size": run.ctx.world_size,
+            "data_sizes": {split: len(ds) for split, ds in run.datasets.items()},
             "config": run.cfg.to_dict(), "history": run.history, "evaluations": run.evaluations,
         })
     run.ctx.barrier()
@@ -444,7 +445,12 @@ def _start(cfg: TrainConfig, ctx: ProcessContext,
     resumed = None
     if checkpoint_path is not None and cfg.resume and checkpoint_path.is_file():
         resumed = ckpt.read_checkpoint(checkpoint_path)
-        for warning in ckpt.check_resumable(resumed, cfg, num_classes, checkpoint_path):
+        warnings = ckpt.check_resumable(resumed, cfg, num_classes, checkpoint_path)
+        for split, size in dict(resumed.get("data_sizes") or {}).items():
+            if split in datasets and len(datasets[split]) != size:
+                warnings.append(f"split {split!r} now has {len(datasets[split])} samples; the checkpoint's run had "
+                                f"{size}: the order of samples from here on is not the one it would have had")
+        for warning in warnings:
             if ctx.is_main:
                 logger.warning("warning: %s", warning)
     torch.manual_seed(cfg.seed)  # identical initialisation on every process
