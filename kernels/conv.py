@@ -82,7 +82,7 @@ from ._utils import (
     pair,
     patch_interpreter_indices,
     resolve_input_precision,
-    tracing as _tracing,
+    tracing,
     wrap_kernel,
 )
 from .work import ConvGeometry, executed_macs, tiling_of
@@ -620,7 +620,7 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
         sig = _launch_signature(x, packed_weight, bias, residual, kernel_size, stride, padding, dilation, relu,
                                 allow_tf32, config)
         plan = _LAUNCH_PLANS.get(sig) if sig is not None else None
-        if plan is not None and not _tracing():
+        if plan is not None and not tracing():
             return plan.launch(x, packed_weight, bias, residual)
     check_tensor(x, "x")
     check_tensor(packed_weight, "packed_weight")

@@ -63,7 +63,7 @@ def stub_gpu() -> None:
         original = _utils.check_device
 
         def check_device(x, others):
-            for name, t in others.items():
+            for t in others.values():
                 if t is not None and t.device != x.device:
                     return original(x, others)
 
@@ -71,7 +71,7 @@ def stub_gpu() -> None:
             module.check_device = check_device
     ops._use_kernels = lambda x: True
     ops._interpreter_config = lambda x, raster=False: None
-    for name, kernel, reference in [("conv2d_act", ops._conv2d_act_kernel, ops._conv2d_act_reference),
+    for op_name, kernel, reference in [("conv2d_act", ops._conv2d_act_kernel, ops._conv2d_act_reference),
                                     ("aspp_branches", ops._aspp_branches_kernel, ops._aspp_branches_reference),
                                     ("aspp_project", ops._aspp_project_kernel, ops._aspp_project_reference)]:
         impl = ops._dispatching(kernel, reference)
@@ -80,7 +80,7 @@ def stub_gpu() -> None:
             with set_wrap_triton_enabled(False):
                 return _impl(*args)
 
-        getattr(ops, name).register_kernel("cpu", cpu_kernel)
+        getattr(ops, op_name).register_kernel("cpu", cpu_kernel)
 
 
 def per_call_us(fn, calls: int, rounds: int) -> tuple[float, float, int]:
@@ -99,11 +99,11 @@ def per_call_us(fn, calls: int, rounds: int) -> tuple[float, float, int]:
 
 def cases(dtype):
     import torch
-    from torch import nn
-
     from fastdeeplab.kernels.aspp import aspp_branches_packed, aspp_project_packed
     from fastdeeplab.kernels.conv import conv_bn_relu_packed
     from fastdeeplab.kernels.dispatch import Dispatcher
+    from torch import nn
+
     from fastdeeplab.layers import FusedASPP, FusedConvBNReLU
     from fastdeeplab.model import ASPP
 

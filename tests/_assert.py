@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
-
 from fastdeeplab.kernels._utils import kernel_tolerance
+from torch import Tensor
 
 __all__ = ["KERNEL_DTYPES", "assert_close_verbose"]
 

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 from _models import randomize_bn, rel_err
+from fastdeeplab.kernels.dispatch import CACHE_ENV, Dispatcher, default_cache_path, environment_key
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdeeplab
-from fastdeeplab.kernels.dispatch import CACHE_ENV, Dispatcher, default_cache_path, environment_key
 
 HAS_TRITON = pytest.importorskip is not None and __import__("importlib").util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed: pip install 'fastdeeplab[triton]'")

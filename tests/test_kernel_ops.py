@@ -346,9 +346,8 @@ def test_tma_allocator_is_set_in_every_launching_thread():
     import threading
     from types import SimpleNamespace
 
-    from triton.runtime._allocation import _allocator
-
     from fastdeeplab.kernels import conv
+    from triton.runtime._allocation import _allocator
 
     if not conv.tma_available():
         pytest.skip("this triton has no device-side tensor descriptors")

@@ -89,7 +89,6 @@ def test_direct_launcher_calls_tune_each_problem_once():
 def test_autotune_timing_knob(monkeypatch):
     """FASTDEEPLAB_AUTOTUNE_MS="warmup,rep" sets the autotuners' benchmark; unset keeps Triton's default."""
     import triton.testing
-
     from fastdeeplab.kernels import _utils
     from fastdeeplab.kernels.aspp import _aspp_branches_autotuned, _aspp_project_autotuned
     from fastdeeplab.kernels.conv import _conv1x1_autotuned, _conv_autotuned
