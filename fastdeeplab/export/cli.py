@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
         if precision == "int8" and args.calibration_images is None and not (
                 args.calibration_cache is not None and args.calibration_cache.is_file()):
             raise ValueError("--precision int8 needs --calibration-images (or an existing --calibration-cache)")
+    calibration = args.calibration_images
+    if args.format == "onnx" and precision == "int8":  # read and check the images before the long fp32 export
+        from .quantize import calibration_tensor
+
+        calibration = calibration_tensor(args.calibration_images, tuple(args.input_size))
     model = build_model(args.model, args.weights, num_classes=args.num_classes, aux_loss=args.aux,
                       output_stride=args.output_stride)
     outputs = ("out", "aux") if args.aux else ("out",)
@@ -173,9 +178,9 @@ def run(args: argparse.Namespace) -> int:
             from .quantize import compare_quantized, quantize_onnx
 
             trt = args.int8_flavour == "tensorrt"
-            quantize_onnx(onnx_path, args.out, args.calibration_images, input_size=(h, w), tensorrt_compatible=trt)
+            quantize_onnx(onnx_path, args.out, calibration, input_size=(h, w), tensorrt_compatible=trt)
             print(f"int8 QDQ graph ({'TensorRT' if trt else 'CPU'} flavour): {args.out}")
-            print(compare_quantized(onnx_path, args.out, args.calibration_images, size=(h, w), runs=3))
+            print(compare_quantized(onnx_path, args.out, calibration, size=(h, w), runs=3))
             return 0
         return _build_engine(args, precision, onnx_path, h, w)
     except BaseException:
