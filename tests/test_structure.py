@@ -126,7 +126,11 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:  # removed since the listing (an editor's or a formatter's temporary file)
+            continue
+        for node in ast.walk(ast.parse(source, filename=str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
