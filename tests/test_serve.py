@@ -361,7 +361,7 @@ def test_deploy_writes_the_backends_asked_for(tmp_path):
     pytest.param(np.zeros((1, 3, 7, 9), np.uint8), "too small", id="small"),
 ])
 def test_model_py_request_checks_name_the_problem(array, message):
-    from fastdeeplab.serve.triton_model import RequestError, check_image_batch
+    from fastdeeplab.export.triton_model import RequestError, check_image_batch
 
     with pytest.raises(RequestError, match=message):
         check_image_batch("input", array, np.uint8, [3, -1, -1], max_pixels=100, min_size=8)
@@ -372,7 +372,7 @@ def test_model_py_request_checks_name_the_problem(array, message):
 
 
 def test_model_py_groups_requests_by_image_size_and_refuses_numpy_2():
-    from fastdeeplab.serve.triton_model import check_numpy, group_by_shape
+    from fastdeeplab.export.triton_model import check_numpy, group_by_shape
 
     assert group_by_shape([(1, 3, 8, 8), (2, 3, 9, 8), (1, 3, 8, 8)]) == [[0, 2], [1]]
     check_numpy("1.26.4")

@@ -439,7 +439,7 @@ def deploy(model: nn.Module, repository: str | os.PathLike, *, name: str = DEFAU
                 (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
                 (stage / "1").mkdir()
                 if model_name == f"{name}_python":
-                    from ..serve import triton_model
+                    from . import triton_model
 
                     shutil.copyfile(triton_model.__file__, stage / "1" / "model.py")
                     _link_or_copy(onnx_file, stage / "1" / "model.onnx")

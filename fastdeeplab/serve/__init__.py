@@ -2,7 +2,7 @@
 
 * :mod:`fastdeeplab.serve.server`: :class:`TritonServer` finds or fetches ``tritonserver``, builds the python
   backend's environment, loads the models and stops every process it started (``fastdeeplab serve``).
-* :mod:`fastdeeplab.serve.triton_model`: the python-backend ``model.py`` that ``deploy`` writes.
+* :mod:`fastdeeplab.export.triton_model` (below serve, as ``deploy`` writes it): the python-backend ``model.py``.
 * :mod:`fastdeeplab.serve.client`: send photos over HTTP or gRPC, get class maps (``fastdeeplab client``).
 
 Nothing here is imported by ``import fastdeeplab``; the client needs ``pip install 'fastdeeplab[serve]'``.
