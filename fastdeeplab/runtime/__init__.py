@@ -5,6 +5,11 @@ TensorRT. Each module imports its runtime package only when used; a missing one 
 * :func:`ort_session`, :class:`OnnxRuntimeDeepLabV3` — :mod:`fastdeeplab.runtime.onnxruntime`
 * :func:`openvino_compiled_model`, :class:`OpenVINODeepLabV3` — :mod:`fastdeeplab.runtime.openvino`
 * :class:`TensorRTModel` — :mod:`fastdeeplab.runtime.tensorrt`
+* :func:`load_onnx`, :func:`check_onnx_file` — :mod:`fastdeeplab.runtime.onnx_files`, the one reader of ONNX
+  files (every error one line naming the file)
+
+``runtime/`` sits below ``export/``: it never imports it (``optimize`` hands the exported runtimes their
+exporter).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ _LAZY = {
     "OpenVINODeepLabV3": "openvino",
     "openvino_compiled_model": "openvino",
     "TensorRTModel": "tensorrt",
+    "check_onnx_file": "onnx_files",
+    "load_onnx": "onnx_files",
 }
 
 __all__ = sorted(["LABELS_DTYPE", "RuntimeModel", *_LAZY])

@@ -7,7 +7,11 @@ does the same way (ONNX Runtime, OpenVINO and TensorRT).
   back in the input's floating dtype; ``labels`` is always :data:`LABELS_DTYPE` (``torch.int64``, what
   ``logits.argmax(1)`` gives), whatever the graph computed them in (int32, uint8).
 * **Sessions are caches.** They are built on the first call, dropped when the model is pickled, deep-copied
-  or ``torch.save``-d, and rebuilt on the next call.
+  or ``torch.save``-d, and rebuilt on the next call. A session derived from the model's parameters (ONNX
+  Runtime, OpenVINO) is rebuilt when they change (``load_state_dict``, in-place writes), so the output is
+  always the current weights'.
+* **Overflow too.** A finite input whose activations overflow gives NaN, as on eager (OpenVINO compiles its
+  ``Relu`` to keep NaN: :func:`fastdeeplab.runtime.openvino.keep_nan_relus`).
 * **Non-finite input: NaN in, NaN out.** An image holding NaN or inf gets NaN logits everywhere and label
   ``-1``, as the eager model gives NaN (:func:`fastdeeplab.model.nonfinite_to_nan`); runtimes whose fused
   ReLU maps NaN to 0 (OpenVINO) would otherwise return confident labels.
