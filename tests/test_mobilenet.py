@@ -223,7 +223,8 @@ def test_fused_depthwise_module_against_conv():
 
     torch.manual_seed(0)
     for k, stride, dilation, act in [(3, 1, 1, "relu"), (3, 2, 1, "hardswish"), (5, 2, 1, "relu"),
-                                     (5, 1, 2, "hardswish"), (5, 1, 4, "none"), (3, 1, 2, "hardswish")]:
+                                     (5, 1, 2, "hardswish"), (5, 1, 4, "none"), (3, 1, 2, "hardswish"),
+                                     (5, 1, 4, "hardswish"), (3, 1, 8, "relu")]:  # dilation > 2: phases
         conv = nn.Conv2d(24, 24, k, stride, (k - 1) // 2 * dilation, dilation, groups=24, bias=False)
         bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(24))).eval()[0]
         ref_act = {"relu": nn.ReLU(), "hardswish": nn.Hardswish(), "none": nn.Identity()}[act]
