@@ -299,10 +299,14 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]])
                         markeredgewidth=0.5, markersize=8, capsize=3, zorder=3,
                         label=textwrap.shorten(f"{r['implementation']}: {r.get('description') or ''}", 64,
                                               placeholder=" ..."))
-        xlim = (min(xs) / 1.3, max(xs) * 1.3)
-        span = max(ys) - min(ys)
+        xs_all = xs + [r[k] for r in pts for k in ("latency_ms_q1", "latency_ms_q3") if r.get(k)]
+        xlim = (min(xs_all) / 1.15, max(xs_all) * 1.15)
+        extent = list(ys)  # the error bars stay inside the panel
+        if not is_accuracy:
+            extent += [r[k] for r in pts for k in ("speedup_same_os_q1", "speedup_same_os_q3") if r.get(k) is not None]
+        span = max(extent) - min(extent)
         pad = 0.12 * max(span, 0.02 if is_accuracy else 0.1)
-        ylim = (min(ys) - pad, max(ys) + pad)
+        ylim = (min(extent) - pad, max(extent) + pad)
         ax.set_xscale("log")
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
