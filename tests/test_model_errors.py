@@ -22,6 +22,8 @@ def model():
     pytest.param(torch.randn(0, 3, 33, 33), ValueError, "empty batch", id="empty"),
     pytest.param(torch.randn(1, 3, 15, 64), ValueError, "smaller than the output stride", id="too-small"),
     pytest.param([[1.0]], TypeError, "torch.Tensor", id="list"),
+    pytest.param(torch.randn(1, 3, 33, 33).to_sparse(), TypeError, "dense input.*sparse_coo.*to_dense", id="sparse"),
+    pytest.param(torch.randn(1, 3, 33, 33).to_mkldnn(), TypeError, "dense input.*_mkldnn", id="mkldnn"),
 ])
 def test_bad_inputs(model, x, exc, match):
     with pytest.raises(exc, match=match):
@@ -126,3 +128,39 @@ def test_import_without_optional_packages():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_train_mode_at_batch_1_says_eval(model):
+    model.train()
+    try:
+        with pytest.raises(ValueError, match=r"training mode.*one image.*model\.eval\(\).*batch size > 1"):
+            model(torch.randn(1, 3, 33, 33))
+        assert model(torch.randn(2, 3, 33, 33))["out"].shape == (2, 3, 33, 33)  # batch 2 trains
+    finally:
+        model.eval()
+    assert model(torch.randn(1, 3, 33, 33))["out"].shape == (1, 3, 33, 33)
+
+
+def test_another_models_weights_are_refused_before_download():
+    with pytest.raises(ValueError, match=r"DeepLabV3_ResNet101_Weights\.\S+ are for another model.*"
+                                         r"DeepLabV3_ResNet50_Weights"):
+        fastdeeplab.deeplabv3_resnet50(weights="DeepLabV3_ResNet101_Weights.DEFAULT")
+    with pytest.raises(ValueError, match=r"DeepLabV3_ResNet50_Weights\.\S+ are for another model"):
+        fastdeeplab.deeplabv3_resnet101(weights="DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1")
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"name": "deeplabv3_resnet50", "kwargs": {"num_classes": 3}, "colour": "red"}, r"unknown field.*colour"),
+    ({"name": "deeplabv3_resnet50", "kwargs": {"depth": 7}}, r"'kwargs\.depth' is not an argument"),
+    ({"name": "deeplabv3_resnet50", "kwargs": {"multi_grid": ["a"]}}, r"'kwargs'.*multi_grid"),
+    ({"name": "resnet", "kwargs": {}}, r"'name' is 'resnet', not a registered model"),
+    ([1, 2], r" is a list"),
+])
+def test_checkpoint_model_config_is_checked(tmp_path, model, config, match):
+    from fastdeeplab.hub import check_model_config
+
+    with pytest.raises(ValueError, match=rf"checkpoint \S*c\.pt: model_config.*{match}"):
+        check_model_config(config, tmp_path / "c.pt")
+    good = {"name": "deeplabv3_resnet50", "kwargs": {"num_classes": 3, "multi_grid": [1, 2, 4]}}
+    assert check_model_config(good, tmp_path / "c.pt") == {"name": "deeplabv3_resnet50",
+                                                            "kwargs": {"num_classes": 3, "multi_grid": (1, 2, 4)}}
