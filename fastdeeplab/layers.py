@@ -452,7 +452,7 @@ class FusedASPP(nn.Module):
 
     @property
     def rates(self) -> tuple[int, ...]:
-        return tuple(b.dilation[0] for b in self.branches[1:])
+        return tuple(b.dilation[0] for b in list(self.branches)[1:])  # slicing a ModuleList builds a new one
 
     def set_rates(self, rates: Sequence[int]) -> None:
         if len(rates) != len(self.branches) - 1:

@@ -45,9 +45,20 @@ from ._utils import (
     m_bucket,
     pair,
     resolve_input_precision,
+    tracing,
     wrap_kernel,
 )
-from .conv import WORK_SLACK, conv_tile, ensure_tma_allocator, grouped_tile, num_m_tiles, tma_eligible
+from .conv import (
+    _LAUNCH_PLANS,
+    WORK_SLACK,
+    _LaunchPlan,
+    _remember,
+    conv_tile,
+    ensure_tma_allocator,
+    grouped_tile,
+    num_m_tiles,
+    tma_eligible,
+)
 from .conv import get_autotune_configs as get_branch_configs
 from .work import ConvGeometry, executed_macs, tiling_of
 
@@ -216,6 +227,16 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
 
     ``config`` runs that ``triton.Config`` instead of autotuning (tests).
     """
+    sig = None
+    if out is None and isinstance(branches, (list, tuple)) and len(branches) == NUM_BRANCHES:
+        sig = _signature("aspp_project", [*branches, pooled, packed_weight], bias, relu, allow_tf32, config)
+        plan = _LAUNCH_PLANS.get(sig) if sig is not None else None
+        if plan is not None and not tracing():
+            b0, b1, b2, b3 = (b.contiguous(memory_format=torch.channels_last) for b in branches)
+            out = plan.new_out()
+            plan.run(b0, b1, b2, b3, pooled.contiguous(), packed_weight.contiguous(),
+                     out if bias is None else _bias32(bias), out)
+            return out
     if not isinstance(branches, (list, tuple)) or len(branches) != NUM_BRANCHES:
         raise ValueError(f"branches must be a list or tuple of {NUM_BRANCHES} tensors "
                          f"(the 1x1 branch and three atrous branches), got {type(branches).__name__} of "
@@ -275,17 +296,19 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
         kernel = _aspp_project_autotuned
         meta = {}
     b0, b1, b2, b3 = branches
+    scalars = (n, h * w, w, cb, cout, m_bucket(n * h * w), device_key(x),
+               b0.stride(0), b0.stride(2), b0.stride(3),
+               pooled.stride(0),
+               out.stride(0), out.stride(2), out.stride(3))
+    consts = dict(HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
+                  INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
+                  **meta)
+    launcher = wrap_kernel(kernel, x)
     with launch_guard(x):
-        wrap_kernel(kernel, x)[grid](
-            b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out,
-            n, h * w, w, cb, cout, m_bucket(n * h * w), device_key(x),
-            b0.stride(0), b0.stride(2), b0.stride(3),
-            pooled.stride(0),
-            out.stride(0), out.stride(2), out.stride(3),
-            HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
-            INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
-            **meta,
-        )
+        launcher[grid](b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out, *scalars,
+                       **consts)
+    if sig is not None and launcher is kernel:  # an eager launch: remember everything but the data
+        _remember(sig, _LaunchPlan(kernel, consts, grid, scalars, (n, cout, h, w), x.dtype, x.device))
     return out
 
 
@@ -384,6 +407,16 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
         ``[4*N, Cb, H, W]`` channels-last: branch ``i`` is ``out[i*N:(i+1)*N]`` (views with equal strides, what
         :func:`aspp_project_packed` takes).
     """
+    sig = None
+    if out is None:
+        sig = _signature("aspp_branches", [x, packed_weight], bias, tuple(rates) if isinstance(rates, list)
+                         else rates, relu, allow_tf32, config)
+        plan = _LAUNCH_PLANS.get(sig) if sig is not None else None
+        if plan is not None and not tracing():
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = plan.new_out()
+            plan.run(x, packed_weight.contiguous(), out if bias is None else _bias32(bias), out)
+            return out
     check_tensor(x, "x")
     check_tensor(packed_weight, "packed_weight")
     if x.dim() != 4:
@@ -428,15 +461,36 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
     else:
         kernel, meta = _aspp_branches_autotuned, {}
     ensure_tma_allocator(x, config is None or meta["USE_TMA"])
+    scalars = (n, h, w, cin, cb, m_bucket(n * h * w), device_key(x),
+               x.stride(0), x.stride(2), x.stride(3),
+               out.stride(0), out.stride(2), out.stride(3), n * out.stride(0),
+               rates[0], rates[1], rates[2])
+    consts = dict(HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
+                  INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
+                  **meta)
+    launcher = wrap_kernel(kernel, x)
     with launch_guard(x):
-        wrap_kernel(kernel, x)[grid](
-            x, packed_weight, bias if bias is not None else out, out,
-            n, h, w, cin, cb, m_bucket(n * h * w), device_key(x),
-            x.stride(0), x.stride(2), x.stride(3),
-            out.stride(0), out.stride(2), out.stride(3), n * out.stride(0),
-            rates[0], rates[1], rates[2],
-            HAS_BIAS=bias is not None, APPLY_RELU=bool(relu),
-            INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32), DOT_IN_FP32=dot_in_fp32(x.dtype),
-            **meta,
-        )
+        launcher[grid](x, packed_weight, bias if bias is not None else out, out, *scalars, **consts)
+    if sig is not None and launcher is kernel:  # an eager launch: remember everything but the data
+        _remember(sig, _LaunchPlan(kernel, consts, grid, scalars, (4 * n, cb, h, w), x.dtype, x.device))
     return out
+
+
+def _bias32(bias: Tensor) -> Tensor:
+    return bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.detach().to(torch.float32).contiguous()
+
+
+def _signature(name: str, tensors: list, bias, *rest) -> tuple | None:
+    """Everything but the data a launch depends on (see :func:`fastdeeplab.kernels.conv._launch_signature`);
+    ``None`` when an argument is not a plain tensor or not hashable (the checked path then runs)."""
+    if any(type(t) is not Tensor for t in tensors):
+        return None
+    tf32 = bool(torch.backends.cudnn.allow_tf32)
+    sig = (name, *((t.shape, t.stride(), t.dtype, t.device) for t in tensors),
+           None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.is_contiguous()),
+           tf32, *rest)
+    try:
+        hash(sig)
+    except TypeError:
+        return None
+    return sig

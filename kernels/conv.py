@@ -528,14 +528,20 @@ class _LaunchPlan:
         packed_weight = packed_weight.contiguous()
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.detach().to(torch.float32).contiguous()
-        out = torch.empty(self.out_shape, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        out = self.new_out()
         res = out if residual is None else residual.contiguous(memory_format=torch.channels_last)
+        self.run(x, packed_weight, out if bias is None else bias, res, out, out)
+        return out
+
+    def new_out(self) -> Tensor:
+        return torch.empty(self.out_shape, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+
+    def run(self, x: Tensor, *tensors: Tensor) -> None:
+        """Launch with the tensor arguments ``(x, *tensors)`` followed by the remembered scalars."""
         if self.tma:
             ensure_tma_allocator(x, True)
         with launch_guard(x):
-            self.fn.run(x, packed_weight, out if bias is None else bias, res, out, out, *self.scalars,
-                        grid=self.grid, warmup=False, **self.consts)
-        return out
+            self.fn.run(x, *tensors, *self.scalars, grid=self.grid, warmup=False, **self.consts)
 
 
 def pack_weight(weight: Tensor) -> Tensor:

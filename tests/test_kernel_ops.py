@@ -384,3 +384,30 @@ def test_tma_allocator_is_set_in_every_launching_thread():
     t.start()
     t.join()
     assert seen["own"] is own
+
+
+def test_aspp_launchers_replay_a_checked_launch_with_new_data():
+    """The second call of a signature replays the first call's checked launch; new data, same results."""
+    from fastdeeplab.kernels import conv as conv_module
+
+    conv_module._LAUNCH_PLANS.clear()
+    n, cin, h, w, cb, rates = 1, 8, 9, 10, 8, [2, 3, 5]
+    for trial in range(2):
+        x, weights, biases = _branch_inputs(n, cin, h, w, cb, torch.float32)
+        expected = aspp_branches_reference(x.double(), [wt.double() for wt in weights],
+                                           [b.double() for b in biases], rates)
+        y = aspp_branches_packed(x, pack_aspp_branch_weights(weights), torch.cat(biases), rates, allow_tf32=False)
+        for i, (got, exp) in enumerate(zip(y.chunk(4), expected)):
+            assert_close_verbose(got, exp, atol=1e-4, rtol=1e-4, name=f"trial {trial} branch {i}")
+        branches = list(y.chunk(4))  # views of one tensor, as the fused ASPP passes them
+        pooled = torch.randn(n, cb, device=DEV)
+        weight = torch.randn(6, 5 * cb, 1, 1, device=DEV) / (5 * cb) ** 0.5
+        bias = torch.randn(6, device=DEV)
+        from fastdeeplab.kernels.aspp import aspp_project_packed, pack_aspp_weight
+        from fastdeeplab.kernels.reference import aspp_project_reference
+
+        got = aspp_project_packed(branches, pooled, pack_aspp_weight(weight), bias, allow_tf32=False)
+        want = aspp_project_reference([b.double() for b in branches], pooled.double(), weight.double(),
+                                      bias.double())
+        assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, name=f"trial {trial} projection")
+    assert len(conv_module._LAUNCH_PLANS) == 2, "one plan per launcher signature, replayed on the second trial"
