@@ -175,7 +175,7 @@ def check_outputs(out_dir: str | os.PathLike, stems: Sequence[str], inputs: Sequ
     for stem in stems:
         for name in output_names(stem):
             path = check_output_path(out / name, what="--out")
-            check_not_input(path, [p for p in inputs if p is not None], what="--out")
+            check_not_input(out / name, [p for p in inputs if p is not None], what="--out")  # named as given
             if path.exists() and not overwrite and not written_by_predict(path):
                 raise FileExistsError(f"--out {path} exists and was not written by fastdeeplab predict; "
                                       "refusing to replace it: give another --out folder, or --overwrite")
