@@ -187,7 +187,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
                         help="images per forward; images of different sizes are grouped, never padded")
     parser.add_argument("--workers", type=int_at_least(0), default=2, help="data loading processes (>= 0)")
     parser.add_argument("--json", type=output_file, default=None, metavar="FILE",
-                        help="also write the scores as JSON (fractions in [0, 1], as evaluate() returns them)")
+                        help="also write the scores as strict JSON (fractions in [0, 1], as evaluate() returns "
+                             "them; null for the IoU of a class absent from truth and prediction)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
