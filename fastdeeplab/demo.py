@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ._io import atomic_path, check_not_input
     from .data.palette import overlay
     from .images import load_image, normalize, skimage_photo_paths
-    from .predict import PALETTES, add_legend, class_names_for
+    from .predict import add_legend, class_names_for, palette_for
     from .timing import interleaved
     from .weights import build_model, write_synthetic_scene
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         " (random weights: this agreement carries no meaning)"
     print(f"  OS16 and OS8 predictions agree on {100 * agree:.2f}% of pixels{note}")
     mask = preds[8][0].to(torch.uint8).cpu().numpy()
-    palette = PALETTES["voc"]
+    palette = palette_for("voc", args.weights)
     picture = add_legend(overlay(image, mask, palette), mask, palette, class_names_for("voc", args.weights))
     with atomic_path(args.out, suffix=".png", what="--out") as tmp:
         picture.save(tmp, format="PNG")

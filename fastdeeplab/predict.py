@@ -48,7 +48,8 @@ from .evaluation import (
 from .images import image_size, load_image, normalize
 
 __all__ = ["CLASS_NAMES", "PALETTES", "SIGNATURE", "add_legend", "check_outputs", "class_names_for",
-           "configure_parser", "output_names", "predict_mask", "run", "write_prediction", "written_by_predict"]
+           "configure_parser", "output_names", "palette_for", "predict_mask", "run", "write_prediction",
+           "written_by_predict"]
 
 PALETTES = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE}
 CLASS_NAMES = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
@@ -62,6 +63,15 @@ def class_names_for(palette: str, weights: str | None = None) -> Sequence[str]:
     if isinstance(weights, str) and weights.strip().lower() == "synthetic":
         return SYNTHETIC_CLASSES
     return CLASS_NAMES[palette]
+
+
+def palette_for(palette: str, weights: str | None = None) -> Sequence[int] | Sequence[Sequence[int]]:
+    """The class colours: the synthetic scenes' own with ``--weights synthetic``, else ``PALETTES[palette]``."""
+    from .weights import SYNTHETIC_PALETTE
+
+    if isinstance(weights, str) and weights.strip().lower() == "synthetic":
+        return SYNTHETIC_PALETTE
+    return PALETTES[palette]
 
 
 def add_legend(image: Image.Image, mask: np.ndarray, palette: Sequence[int] | Sequence[Sequence[int]] | None,
@@ -214,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
             mask = predict_mask(model, image, scales=args.scales, flip=args.flip, device=device)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
-        mask_path, overlay_path = write_prediction(args.out, path.stem, image, mask, PALETTES[args.palette],
+        mask_path, overlay_path = write_prediction(args.out, path.stem, image, mask,
+                                                   palette_for(args.palette, args.weights),
                                                    alpha=args.alpha,
                                                    class_names=class_names_for(args.palette, args.weights))
         print(f"{path} -> {mask_path}, {overlay_path}")

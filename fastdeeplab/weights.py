@@ -48,6 +48,7 @@ __all__ = [
     "DEPTHS",
     "NAMED_WEIGHTS",
     "SYNTHETIC_CLASSES",
+    "SYNTHETIC_PALETTE",
     "WEIGHT_KINDS",
     "SPEC",
     "SyntheticSpec",
@@ -70,6 +71,8 @@ DEPTHS = {"resnet50": 50, "resnet101": 101}
 WEIGHT_KINDS = ("random", "torchvision", "checkpoint", "synthetic")
 NAMED_WEIGHTS = ("synthetic", "random")  # names that are neither a file nor a torchvision weights name
 SYNTHETIC_CLASSES = ("background", "red", "green", "blue")  # data.synthetic: class c >= 1 has the c-th colour
+# Their colours in masks and overlays: the scenes' own (background black), so "red" is drawn red.
+SYNTHETIC_PALETTE = ((0, 0, 0), (220, 40, 40), (40, 200, 60), (50, 70, 230))
 
 
 @dataclass

@@ -50,6 +50,8 @@ def test_predict_with_synthetic_weights_writes_masks_and_a_legend(synthetic_cach
     assert mask.shape == (64, 64) and mask.max() < 4  # the synthetic model's 4 classes
     overlay = Image.open(out / "scene_overlay.png")
     assert overlay.width > 64 and overlay.height >= 64  # the legend strip to the right of the picture
+    palette = Image.open(out / "scene_mask.png").getpalette()[:12]
+    assert palette == [v for rgb in fw.SYNTHETIC_PALETTE for v in rgb]  # "red" is drawn red
     strip = np.asarray(overlay.convert("RGB"))[:, 64:]
     assert (strip == 255).mean() > 0.5 and (strip < 128).any()  # white, with swatches and text
 
