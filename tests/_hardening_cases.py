@@ -1123,7 +1123,7 @@ def _issue20_library_cases() -> list[Case]:
     def state_follows(backend: str) -> Callable[[Path], str]:
         def go(t: Path) -> str:
             fast, x, m2 = optimized(backend), _image(), other_model()
-            before = fast.state_dict()
+            before = {k: v.clone() for k, v in fast.state_dict().items()}  # state_dict() shares storage
             fast(x)  # a session over model()'s weights
             try:
                 fast.load_state_dict(fastdeeplab.optimize(m2, backend=backend).state_dict())
