@@ -10,7 +10,8 @@ it loads through TMA (``cp.async.bulk.tensor``, required of the ``USE_TMA`` conf
     python -m fastdeeplab.kernels.aot --arch 90 --kernel aspp_project --markdown
 
 The exit status is non-zero if any build fails to compile, spills, exceeds the architecture's shared memory,
-or lacks tensor-core instructions (``mma.sync`` on sm_80, ``wgmma`` on sm_90). Signatures use the
+or lacks tensor-core instructions (``mma.sync`` on sm_80, ``wgmma`` on sm_90) where the kernel reduces over
+channels (the depthwise kernels do not, so they use no MMA by design and the table says so). Signatures use the
 specialisation the JIT picks for typical DeepLab shapes: 16-byte-aligned pointers and channel counts and
 strides divisible by 16; the spatial sizes and the convolution geometry stay runtime integers.
 
@@ -59,6 +60,7 @@ class KernelSpec:
     flags: tuple[tuple[str, object], ...]  # constexpr flags other than the meta-parameters
     configs_fn: str = "get_autotune_configs"  # the module's config builder
     configs_kind: str | None = None  # its ``kind=`` argument, if any
+    mma: bool = True  # whether the kernel must use tensor cores (False: no channel reduction, e.g. depthwise)
 
 
 # Sizes the JIT does not specialise (do_not_specialize) stay plain i32 here: N, H, W, OH, OW.
@@ -69,6 +71,17 @@ _CONV_COMMON = dict(
                   "stride_on", "stride_oh", "stride_ow"),
 )
 _CONV_FLAGS = (("HAS_BIAS", True), ("APPLY_RELU", True), ("COUNT_TAPS", False), ("DOT_IN_FP32", False))
+
+_DEPTHWISE_COMMON = dict(
+    module="depthwise", fn="_depthwise_conv_act_kernel", data_ptrs=("x_ptr", "w_ptr", "out_ptr"),
+    fp32_ptrs=("bias_ptr", "se_ptr", "sum_ptr"), i32_ptrs=(),
+    aligned_ints=("C", "stride_xn", "stride_xh", "stride_xw", "stride_sn", "stride_on", "stride_oh", "stride_ow"),
+    mma=False,
+)
+_DEPTHWISE_APPLY = (("HAS_BIAS", True), ("ACTIVATION", 2), ("HAS_SE", True), ("CHANNEL_SUMS", False),
+                    ("WRITE_OUTPUT", True))
+_DEPTHWISE_POOL = (("HAS_BIAS", True), ("ACTIVATION", 2), ("HAS_SE", False), ("CHANNEL_SUMS", True),
+                   ("WRITE_OUTPUT", False))
 
 KERNELS: dict[str, KernelSpec] = {
     # 3×3: spatial and raster tiles (the autotuner sees both)
@@ -92,6 +105,11 @@ KERNELS: dict[str, KernelSpec] = {
                       "stride_ow"),
         flags=(("HAS_BIAS", True), ("APPLY_RELU", True), ("DOT_IN_FP32", False)),
     ),
+    # Depthwise (groups = C): no reduction over channels, so no MMA by design. MobileNetV3's 3×3 and 5×5
+    # blocks with bias + hardswish + SE scale, and the SE pooling pass (channel sums, no map written).
+    **{f"depthwise{k}x{k}": KernelSpec(**_DEPTHWISE_COMMON, flags=(("KH", k), ("KW", k), *_DEPTHWISE_APPLY))
+       for k in (3, 5)},
+    "depthwise5x5_pool": KernelSpec(**_DEPTHWISE_COMMON, flags=(("KH", 5), ("KW", 5), *_DEPTHWISE_POOL)),
 }
 
 
@@ -138,6 +156,8 @@ def _config_label(cfg) -> str:
         shape = "raster" if kw.get("RASTER") else f"{kw['BLOCK_OH']}x{kw['BLOCK_OW']} px"
         shape += ", TMA" if kw.get("USE_TMA") else ""
         tile = f"{kw['BLOCK_OH'] * kw['BLOCK_OW']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} ({shape})"
+    elif "BLOCK_C" in kw:  # depthwise: pixels x channels, no K
+        tile = f"{kw['BLOCK_P']} px x {kw['BLOCK_C']} ch"
     else:
         tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
     return f"{tile} w{cfg.num_warps} s{cfg.num_stages}"
@@ -170,14 +190,15 @@ def _compile_in_process(job: CompileJob) -> dict:
         cfg = _configs(spec)[job.config]
     row = {**asdict(job), "config_label": _config_label(cfg), "ok": False, "error": None, "registers": None,
            "spill_stores": None, "spill_loads": None, "stack_bytes": None, "smem_bytes": None,
-           "smem_limit": SMEM_LIMIT[job.arch], "tensor_cores": "none", "tma": False}
+           "smem_limit": SMEM_LIMIT[job.arch], "tensor_cores": "none", "tma": False, "mma_expected": spec.mma}
     try:
         fn = getattr(importlib.import_module(f"fastdeeplab.kernels.{spec.module}"), spec.fn)
         if not isinstance(fn, JITFunction):
             raise RuntimeError(f"{spec.fn} is {type(fn).__name__}, not a JITFunction: unset TRITON_INTERPRET")
         ty = _TRITON_TYPE[job.dtype]
         constexprs = dict(spec.flags)
-        constexprs["INPUT_PRECISION"] = "tf32"
+        if "INPUT_PRECISION" in fn.arg_names:
+            constexprs["INPUT_PRECISION"] = "tf32"
         constexprs.update(cfg.kwargs)
         for name in ("RASTER", "USE_TMA"):  # tiling flags a custom config may leave out: spatial, cp.async
             if name in fn.arg_names:
@@ -227,7 +248,7 @@ def _compile_in_process(job: CompileJob) -> dict:
             problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} bytes")
         if row["smem_bytes"] > row["smem_limit"]:
             problems.append(f"shared memory {row['smem_bytes']} > {row['smem_limit']}")
-        if row["tensor_cores"] != TENSOR_CORE_OP[job.arch]:
+        if spec.mma and row["tensor_cores"] != TENSOR_CORE_OP[job.arch]:
             problems.append(f"expected {TENSOR_CORE_OP[job.arch]} in the PTX, found {row['tensor_cores']}")
         if cfg.kwargs.get("USE_TMA") and job.arch >= 90 and not row["tma"]:
             problems.append("a TMA config without cp.async.bulk.tensor in the PTX")
@@ -291,9 +312,11 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
     body = []
     for r in rows:
         spills = "-" if r["spill_stores"] is None else f"{r['spill_stores']}+{r['spill_loads']}"
-        body.append([r["kernel"], str(r["config"]), r["config_label"], r["dtype"], f"sm_{r['arch']}",
+        dtype = r["dtype"] if r.get("mma_expected", True) else r["dtype"].replace("-tf32", "")  # no dot: no TF32
+        body.append([r["kernel"], str(r["config"]), r["config_label"], dtype, f"sm_{r['arch']}",
                      "-" if r["registers"] is None else str(r["registers"]), spills,
-                     "-" if r["smem_bytes"] is None else str(r["smem_bytes"]), r["tensor_cores"],
+                     "-" if r["smem_bytes"] is None else str(r["smem_bytes"]),
+                     r["tensor_cores"] if r.get("mma_expected", True) else f"{r['tensor_cores']} (no MMA by design)",
                      "cp.async.bulk.tensor" if r.get("tma") else "-", "ok" if r["ok"] else f"FAIL: {r['error']}"])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -329,8 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{ptxas_version()} (bundled with triton), no GPU needed, {datetime.date.today().isoformat()}\n")
         print(format_table(rows, markdown=args.markdown))
         bad = [r for r in rows if not r["ok"]]
+        no_mma = sum(not r.get("mma_expected", True) for r in rows)
         print(f"\n{len(rows) - len(bad)}/{len(rows)} builds compile with 0 spills, fit in shared memory and "
-              "use tensor cores" + ("" if not bad else f"; {len(bad)} FAILED")
+              "use tensor cores" + (f" (except {no_mma} builds of kernels without MMA by design: depthwise)"
+                                    if no_mma else "") + ("" if not bad else f"; {len(bad)} FAILED")
               + f"; {sum(bool(r.get('tma')) for r in rows)} load through TMA (cp.async.bulk.tensor)")
     return 0 if all(r["ok"] for r in rows) else 1
 
