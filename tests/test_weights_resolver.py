@@ -74,8 +74,8 @@ def test_legend_names_the_classes_present():
 @pytest.mark.slow
 def test_named_weights_errors_are_one_line(synthetic_cache, monkeypatch):
     monkeypatch.setenv("FASTDEEPLAB_CACHE", str(synthetic_cache))
-    with pytest.raises(ValueError, match="--weights synthetic exists for deeplabv3_resnet50"):
-        fw.build_model("deeplabv3_mobilenet_v3_large", "synthetic")
+    with pytest.raises(ValueError, match="--weights synthetic exists for .*not --model deeplabv3_cascade_resnet50"):
+        fw.build_model("deeplabv3_cascade_resnet50", "synthetic")
     with pytest.raises(ValueError, match="has 4 classes, not --num-classes 21"):
         fw.build_model("deeplabv3_resnet50", "Synthetic", num_classes=21)
     model = fw.build_model("deeplabv3_resnet50", "synthetic", output_stride=16)
