@@ -15,8 +15,10 @@ deploy and the bench), and :func:`build_model`, which builds a registered model 
 * a checkpoint path (torchvision names; a training run's ``model_final.pt``).
 
 :func:`resolve_weights` returns :class:`Weights`: the state dict and its ``kind`` (``random``,
-``torchvision``, ``checkpoint`` or ``synthetic``). Synthetic and seeded random weights exist for the
-ResNet-50 and ResNet-101 builders (``deeplabv3_resnet50``, ``deeplabv3_resnet101``).
+``torchvision``, ``checkpoint`` or ``synthetic``) for one of the backbones in :data:`BACKBONES`
+(``resnet50``, ``resnet101``, ``mobilenet_v3_large``: the builders ``deeplabv3_resnet50``,
+``deeplabv3_resnet101``, ``deeplabv3_mobilenet_v3_large``). Everything backbone-specific (torchvision's
+builder, its weights enum, the reference at each output stride) lives in that one table.
 
 >>> from fastdeeplab.weights import build_model
 >>> model = build_model("deeplabv3_resnet50", "synthetic", output_stride=8)     # doctest: +SKIP
@@ -45,6 +47,8 @@ from torch import Tensor, nn
 from .metrics import IGNORE_INDEX, ConfusionMatrix
 
 __all__ = [
+    "BACKBONES",
+    "BackboneSpec",
     "DEPTHS",
     "NAMED_WEIGHTS",
     "SYNTHETIC_CLASSES",
@@ -53,6 +57,7 @@ __all__ = [
     "SPEC",
     "SyntheticSpec",
     "Weights",
+    "backbone_spec",
     "build_model",
     "is_named_weights",
     "cache_path",
@@ -67,7 +72,7 @@ __all__ = [
     "torchvision_weights_enum",
 ]
 
-DEPTHS = {"resnet50": 50, "resnet101": 101}
+DEPTHS = {"resnet50": 50, "resnet101": 101}  # the ResNet backbones by depth (BACKBONES has them all)
 WEIGHT_KINDS = ("random", "torchvision", "checkpoint", "synthetic")
 NAMED_WEIGHTS = ("synthetic", "random")  # names that are neither a file nor a torchvision weights name
 SYNTHETIC_CLASSES = ("background", "red", "green", "blue")  # data.synthetic: class c >= 1 has the c-th colour
@@ -75,17 +80,96 @@ SYNTHETIC_CLASSES = ("background", "red", "green", "blue")  # data.synthetic: cl
 SYNTHETIC_PALETTE = ((0, 0, 0), (220, 40, 40), (40, 200, 60), (50, 70, 230))
 
 
+def _resnet_reference(depth: int) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, output_stride: int) -> nn.Module:
+        """torchvision's DeepLabV3-ResNet at output stride 8 (as shipped) or 16 (rebuilt the torchvision way,
+        ``replace_stride_with_dilation=[False, False, True]``, ASPP rates 6/12/18)."""
+        from torchvision.models import resnet50, resnet101
+        from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+
+        if output_stride == 8:
+            builder = deeplabv3_resnet50 if depth == 50 else deeplabv3_resnet101
+            return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        resnet = (resnet50 if depth == 50 else resnet101)(weights=None,
+                                                           replace_stride_with_dilation=[False, False, True])
+        return DeepLabV3(IntermediateLayerGetter(resnet, return_layers={"layer4": "out"}),
+                         DeepLabHead(2048, num_classes, atrous_rates=(6, 12, 18)))
+    return build
+
+
+def _mobilenet_reference(num_classes: int, output_stride: int) -> nn.Module:
+    """torchvision's ``deeplabv3_mobilenet_v3_large`` (output stride 16 as shipped); at 8 its depthwise convs
+    get fastdeeplab's strides and dilations (:meth:`fastdeeplab.mobilenet.MobileNetV3Backbone.apply_plan`,
+    parameters untouched), ASPP rates (12, 24, 36) at both, as torchvision has them."""
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    from .mobilenet import MobileNetV3Backbone
+
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes,
+                                         aux_loss=False)
+    MobileNetV3Backbone.apply_plan(model.backbone, MobileNetV3Backbone().atrous_plan(output_stride))
+    return model
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone of ``--backbone``: what the resolver and the bench need to know about it."""
+
+    name: str  # the --backbone value
+    model: str  # the builder, in torchvision.models.segmentation and fastdeeplab.get_model alike
+    weights_enum: str  # torchvision's weights enum class (in torchvision.models.segmentation)
+    reference: Callable[[int, int], nn.Module]  # (num_classes, output_stride) -> torchvision DeepLabV3, OS 8/16
+    native_stride: int  # the output stride of torchvision's builder as shipped
+    marker: tuple[str, str | None]  # a state-dict key its checkpoints have, and one they lack (or None)
+    download_mb: int  # size of torchvision's COCO-VOC weights file
+
+
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    BackboneSpec("resnet50", "deeplabv3_resnet50", "DeepLabV3_ResNet50_Weights", _resnet_reference(50), 8,
+                 ("backbone.layer4.0.conv1.weight", "backbone.layer3.6.conv1.weight"), 161),
+    BackboneSpec("resnet101", "deeplabv3_resnet101", "DeepLabV3_ResNet101_Weights", _resnet_reference(101), 8,
+                 ("backbone.layer3.22.conv1.weight", None), 233),
+    BackboneSpec("mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "DeepLabV3_MobileNet_V3_Large_Weights",
+                 _mobilenet_reference, 16, ("backbone.16.0.weight", None), 42),
+)}
+
+
+def backbone_spec(backbone: str | int) -> BackboneSpec:
+    """The :data:`BACKBONES` entry for ``backbone``: a name (``resnet50``, ``mobilenet_v3_large``, ...) or a
+    ResNet depth (50, 101). ``ValueError`` lists the valid names."""
+    name = f"resnet{backbone}" if isinstance(backbone, int) else str(backbone)
+    if name not in BACKBONES:
+        raise ValueError(f"--backbone {backbone}: expected one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def _checkpoint_backbone(state: Mapping[str, Tensor]) -> str | None:
+    """Which backbone a torchvision-style DeepLabv3 state dict belongs to (None if none matches)."""
+    for spec in BACKBONES.values():
+        has, lacks = spec.marker
+        if has in state and (lacks is None or lacks not in state):
+            return spec.name
+    return None
+
+
 @dataclass
 class Weights:
     """One state dict (torchvision names, no aux head) shared by every implementation."""
 
     state_dict: dict[str, Tensor]
-    depth: int
+    backbone: str  # a BACKBONES name
     num_classes: int
     kind: str  # one of WEIGHT_KINDS
     description: str
     source: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # synthetic: how the model was trained
+
+    @property
+    def depth(self) -> int | None:
+        """The ResNet depth (50, 101), None for another backbone."""
+        return DEPTHS.get(self.backbone)
 
     @property
     def real(self) -> bool:
@@ -99,36 +183,37 @@ class Weights:
 
     def as_json(self) -> dict[str, Any]:
         out = {"kind": self.kind, "description": self.description, "source": self.source,
-               "backbone": f"resnet{self.depth}", "num_classes": self.num_classes,
+               "backbone": self.backbone, "num_classes": self.num_classes,
                "accuracy_meaningful": self.real}
         if self.info:
             out["info"] = self.info
         return out
 
 
-def _weights_enum_class(depth: int) -> Any:
-    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights
+def _weights_enum_class(backbone: str | int) -> Any:
+    from torchvision.models import segmentation
 
-    return {50: DeepLabV3_ResNet50_Weights, 101: DeepLabV3_ResNet101_Weights}[depth]
+    return getattr(segmentation, backbone_spec(backbone).weights_enum)
 
 
-def torchvision_weights_enum(name: str, depth: int) -> Any:
+def torchvision_weights_enum(name: str, backbone: str | int) -> Any:
     """torchvision's DeepLabv3 weights enum member for ``name``: a member name (``COCO_WITH_VOC_LABELS_V1``,
     ``DEFAULT``) or ``<EnumClass>.<member>``, case-insensitive. ``ValueError`` lists the valid names."""
-    enum = _weights_enum_class(depth)
+    enum = _weights_enum_class(backbone)
+    bb = backbone_spec(backbone).name
     members = list(enum.__members__)  # includes the DEFAULT alias
     short = name.strip()
     if "." in short:
         cls, _, short = short.rpartition(".")
         if cls.lower() != enum.__name__.lower():
-            raise ValueError(f"--weights {name!r}: {cls} is not the weights class of resnet{depth} "
+            raise ValueError(f"--weights {name!r}: {cls} is not the weights class of {bb} "
                              f"({enum.__name__}); valid names: {', '.join(members)} "
                              f"(or {enum.__name__}.<name>), random, synthetic, or a checkpoint path")
     for member in members:
         if member.lower() == short.lower():
             return enum[member]
     raise ValueError(f"--weights {name!r} is not a checkpoint file, 'random', 'synthetic' or a torchvision "
-                     f"weights name; valid torchvision names for resnet{depth}: {', '.join(members)} "
+                     f"weights name; valid torchvision names for {bb}: {', '.join(members)} "
                      f"(or {enum.__name__}.<name>)")
 
 
@@ -136,12 +221,12 @@ def _hub_file(member: Any) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
 
 
-def cached_torchvision_weights(depth: int) -> Path | None:
+def cached_torchvision_weights(backbone: str | int) -> Path | None:
     """Path of torchvision's COCO-with-VOC-labels DeepLabv3 weights if already in the torch hub cache.
 
     Only the cache is looked at; nothing is ever downloaded.
     """
-    path = _hub_file(_weights_enum_class(depth).COCO_WITH_VOC_LABELS_V1)
+    path = _hub_file(_weights_enum_class(backbone).COCO_WITH_VOC_LABELS_V1)
     return path if path.is_file() else None
 
 
@@ -149,33 +234,21 @@ def _drop_aux(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
 
 
-def torchvision_reference(depth: int, num_classes: int, output_stride: int,
+def torchvision_reference(backbone: str | int, num_classes: int, output_stride: int,
                           state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
-    """A genuine torchvision ``DeepLabV3`` (no aux head) at output stride 8 (as shipped) or 16 (rebuilt
-    with ``replace_stride_with_dilation=[False, False, True]`` and ASPP rates 6/12/18), in eval mode."""
-    from torchvision.models import resnet50, resnet101
-    from torchvision.models._utils import IntermediateLayerGetter
-    from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
-    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
-
-    if output_stride == 8:
-        build = deeplabv3_resnet50 if depth == 50 else deeplabv3_resnet101
-        model = build(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-    elif output_stride == 16:
-        resnet = (resnet50 if depth == 50 else resnet101)(weights=None,
-                                                           replace_stride_with_dilation=[False, False, True])
-        model = DeepLabV3(IntermediateLayerGetter(resnet, return_layers={"layer4": "out"}),
-                          DeepLabHead(2048, num_classes, atrous_rates=(6, 12, 18)))
-    else:
+    """A genuine torchvision ``DeepLabV3`` (no aux head) for ``backbone`` (a :data:`BACKBONES` name or a
+    ResNet depth) at output stride 8 or 16, in eval mode: see each entry's ``reference``."""
+    if output_stride not in (8, 16):
         raise ValueError(f"the torchvision reference exists at output stride 8 or 16, not {output_stride}")
+    model = backbone_spec(backbone).reference(num_classes, output_stride)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
 
 @torch.no_grad()
-def random_state_dict(depth: int, num_classes: int, seed: int, calibration: Tensor) -> dict[str, Tensor]:
-    """Seeded random weights whose activations stay well scaled through 50/101 layers.
+def random_state_dict(backbone: str | int, num_classes: int, seed: int, calibration: Tensor) -> dict[str, Tensor]:
+    """Seeded random weights whose activations stay well scaled through every layer.
 
     torchvision's own initialisation for the convolutions; every BatchNorm gets a random affine
     (``weight ~ U(0.5, 1.5)``, ``bias ~ N(0, 0.2)``) and then running statistics measured on the
@@ -185,7 +258,7 @@ def random_state_dict(depth: int, num_classes: int, seed: int, calibration: Tens
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = torchvision_reference(depth, num_classes, output_stride=8)
+        model = torchvision_reference(backbone, num_classes, backbone_spec(backbone).native_stride)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
@@ -201,16 +274,17 @@ def random_state_dict(depth: int, num_classes: int, seed: int, calibration: Tens
     return model.state_dict()
 
 
-def _from_torchvision_cache(member: Any, depth: int, download: bool) -> Weights:
+def _from_torchvision_cache(member: Any, backbone: str, download: bool) -> Weights:
     path = _hub_file(member)
     if not path.is_file():
         if not download:
             raise FileNotFoundError(
                 f"--weights {member}: not in the torch hub cache ({path}). Pass --download-weights to download "
-                f"it (about 160 MB from download.pytorch.org), or put the file there yourself.")
+                f"it (about {backbone_spec(backbone).download_mb} MB from download.pytorch.org), or put the file "
+                f"there yourself.")
         member.get_state_dict(progress=True, check_hash=True)  # downloads into the hub cache
     state = _drop_aux(torch.load(path, map_location="cpu", weights_only=True))
-    return Weights(state, depth, int(state["classifier.4.weight"].shape[0]), "torchvision",
+    return Weights(state, backbone, int(state["classifier.4.weight"].shape[0]), "torchvision",
                    f"torchvision {type(member).__name__}.{member.name} ({path.name}, "
                    f"{'downloaded' if download else 'from the torch hub cache'})", str(path))
 
@@ -229,23 +303,22 @@ def resolve_weights(spec: str | None, backbone: str = "resnet50", seed: int = 0,
     when needed; default: six of scikit-image's photographs at 129 px); ``progress`` receives one line per
     step of synthetic training.
     """
-    if backbone not in DEPTHS:
-        raise ValueError(f"--weights {spec}: named weights exist for the backbones {', '.join(DEPTHS)}, "
+    if backbone not in BACKBONES:
+        raise ValueError(f"--weights {spec}: named weights exist for the backbones {', '.join(BACKBONES)}, "
                          f"not {backbone!r}")
     if calibration is None:
         def calibration() -> Tensor:
             from .images import sample_images
 
             return sample_images(129, count=6)[1]
-    depth = DEPTHS[backbone]
     if spec is None:
-        cached = cached_torchvision_weights(depth)
+        cached = cached_torchvision_weights(backbone)
         if cached is not None:
-            return _from_torchvision_cache(_weights_enum_class(depth).COCO_WITH_VOC_LABELS_V1, depth, False)
+            return _from_torchvision_cache(_weights_enum_class(backbone).COCO_WITH_VOC_LABELS_V1, backbone, False)
     elif spec.strip().lower() == "synthetic":
-        state, info, path = load_or_train(depth, progress=progress)
+        state, info, path = load_or_train(backbone, progress=progress)
         s = info["spec"]
-        return Weights(state, depth, s["num_classes"], "synthetic",
+        return Weights(state, backbone, s["num_classes"], "synthetic",
                        f"synthetic: DeepLabv3 trained on synthetic scenes ({s['num_classes']} classes, "
                        f"{s['size']}x{s['size']} px, thin bars; {s['iterations_os16']} OS16 + "
                        f"{s['iterations_os8']} OS8 iterations) from {path.name}; not VOC", str(path), info)
@@ -257,21 +330,24 @@ def resolve_weights(spec: str | None, backbone: str = "resnet50", seed: int = 0,
             key = "classifier.4.weight"
             if key not in state:
                 raise ValueError(f"{spec} has no {key}: not a torchvision-style DeepLabv3 checkpoint")
-            ckpt_depth = 101 if any(k.startswith("backbone.layer3.22.") for k in state) else 50
-            if ckpt_depth != depth:
-                raise ValueError(f"{spec} holds a ResNet-{ckpt_depth} DeepLabv3 but --backbone is {backbone}")
-            return Weights(state, depth, int(state[key].shape[0]), "checkpoint", f"checkpoint {spec}", str(spec))
-        return _from_torchvision_cache(torchvision_weights_enum(spec, depth), depth, download)
+            found = _checkpoint_backbone(state)
+            if found is None:
+                raise ValueError(f"{spec} is not a DeepLabv3 of any of {', '.join(BACKBONES)}")
+            if found != backbone:
+                raise ValueError(f"{spec} holds a DeepLabv3-{found} but --backbone is {backbone}; "
+                                 f"pass --backbone {found}")
+            return Weights(state, backbone, int(state[key].shape[0]), "checkpoint", f"checkpoint {spec}", str(spec))
+        return _from_torchvision_cache(torchvision_weights_enum(spec, backbone), backbone, download)
     images = calibration()
-    state = random_state_dict(depth, 21, seed, images)
-    return Weights(state, depth, 21, "random",
+    state = random_state_dict(backbone, 21, seed, images)
+    return Weights(state, backbone, 21, "random",
                    f"random (seed {seed}; BN affine randomised, BN statistics from {len(images)} photographs): "
                    "predictions carry no meaning, so OS16-vs-OS8 agreement and mIoU are n/a",
                    None)
 
 
 
-_NAMED_BUILDERS = {"deeplabv3_resnet50": "resnet50", "deeplabv3_resnet101": "resnet101"}
+_NAMED_BUILDERS = {spec.model: spec.name for spec in BACKBONES.values()}
 
 
 def is_named_weights(weights: Any) -> bool:
@@ -344,8 +420,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDEEPLAB_CACHE") or Path.home() / ".cache" / "fastdeeplab")
 
 
-def cache_path(depth: int, spec: SyntheticSpec = SPEC) -> Path:
-    return cache_dir() / f"synthetic-deeplabv3_resnet{depth}-{spec.digest()}.pt"
+def cache_path(backbone: str | int, spec: SyntheticSpec = SPEC) -> Path:
+    return cache_dir() / f"synthetic-{backbone_spec(backbone).model}-{spec.digest()}.pt"
 
 
 def scenes(indices: range | list[int], spec: SyntheticSpec = SPEC, *, seed: int) -> tuple[Tensor, Tensor]:
@@ -381,9 +457,10 @@ def evaluate_miou(model: nn.Module, images: Tensor, labels: Tensor, num_classes:
     return float(meter.compute()["mIoU"])
 
 
-def train_synthetic(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None
+def train_synthetic(backbone: str | int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None
                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Train a DeepLabv3-ResNet-``depth`` from scratch on synthetic scenes (see the module docstring).
+    """Train a DeepLabv3-``backbone`` (a :data:`BACKBONES` name or a ResNet depth) from scratch on synthetic
+    scenes (see the module docstring).
 
     Returns the state dict (torchvision names, no aux head) and a record of how it was made: the spec,
     seconds, threads, the loss at the start and end of each stage, and the held-out mIoU at OS16 and OS8.
@@ -391,10 +468,10 @@ def train_synthetic(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progr
     from . import hub
 
     say = progress or (lambda _: None)
-    build = hub.deeplabv3_resnet50 if depth == 50 else hub.deeplabv3_resnet101
+    bb = backbone_spec(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train_seed)
-        model = build(num_classes=spec.num_classes, aux_loss=False, output_stride=16)
+        model = hub.get_model(bb.model, num_classes=spec.num_classes, aux_loss=False, output_stride=16)
         gen = torch.Generator().manual_seed(spec.train_seed)
         start = time.perf_counter()
         losses: dict[str, list[float]] = {}
@@ -441,7 +518,7 @@ def train_synthetic(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progr
 
     info = {
         "spec": asdict(spec),
-        "depth": depth,
+        "backbone": bb.name,
         "train_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -453,20 +530,20 @@ def train_synthetic(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progr
     return state, info
 
 
-def load_or_train(depth: int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None,
+def load_or_train(backbone: str | int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None,
                   ) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
     """The synthetic model's state dict and record, from the cache if there, else trained and cached."""
     from ._io import atomic_path
 
     say = progress or (lambda _: None)
-    path = cache_path(depth, spec)
+    path = cache_path(backbone, spec)
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         say(f"synthetic weights: loaded {path}")
         return blob["state_dict"], json.loads(blob["info"]), path
-    say(f"synthetic weights: not in the cache ({path}); training a DeepLabv3-ResNet-{depth} on synthetic "
+    say(f"synthetic weights: not in the cache ({path}); training a {backbone_spec(backbone).model} on synthetic "
         f"scenes ({spec.iterations_os16} + {spec.iterations_os8} iterations, about 5 min on 2 quiet cores)")
-    state, info = train_synthetic(depth, spec, progress)
+    state, info = train_synthetic(backbone, spec, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save({"state_dict": state, "info": json.dumps(info)}, tmp)
