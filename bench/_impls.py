@@ -1,8 +1,10 @@
 """What the benchmark compares: the shared weights, the torchvision reference, and every implementation.
 
-All implementations are derived from one state dict, loaded into a genuine torchvision ``DeepLabV3``:
-at output stride 8 it is ``torchvision.models.segmentation.deeplabv3_resnet50`` as shipped; at 16 it is
-rebuilt the torchvision way (``replace_stride_with_dilation=[False, False, True]``, ASPP rates 6/12/18).
+All implementations are derived from one state dict, loaded into a genuine torchvision ``DeepLabV3`` of the
+``--backbone`` (:func:`fastdeeplab.weights.torchvision_reference`): for a ResNet, at output stride 8
+``torchvision.models.segmentation.deeplabv3_resnet50`` as shipped and at 16 rebuilt the torchvision way
+(``replace_stride_with_dilation=[False, False, True]``, ASPP rates 6/12/18); for MobileNetV3-Large,
+``deeplabv3_mobilenet_v3_large`` as shipped at 16 and at 8 with fastdeeplab's strides and dilations.
 Every other implementation starts from that reference module (``fastdeeplab.from_torchvision``), so all
 rows share the same weights.
 
@@ -59,13 +61,13 @@ class Unavailable(RuntimeError):
     """An implementation cannot run in this environment; ``str(exc)`` says why (becomes the skip reason)."""
 
 
-def count_gflop(depth: int, num_classes: int, output_stride: int, resolution: int) -> float:
+def count_gflop(backbone: str | int, num_classes: int, output_stride: int, resolution: int) -> float:
     """GFLOP of one forward of one image (``FlopCounterMode`` on the reference, on the meta device: convs
     and matmuls as 2·MAC; BN, ReLU, pooling and the final upsampling are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = torchvision_reference(depth, num_classes, output_stride)
+        model = torchvision_reference(backbone, num_classes, output_stride)
         x = torch.empty(1, 3, resolution, resolution)
         with FlopCounterMode(display=False) as counter:
             model(x)

@@ -35,7 +35,7 @@ from ._impls import IMPLEMENTATIONS, Built, Setting, Unavailable, count_gflop, t
 from ._measure import library_versions, machine_info, peak_memory
 from ._metrics import accuracy_columns
 from ._report import COLUMNS, ROW_KEYS
-from ._weights import DEPTHS, Weights, _looks_like_path, resolve_weights, torchvision_weights_enum
+from ._weights import Weights, _looks_like_path, check_synthetic, resolve_weights, torchvision_weights_enum
 
 __all__ = ["BENCH_DIR", "BenchConfig", "BenchSession", "DTYPES", "SESSION_KEY", "SettingResult", "session_of"]
 
@@ -107,9 +107,14 @@ class BenchConfig:
         if opt("images") and not Path(opt("images")).is_dir():
             raise pytest.UsageError(f"--images {opt('images')} is not a directory")
         weights = opt("weights")
+        if weights is not None and weights.strip().lower() == "synthetic":
+            try:
+                check_synthetic(opt("backbone"))
+            except ValueError as exc:
+                raise pytest.UsageError(str(exc)) from None
         if weights not in (None, "random", "synthetic") and not _looks_like_path(weights):
             try:  # a torchvision weights name: check it now, with the valid names, not in every test
-                torchvision_weights_enum(weights, DEPTHS[opt("backbone")])
+                torchvision_weights_enum(weights, opt("backbone"))
             except ValueError as exc:
                 raise pytest.UsageError(str(exc)) from None
         return cls(
@@ -278,7 +283,7 @@ class BenchSession:
         """The float32 torchvision model at ``output_stride`` on the device, shared weights loaded."""
         if output_stride not in self._references:
             w = self.weights
-            model = torchvision_reference(w.depth, w.num_classes, output_stride, w.state_dict)
+            model = torchvision_reference(w.backbone, w.num_classes, output_stride, w.state_dict)
             self._references[output_stride] = model.to(self.cfg.torch_device)
         return self._references[output_stride]
 
@@ -308,7 +313,8 @@ class BenchSession:
     def gflop(self, output_stride: int) -> float:
         if output_stride not in self._gflop:
             w = self.weights
-            self._gflop[output_stride] = count_gflop(w.depth, w.num_classes, output_stride, self.cfg.resolution)
+            self._gflop[output_stride] = count_gflop(w.backbone, w.num_classes, output_stride,
+                                                     self.cfg.resolution)
         return self._gflop[output_stride]
 
     # -- one setting -----------------------------------------------------------------------------

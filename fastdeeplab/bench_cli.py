@@ -20,7 +20,7 @@ from typing import Any
 
 from .cli import float_in, input_dir, int_at_least, output_dir
 
-__all__ = ["OPTIONS", "IMPLEMENTATIONS", "find_bench_dir", "pytest_arguments", "configure_parser", "run"]
+__all__ = ["OPTIONS", "BACKBONES", "IMPLEMENTATIONS", "find_bench_dir", "pytest_arguments", "configure_parser", "run"]
 
 # Every implementation the suite knows, in table order. ``torchvision`` is the reference; the
 # ``*_torchvision`` rows are the peers (what a user would run without fastdeeplab); ``*_bf16`` and ``*_int8``
@@ -28,6 +28,9 @@ __all__ = ["OPTIONS", "IMPLEMENTATIONS", "find_bench_dir", "pytest_arguments", "
 IMPLEMENTATIONS = ("torchvision", "fastdeeplab", "optimize_torch", "optimize_onnxruntime", "optimize_openvino",
                    "openvino", "onnxruntime_torchvision", "openvino_torchvision", "optimize_bf16",
                    "openvino_torchvision_bf16", "onnxruntime_int8", "triton", "tensorrt", "torch_compile")
+# The --backbone names: the keys of fastdeeplab.weights.BACKBONES (not imported here, so that --help stays
+# fast without torch; tests/test_bench_cli.py checks that the two agree).
+BACKBONES = ("resnet50", "resnet101", "mobilenet_v3_large")
 
 def _names(allowed: tuple[str, ...], what: str) -> Any:
     """An argparse type: a comma list of ``allowed`` names, returned unchanged (pytest parses it again)."""
@@ -46,7 +49,9 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--resolution", dict(type=int_at_least(33), default=None, metavar="PX",
                           help="square input side in pixels (default 513; 129 with --quick)")),
     ("--batch", dict(type=int_at_least(1), default=1, metavar="N", help="images per forward (default 1)")),
-    ("--backbone", dict(choices=("resnet50", "resnet101"), default="resnet50", help="ResNet depth")),
+    ("--backbone", dict(choices=BACKBONES, default="resnet50",
+                        help="DeepLabv3 backbone: torchvision's deeplabv3_<backbone> and fastdeeplab's "
+                             "(default resnet50)")),
     ("--device", dict(choices=("cpu", "cuda"), default=None,
                       help="where to run (default cuda if available, else cpu)")),
     ("--dtype", dict(choices=("float32", "float16", "bfloat16"), default="float32",

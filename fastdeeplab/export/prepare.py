@@ -62,8 +62,11 @@ def _as_exportable(model: nn.Module) -> nn.Module:
 def _without_autocast() -> Iterator[None]:
     """Autocast off for the export and its checks: the graph's precision is ``precision=``'s. Under
     ``torch.autocast`` the exporter would trace bfloat16/float16 casts into an fp32 graph, and the checks would
-    compare it with a reduced-precision reference."""
+    compare it with a reduced-precision reference. Inference mode off too: an export called under
+    ``torch.inference_mode`` (an exported runtime's first call) would make the model's copy of inference
+    tensors, which have no version counter for the fused layers' rebuild-on-change tokens."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device_type=device, enabled=False))
