@@ -23,6 +23,10 @@ Backends, chosen per module at construction (``backend=``):
 While exporting to ONNX or running TorchScript, every module runs its plain ``F.conv2d`` form, so those
 graphs hold only standard ops (Conv, Relu, Add, GlobalAveragePool, Concat). ``torch.compile`` and
 ``torch.export`` of the torch backend see the same plain form.
+
+The file is one concern: the three fused modules and the per-problem state they derive from their weights
+(packed forms per backend, dispatch keys and decisions), which must change together when a backend, a
+dispatch rule or the rebuild-on-``load_state_dict`` contract does.
 """
 
 from __future__ import annotations
@@ -188,7 +192,8 @@ class FusedConvBNReLU(nn.Module):
     def _forward_onednn(self, x: Tensor, residual: Tensor | None) -> Tensor:
         """oneDNN's fused conv + bias (+ residual add); the ReLU runs as ``torch.relu_`` because oneDNN's ReLU
         post-op maps NaN to 0 (``max(x, 0)``), which turned overflowing inputs into confident labels: NaN in
-        (or overflow inside) must give NaN out, as in the eager model."""
+        (or overflow inside) must give NaN out, as in the eager model. The separate pass costs about 5% of
+        ResNet-50 at OS16 against the NaN-losing post-op (bench/RESULTS.md, "The NaN-keeping ReLU")."""
         args = (list(self.padding), list(self.stride), list(self.dilation), 1)
         weight = self._onednn_weight(x)
         if residual is None:
