@@ -75,3 +75,25 @@ def test_unknown_weights_name_is_a_usage_error_listing_the_valid_ones() -> None:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "COCO_WITH_VOC_LABELS_V1" in done.stderr + done.stdout and "DEFAULT" in done.stderr + done.stdout
+
+
+def test_backbone_option_is_the_resolver_table() -> None:
+    """--backbone offers exactly fastdeeplab.weights.BACKBONES (the names are spelled out in bench_cli so
+    that --help does not import torch) and translates like every other option."""
+    from fastdeeplab.weights import BACKBONES
+
+    assert bench_cli.BACKBONES == tuple(BACKBONES)
+    assert bench_cli.pytest_arguments(_parse(["--backbone", "mobilenet_v3_large", "--quick"])) == [
+        "--backbone", "mobilenet_v3_large", "--quick"]
+    with pytest.raises(SystemExit):
+        _parse(["--backbone", "mobilenet_v3_small"])
+
+
+@pytest.mark.skipif(not (ROOT / "bench" / "conftest.py").is_file(), reason="needs the source checkout")
+def test_synthetic_weights_for_mobilenet_are_refused_before_collection() -> None:
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_latency_accuracy.py"), "--collect-only", "-q",
+           "--quick", "--backbone", "mobilenet_v3_large", "--weights", "synthetic", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if "--weights synthetic" in line]
+    assert lines and "--backbone mobilenet_v3_large" in lines[0] and "--weights random" in lines[0]

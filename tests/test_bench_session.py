@@ -91,3 +91,36 @@ def test_one_setting_interleaved(tmp_path: Path) -> None:
     assert meta["weights"]["kind"] == "random" and meta["weights"]["accuracy_meaningful"] is False
     assert isinstance(meta["noisy"], bool) and meta["timing"]["rounds"] == {"os16": 3, "os8": 3}
     assert set(meta["machine"]["load_average"]["per_output_stride"]) == {"os16", "os8"}
+
+
+def test_mobilenet_setting(tmp_path: Path) -> None:
+    """--backbone mobilenet_v3_large: torchvision's deeplabv3_mobilenet_v3_large eager, fastdeeplab's rows
+    (optimize() on the torch and OpenVINO backends) and the peers on torchvision's own export, interleaved,
+    at OS16 and OS8, same weights, logits within the float32 tolerance; a fraction of ResNet-50's work."""
+    from bench._impls import count_gflop
+    from fastdeeplab.mobilenet import depthwise_conv
+
+    impls = ["torchvision", "fastdeeplab", "optimize_torch", "optimize_openvino", "onnxruntime_torchvision",
+             "openvino_torchvision"]
+    cfg = _config(tmp_path, backbone="mobilenet_v3_large", resolution=65, impls=impls, rounds=2, min_rounds=2)
+    bench = BenchSession(cfg, tmp_path / "work", progress=lambda line: None)
+    (tmp_path / "work").mkdir()
+    assert bench.weights.backbone == "mobilenet_v3_large"
+    for stride in (16, 8):
+        reference = bench.reference(stride)
+        assert type(reference).__module__.startswith("torchvision.")
+        assert depthwise_conv(reference.backbone["13"]).dilation == ((2, 2) if stride == 16 else (4, 4))
+        assert bench.fastdeeplab_model(stride).output_stride == stride
+        rows = bench.setting(stride).rows
+        for name in impls:
+            row = rows[name]
+            if row["status"] == "skipped":  # onnxruntime / openvino not installed: the reason says so
+                assert "pip install" in row["reason"], row
+                continue
+            assert row["status"] == "ok", row
+            assert len(row["samples_ms"]) == 2
+            assert row["max_rel_logit_error"] < 5e-3 and row["pixel_agreement_same_os"] > 0.99
+        assert rows["optimize_torch"]["status"] == "ok"
+        assert bench.gflop(stride) < 0.3 * count_gflop("resnet50", 21, stride, cfg.resolution)  # 0.21 at 65 px
+    meta = bench.metadata(SimpleNamespace(invocation_params=SimpleNamespace(args=("bench",))))
+    assert meta["settings"]["backbone"] == "mobilenet_v3_large" and meta["weights"]["backbone"] == "mobilenet_v3_large"

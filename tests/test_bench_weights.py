@@ -120,3 +120,57 @@ def test_synthetic_model_is_trained_once_then_cached(tmp_path: Path, monkeypatch
     train_images, _ = _synthetic.scenes(range(2), spec, seed=spec.train_seed)
     assert images.shape == (2, 3, 33, 33) and labels.shape == (2, 33, 33)
     assert not torch.equal(images, train_images)  # held out: another seed
+
+
+# -- backbones: one table (fastdeeplab.weights.BACKBONES) behind every name ----------------------------------
+def test_mobilenet_names_checkpoints_and_synthetic_refusal(tmp_path: Path) -> None:
+    from fastdeeplab.weights import BACKBONES, backbone_spec
+
+    assert list(BACKBONES) == ["resnet50", "resnet101", "mobilenet_v3_large"] and backbone_spec(50).name == "resnet50"
+    member = torchvision_weights_enum("default", "mobilenet_v3_large")
+    assert type(member).__name__ == "DeepLabV3_MobileNet_V3_Large_Weights" and member.name == "COCO_WITH_VOC_LABELS_V1"
+    with pytest.raises(ValueError, match="valid torchvision names for mobilenet_v3_large"):
+        torchvision_weights_enum("COCO", "mobilenet_v3_large")
+    with pytest.raises(ValueError, match=r"--backbone vgg16: expected one of resnet50, resnet101, mobilenet_v3_large"):
+        backbone_spec("vgg16")
+    # a checkpoint says which backbone it holds; the wrong --backbone is refused naming the right one
+    state = torchvision_reference("mobilenet_v3_large", 5, 16).state_dict()
+    path = tmp_path / "mnv3.pt"
+    torch.save(state, path)
+    w = resolve_weights(str(path), "mobilenet_v3_large", 0, _no_calibration)
+    assert (w.kind, w.backbone, w.num_classes, w.depth) == ("checkpoint", "mobilenet_v3_large", 5, None)
+    torchvision_reference("mobilenet_v3_large", 5, 8, w.state_dict)  # strict load at OS8 too (same parameters)
+    with pytest.raises(ValueError, match="holds a DeepLabv3-mobilenet_v3_large but --backbone is resnet50; "
+                                         "pass --backbone mobilenet_v3_large"):
+        resolve_weights(str(path), "resnet50", 0, _no_calibration)
+    r101 = {"classifier.4.weight": torch.zeros(3, 256, 1, 1), "backbone.layer3.22.conv1.weight": torch.zeros(1)}
+    torch.save(r101, tmp_path / "r101.pt")
+    with pytest.raises(ValueError, match="holds a DeepLabv3-resnet101 but --backbone is resnet50"):
+        resolve_weights(str(tmp_path / "r101.pt"), "resnet50", 0, _no_calibration)
+    with pytest.raises(ValueError, match=r"^--weights synthetic is offered for resnet50 and resnet101, not "
+                                         r"--backbone mobilenet_v3_large .*use --weights random"):
+        resolve_weights("synthetic", "mobilenet_v3_large", 0, _no_calibration)
+
+
+def test_mobilenet_reference_geometry_and_random_weights() -> None:
+    """torchvision's own MobileNetV3 DeepLabV3: as shipped at OS16, re-dilated at OS8 (same parameters), and
+    seeded random weights (BN statistics from the photographs) give finite, O(1) logits at both."""
+    from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as TvDeepLabV3
+
+    import fastdeeplab
+    from fastdeeplab.mobilenet import depthwise_conv
+
+    w = resolve_weights("random", "mobilenet_v3_large", 0, lambda: torch.randn(2, 3, 65, 65))
+    assert (w.kind, w.backbone, w.num_classes) == ("random", "mobilenet_v3_large", 21)
+    x = torch.randn(1, 3, 65, 65)
+    for stride, dilation_c4 in ((16, 2), (8, 4)):
+        tv = torchvision_reference("mobilenet_v3_large", 21, stride, w.state_dict)
+        assert isinstance(tv, TvDeepLabV3) and not tv.training
+        assert depthwise_conv(tv.backbone["13"]).dilation == (dilation_c4, dilation_c4)
+        assert [m[0].dilation[0] for m in tv.classifier[0].convs[1:4]] == [12, 24, 36]  # torchvision's rates
+        ours = fastdeeplab.from_torchvision(tv).eval()
+        assert ours.output_stride == stride
+        with torch.inference_mode():
+            ref, out = tv(x)["out"], ours(x)["out"]
+        assert torch.isfinite(ref).all() and 0.1 < ref.abs().max() < 1e3
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
