@@ -114,7 +114,13 @@ def check_flags(args: argparse.Namespace) -> str:
         raise ValueError("--calibration-images applies to --precision int8 only")
     if args.onnx_out is not None and args.format == "onnx" and precision != "int8":
         raise ValueError("--onnx-out applies to --format tensorrt or --precision int8 (the intermediate fp32 graph)")
-    check_output_path(args.out, what="--out")  # bad paths fail before any work
+    if args.keep_fp32 and precision != "fp16":
+        raise ValueError("--keep-fp32 applies to --precision fp16")
+    if args.int8_flavour is not None and (precision != "int8" or args.format != "onnx"):
+        raise ValueError("--int8-flavour applies to --format onnx --precision int8")
+    if args.profile and any(v is not None for v in (args.min_shape, args.opt_shape, args.max_shape)):
+        raise ValueError("pass --profile or --min-shape/--opt-shape/--max-shape, not both")
+    check_output_path(args.out, what="--out")  # flags first, then paths: bad paths fail before any work
     check_not_input(args.out, _inputs(args), what="--out")
     if args.onnx_out is not None:
         check_output_path(args.onnx_out, what="--onnx-out")
@@ -139,12 +145,6 @@ def run(args: argparse.Namespace) -> int:
     from .onnx import export_onnx
 
     precision = check_flags(args)
-    if args.keep_fp32 and precision != "fp16":
-        raise ValueError("--keep-fp32 applies to --precision fp16")
-    if args.int8_flavour is not None and (precision != "int8" or args.format != "onnx"):
-        raise ValueError("--int8-flavour applies to --format onnx --precision int8")
-    if args.profile and any(v is not None for v in (args.min_shape, args.opt_shape, args.max_shape)):
-        raise ValueError("pass --profile or --min-shape/--opt-shape/--max-shape, not both")
     if precision == "int8" and args.calibration_images is not None and not args.calibration_images.is_dir():
         raise FileNotFoundError(f"calibration image folder not found: {args.calibration_images}")
     if args.format == "tensorrt":
