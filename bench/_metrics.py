@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from fastdeeplab.metrics import IGNORE_INDEX, ConfusionMatrix, max_rel_error, pixel_agreement

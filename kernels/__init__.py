@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 from ._utils import TRITON_EXTRA_HINT, triton_available
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .aspp import aspp_branches_packed, aspp_project, aspp_project_packed, pack_aspp_branch_weights, pack_aspp_weight
+    from .aspp import (
+        aspp_branches_packed,
+        aspp_project,
+        aspp_project_packed,
+        pack_aspp_branch_weights,
+        pack_aspp_weight,
+    )
     from .conv import TapCounts, conv_bn_relu, conv_bn_relu_packed, pack_weight
     from .depthwise import depthwise_conv_act, depthwise_conv_act_packed, pack_depthwise_weight
     from .reference import (

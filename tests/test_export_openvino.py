@@ -66,7 +66,6 @@ def test_bad_arguments_are_named(exported, tmp_path):
 
 
 def _conv_relu_onnx():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")

@@ -11,10 +11,10 @@ import sys
 import types
 from pathlib import Path
 
+import fastdeeplab.kernels
 import pytest
 
 import fastdeeplab
-import fastdeeplab.kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules that need an optional package at import time (their names say which).
