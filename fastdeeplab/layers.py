@@ -49,8 +49,42 @@ STEM_MAX_CIN = 4
 
 
 def _standard_ops_only() -> bool:
-    """ONNX export and TorchScript: graphs of standard ops. (torch.compile and torch.export keep the ops.)"""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    """ONNX export and TorchScript: graphs of standard ops. (torch.compile and torch.export keep the ops.)
+
+    Called on every eager forward of a fused module, so it reads the exporters' flags directly:
+    ``torch.onnx.is_in_onnx_export()`` imports its two flag modules on each call (a few µs per layer). Under
+    ``torch.compile`` it asks the public functions, which dynamo knows how to trace."""
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    flags = _onnx_export_flags()
+    return (flags[0].in_onnx_export or flags[1]._is_onnx_exporting or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
+
+
+def _onnx_export_flags() -> tuple:
+    """The objects ``torch.onnx.is_in_onnx_export()`` reads (the TorchScript and dynamo exporters' flags),
+    imported once; falls back to that function where torch lays them out differently."""
+    global _ONNX_FLAGS
+    if _ONNX_FLAGS is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _ONNX_FLAGS = (GLOBALS, _flags)
+            _ = GLOBALS.in_onnx_export, _flags._is_onnx_exporting  # both attributes exist
+        except (ImportError, AttributeError):
+            class _Fallback:  # another torch layout: ask the public function each time
+                @property
+                def in_onnx_export(self) -> bool:
+                    return torch.onnx.is_in_onnx_export()
+
+                _is_onnx_exporting = False
+
+            _ONNX_FLAGS = (_Fallback(), _Fallback())
+    return _ONNX_FLAGS
+
+
+_ONNX_FLAGS: tuple | None = None
 
 
 def _onednn_fused_conv_available() -> bool:
@@ -148,7 +182,8 @@ class FusedConvBNReLU(nn.Module):
         """(Re)build the Triton weights; in place when their shape is unchanged, so captured CUDA graphs,
         which hold their addresses, see the new values."""
         self._derived_from = self._state_token()
-        if self.backend == "triton" and self.in_channels > STEM_MAX_CIN:
+        self._stem = self.in_channels <= STEM_MAX_CIN  # read per call: not through the weight's __getattr__
+        if self.backend == "triton" and not self._stem:
             from .kernels.conv import pack_weight
 
             with torch.no_grad():
@@ -212,6 +247,8 @@ class FusedConvBNReLU(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_derived_from", None)
+        if "_stem" not in self.__dict__:  # pickled before the attribute existed
+            self._stem = self.in_channels <= STEM_MAX_CIN
 
     def dispatch_key(self, x: Tensor, residual: Tensor | None) -> str:
         """The problem a dispatch decision holds for: geometry, epilogue, input shape, dtype, device."""
@@ -227,7 +264,7 @@ class FusedConvBNReLU(nn.Module):
                               list(self.padding), list(self.dilation), self.relu)
 
     def _forward_triton(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        if self.in_channels <= STEM_MAX_CIN:
+        if self._stem:
             return self._forward_plain(x, residual)  # the stem: always cuDNN
         if torch.compiler.is_compiling():  # traced: the cached decision, else Triton; no bookkeeping
             d = self.dispatcher

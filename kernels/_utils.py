@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 TRITON_EXTRA_HINT = "pip install 'fastdeeplab[triton]'"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,9 +128,10 @@ def check_out(out: Tensor | None, shape: tuple[int, ...], x: Tensor) -> Tensor:
 def launch_guard(t: Tensor):
     """``with launch_guard(x):`` makes ``x``'s GPU current for a launch (Triton launches on the current device
     and its stream); a no-op for CPU tensors (the interpreter)."""
-    import contextlib
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NO_GUARD
 
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 
 
 def device_key(t: Tensor) -> int:
@@ -210,11 +213,7 @@ def wrap_kernel(kernel, like: Tensor | None = None):
 
 def tracing() -> bool:
     """Whether torch is compiling, exporting or running a Python dispatch mode (make_fx, fake tensors)."""
-    if torch.compiler.is_compiling():
-        return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def patch_interpreter_indices() -> bool:
