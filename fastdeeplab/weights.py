@@ -25,6 +25,11 @@ builder, its weights enum, the reference at each output stride) lives in that on
 
 Everything the synthetic model produces is called "synthetic": it is not PASCAL VOC, and its mIoU says how
 implementations compare on one toy task, not how DeepLabv3 segments photographs.
+
+The file is one concern, turning a ``--weights`` name into a state dict for a backbone: the backbone table,
+the torchvision names and references, seeded random weights, and the synthetic model's scenes, training and
+cache all answer that one question. The synthetic part (from :class:`SyntheticSpec` on) is the natural split
+if it grows: it would take the backbone table with it into a module both import.
 """
 
 from __future__ import annotations
