@@ -388,14 +388,24 @@ def check_input(x: Tensor, output_stride: int, in_channels: int = 3) -> None:
 
 def check_train_batch(model: nn.Module, x: Tensor) -> None:
     """A model in training mode cannot run one image: the BatchNorm after ASPP's image pooling would see one
-    value per channel (torch's "Expected more than 1 value per channel when training"). Say so first."""
+    value per channel (torch's "Expected more than 1 value per channel when training"). Say so first. A
+    synchronised BatchNorm (``process_group`` attribute: torch's and :mod:`fastdeeplab.training`'s) with
+    more than one process sees every process's image, so one image per process is fine there."""
     if model.training and x.shape[0] == 1 and any(
-            isinstance(m, ASPPPooling) and any(isinstance(b, nn.modules.batchnorm._BatchNorm) and b.training
-                                               for b in m.modules())
+            isinstance(m, ASPPPooling) and any(_sees_one_value(b) for b in m.modules())
             for m in model.modules()):
         raise ValueError("the model is in training mode and the batch holds one image: BatchNorm after ASPP's "
                          "image pooling needs more than one value per channel; call model.eval() for inference, "
                          "or train with a batch size > 1")
+
+
+def _sees_one_value(module: nn.Module) -> bool:
+    """Whether ``module`` is a training BatchNorm whose statistics come from this process's batch alone."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.training:
+        return False
+    if hasattr(module, "process_group") and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(module.process_group) <= 1
+    return True
 
 
 def check_input_matches(x: Tensor, weight: Tensor) -> None:

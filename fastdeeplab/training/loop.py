@@ -61,7 +61,7 @@ from ..data.base import one_line_worker_errors
 from ..metrics import IGNORE_INDEX
 from ..timing import time_call
 from . import checkpoint as ckpt
-from .config import TrainConfig, load_config
+from .config import TrainConfig, check_runnable, load_config
 from .distributed import (
     ProcessContext,
     ResumableBatchSampler,
@@ -393,46 +393,12 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
             dist.destroy_process_group()
 
 
-def _check_batch_norm_batch(cfg: TrainConfig, ctx: ProcessContext) -> None:
-    """Batch norm in training mode needs more than one value per channel; ASPP's image-pooling branch has one
-    per image, so a batch of one image in all (``batch_size`` x processes) cannot train it."""
-    trained = [i for i, s in enumerate(cfg.stages) if not s.freeze_bn]
-    if cfg.batch_size * ctx.world_size < 2 and trained:
-        raise ValueError(f"batch_size {cfg.batch_size} (--batch-size) cannot train batch norm (stage "
-                         f"{trained[0] + 1}): ASPP's image-pooling branch then has one value per channel; use "
-                         "--batch-size 2 or more, more processes, or freeze_bn: true in every stage")
-
-
-# Peak bytes per crop pixel of one training step (forward and backward, batch norm trained), measured with
-# ru_maxrss on CPU (fp32, ResNet-50, 321-pixel crops, batch 2): 2820 at output stride 16, 5597 at 8; rounded
-# down, so that only runs that certainly cannot fit are refused.
-_TRAIN_BYTES_PER_PIXEL = {8: 5000, 16: 2500, 32: 2000}
-
-
-def _check_training_memory(cfg: TrainConfig, ctx: ProcessContext) -> None:
-    """Refuse, before any data is read, a crop size and batch whose training step cannot fit in the free
-    memory of the device (instead of the allocator's message after the first batch)."""
-    from ..evaluation import available_memory
-
-    free = available_memory(ctx.device)
-    if free is None:
-        return
-    for i, stage in enumerate(cfg.stages):
-        need = cfg.batch_size * cfg.crop_size ** 2 * _TRAIN_BYTES_PER_PIXEL.get(stage.output_stride, 5000)
-        if need > free:
-            raise ValueError(f"crop_size {cfg.crop_size} (--crop-size) with batch_size {cfg.batch_size} "
-                             f"(--batch-size) needs about {need / 2**30:.1f} GiB per step at output stride "
-                             f"{stage.output_stride} (stage {i + 1}), but {ctx.device.type} has "
-                             f"{free / 2**30:.1f} GiB free; use smaller crops or batches (or more processes)")
-
-
 def _start(cfg: TrainConfig, ctx: ProcessContext,
            inputs: Mapping[str, Any] | None = None) -> tuple[RunState, dict[str, Any] | None]:
     """Read the data and any checkpoint, check they fit the config, then build the model."""
     from ..data import build_dataset
 
-    _check_batch_norm_batch(cfg, ctx)
-    _check_training_memory(cfg, ctx)
+    check_runnable(cfg, ctx.world_size, ctx.device)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     checkpoint_path = out_dir / ckpt.CHECKPOINT_NAME if out_dir else None
     # Every split the run will read, and the output folder, are checked now, not after a stage.
