@@ -47,7 +47,7 @@ from .evaluation import (
 )
 from .images import image_size, load_image, normalize
 
-__all__ = ["CLASS_NAMES", "PALETTES", "SIGNATURE", "add_legend", "check_outputs", "class_names_for",
+__all__ = ["CLASS_NAMES", "PALETTES", "SIGNATURE", "add_legend", "check_images", "check_outputs", "class_names_for",
            "configure_parser", "output_names", "palette_for", "predict_mask", "run", "write_prediction",
            "written_by_predict"]
 
@@ -193,8 +193,9 @@ def check_outputs(out_dir: str | os.PathLike, stems: Sequence[str], inputs: Sequ
     return paths
 
 
-def run(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.images]
+def check_images(paths: list[Path]) -> list[str]:
+    """The output stems of the images ``paths`` (``<stem>_mask.png``, ``<stem>_overlay.png``), after checking
+    that each is a file and that no two would write the same outputs (predict and the serving client)."""
     stems: dict[str, Path] = {}
     for p in paths:
         if p.stem in stems:
@@ -204,9 +205,15 @@ def run(args: argparse.Namespace) -> int:
             raise IsADirectoryError(f"image {p}: Is a directory; give image files")
         if not p.is_file():
             raise FileNotFoundError(f"image not found: {p}")
+    return list(stems)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.images]
+    stems = check_images(paths)
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    check_outputs(args.out, list(stems), [*paths, args.weights], overwrite=getattr(args, "overwrite", False))
+    check_outputs(args.out, stems, [*paths, args.weights], overwrite=getattr(args, "overwrite", False))
     device = _device(args.device)
     for path in paths:  # every image's size and memory before any model is built
         w, h = image_size(path)

@@ -121,15 +121,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..images import load_image
-    from ..predict import PALETTES, check_outputs, write_prediction
+    from ..predict import PALETTES, check_images, check_outputs, write_prediction
 
     paths = [Path(p) for p in args.images]
-    stems: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in stems:
-            raise ValueError(f"{stems[p.stem]} and {p} would both write {p.stem}_mask.png; rename one")
-        stems[p.stem] = p
-    check_outputs(args.out, list(stems), paths, overwrite=args.overwrite)
+    check_outputs(args.out, check_images(paths), paths, overwrite=args.overwrite)
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     client = TritonClient(url, protocol=args.protocol, model=args.model, timeout=args.timeout)
     for path in paths:
