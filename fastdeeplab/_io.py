@@ -315,3 +315,19 @@ def read_regular_file(path: str | os.PathLike, *, max_bytes: int, what: str = "f
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what} {os.fspath(path)} is not UTF-8 text (byte {exc.start})") from None
+
+
+# Either variable names the package's cache folder (FASTDEEPLAB_CACHE_DIR first: the dispatch cache's name,
+# which the GPU check sets to keep its decisions apart).
+CACHE_ENVS = ("FASTDEEPLAB_CACHE_DIR", "FASTDEEPLAB_CACHE")
+
+
+def cache_dir() -> Path:
+    """The one cache folder of the package (dispatch decisions, the synthetic model, the serving server and its
+    environment): ``$FASTDEEPLAB_CACHE_DIR`` or ``$FASTDEEPLAB_CACHE``, else ``$XDG_CACHE_HOME/fastdeeplab``,
+    else ``~/.cache/fastdeeplab``. Creates nothing."""
+    for name in CACHE_ENVS:
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fastdeeplab"

@@ -437,7 +437,10 @@ SPEC = SyntheticSpec()
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FASTDEEPLAB_CACHE") or Path.home() / ".cache" / "fastdeeplab")
+    """Where the synthetic model is cached: the package's cache folder (:func:`fastdeeplab._io.cache_dir`)."""
+    from ._io import cache_dir as package_cache_dir
+
+    return package_cache_dir()
 
 
 def cache_path(backbone: str | int, spec: SyntheticSpec = SPEC) -> Path:

@@ -21,8 +21,9 @@ CPU; step 3 needs a timer.
 Decisions persist in a JSON file, one section per environment (GPU name, driver, torch and triton
 versions), so a second process decides nothing again:
 
-* the file is ``$FASTDEEPLAB_CACHE_DIR/dispatch.json``, else ``$XDG_CACHE_HOME/fastdeeplab/dispatch.json``,
-  else ``~/.cache/fastdeeplab/dispatch.json``;
+* the file is ``dispatch.json`` in the package's cache folder (:func:`fastdeeplab._io.cache_dir`:
+  ``$FASTDEEPLAB_CACHE_DIR`` or ``$FASTDEEPLAB_CACHE``, else ``$XDG_CACHE_HOME/fastdeeplab``, else
+  ``~/.cache/fastdeeplab``);
 * it is read with :func:`fastdeeplab._io.read_regular_file` (regular files only, at most 16 MiB: a fifo or a
   device never blocks); a corrupt, unreadable or malformed file (a section that is not a mapping, say) is
   ignored with a warning and rebuilt;
@@ -66,12 +67,9 @@ _CHOICES = ("triton", "cudnn")
 
 def default_cache_path() -> Path:
     """Where decisions persist (see the module docstring)."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser() / "dispatch.json"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fastdeeplab" / "dispatch.json"
+    from fastdeeplab._io import cache_dir
+
+    return cache_dir() / "dispatch.json"
 
 
 def environment_key(device=None) -> str:

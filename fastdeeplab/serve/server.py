@@ -54,11 +54,11 @@ def _quiet(_: str) -> None:
 
 
 def cache_dir() -> Path:
-    """Where the unpacked server and the stub's environment live (``$FASTDEEPLAB_CACHE`` overrides it)."""
-    if os.environ.get("FASTDEEPLAB_CACHE"):
-        return Path(os.environ["FASTDEEPLAB_CACHE"]).expanduser() / "serve"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "fastdeeplab" / "serve"
+    """Where the unpacked server and the stub's environment live: ``serve/`` in the package's cache folder
+    (:func:`fastdeeplab._io.cache_dir`: ``$FASTDEEPLAB_CACHE`` moves it)."""
+    from .._io import cache_dir as package_cache_dir
+
+    return package_cache_dir() / "serve"
 
 
 @contextlib.contextmanager
