@@ -18,7 +18,8 @@ The rules, for every write:
 
 And for every read of a file the package did not just write (caches, configs, lists):
 :func:`read_regular_file` reads regular files only (never blocks on a fifo or reads ``/dev/zero`` forever)
-and at most a bounded number of bytes.
+and at most a bounded number of bytes; :func:`check_regular_file` holds those checks for readers that parse
+the file themselves (ONNX models).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "check_not_input", "check_output_path", "check_writable_dir", "json_text",
-           "read_regular_file", "same_file", "stale_temp_files"]
+__all__ = ["atomic_path", "check_not_input", "check_output_path", "check_regular_file", "check_writable_dir",
+           "json_text", "read_regular_file", "same_file", "stale_temp_files"]
 
 _TAG = "fastdeeplab"
 _ACTIVE: set[str] = set()  # temporary files this process is writing right now
@@ -281,40 +282,56 @@ def json_text(obj, **kwargs) -> str:
     return json.dumps(_strict(obj), allow_nan=False, **kwargs)
 
 
-def read_regular_file(path: str | os.PathLike, *, max_bytes: int, what: str = "file",
-                      binary: bool = False) -> str | bytes:
+def check_regular_file(path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None,
+                       limit_note: str = "") -> os.stat_result:
+    """The ``os.stat`` of ``path`` if it is a regular file of at most ``max_bytes`` (no bound: ``None``), without
+    opening it (a fifo never blocks, a device is never read). The one home of these checks for every file the
+    package reads: :func:`read_regular_file`, the ONNX reader (:func:`fastdeeplab.runtime.check_onnx_file`).
+    Errors are one line naming ``path``: ``FileNotFoundError``, ``ValueError`` (a folder, device, fifo or socket;
+    too large, followed by ``limit_note`` when given) or ``OSError``."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(Path(path).expanduser())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {name} does not exist") from None
+    except OSError as exc:
+        raise OSError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {name} is {_describe(st.st_mode)}, not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        note = f" ({limit_note})" if limit_note else ""
+        raise ValueError(f"{what} {name} is {st.st_size} bytes, more than the {max_bytes} allowed{note}")
+    return st
+
+
+def read_regular_file(path: str | os.PathLike, *, max_bytes: int, what: str = "file", binary: bool = False,
+                      head: int | None = None, limit_note: str = "") -> str | bytes:
     """The contents of ``path`` (text, UTF-8, a leading BOM dropped; or bytes), read safely: only a regular
     file (a fifo, device or folder is refused without opening it, so nothing blocks), and at most
-    ``max_bytes`` (a larger file is refused before it is read). Errors are one line naming ``path``:
-    ``FileNotFoundError``, ``ValueError`` (not a regular file, too large, not UTF-8) or ``OSError``."""
-    p = Path(path).expanduser()
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {os.fspath(path)} does not exist") from None
-    except OSError as exc:
-        raise OSError(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {os.fspath(path)} is {_describe(st.st_mode)}, not a regular file")
-    if st.st_size > max_bytes:
-        raise ValueError(f"{what} {os.fspath(path)} is {st.st_size} bytes, more than the {max_bytes} allowed")
+    ``max_bytes`` (a larger file is refused before it is read): :func:`check_regular_file`, with
+    ``limit_note``. ``head``: only the first ``head`` bytes (a reader that looks at a file's start, the bound
+    still applying to the whole file). Errors are one line naming ``path``: ``FileNotFoundError``,
+    ``ValueError`` (not a regular file, too large, not UTF-8) or ``OSError``."""
+    name = os.fspath(path)
+    check_regular_file(path, what=what, max_bytes=max_bytes, limit_note=limit_note)
     try:
         # O_NONBLOCK: if the path was swapped for a fifo since the stat, open does not wait for a writer
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(Path(path).expanduser(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ValueError(f"{what} {os.fspath(path)} is not a regular file")
-            data = f.read(max_bytes + 1)
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ValueError(f"{what} {name} is {_describe(mode)}, not a regular file")
+            data = f.read(max_bytes + 1 if head is None else min(head, max_bytes + 1))
     except OSError as exc:
-        raise OSError(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
+        raise OSError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:
-        raise ValueError(f"{what} {os.fspath(path)} is more than the {max_bytes} bytes allowed")
+        raise ValueError(f"{what} {name} is more than the {max_bytes} bytes allowed")
     if binary:
         return data
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {os.fspath(path)} is not UTF-8 text (byte {exc.start})") from None
+        raise ValueError(f"{what} {name} is not UTF-8 text (byte {exc.start})") from None
 
 
 # Either variable names the package's cache folder (FASTDEEPLAB_CACHE_DIR first: the dispatch cache's name,

@@ -14,9 +14,10 @@ or a truncated or corrupt protobuf. The libraries' own errors (protobuf's ``Deco
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .._io import read_regular_file
 
 if TYPE_CHECKING:
     import onnx
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_ONNX_BYTES", "check_onnx_file", "load_onnx", "onnx_load_error"]
 
 MAX_ONNX_BYTES = 2**31 - 1  # protobuf's limit for one message; larger models keep their weights in external files
+_LIMIT_NOTE = "protobuf's 2 GiB limit for one ONNX file; larger models keep their weights in external data files"
 _ADVICE = "export one with fastdeeplab.export_onnx() or `fastdeeplab export`"
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
@@ -53,35 +55,17 @@ def _looks_like(head: bytes) -> str | None:
 def check_onnx_file(path: str | os.PathLike, *, what: str = "ONNX model") -> Path:
     """``path`` as a :class:`~pathlib.Path` if it can be an ONNX model: it exists, is a regular file (a fifo or
     device is refused without opening it), is not empty, not over :data:`MAX_ONNX_BYTES`, and does not start
-    like another format (image, checkpoint, text). Raises ``FileNotFoundError`` or ``ValueError``, one
+    like another format (image, checkpoint, text). The file checks are :func:`fastdeeplab._io.read_regular_file`'s
+    (only the first 512 bytes are read). Raises ``FileNotFoundError``, ``ValueError`` or ``OSError``, one
     line naming ``path``. Does not parse the protobuf: :func:`load_onnx` does."""
-    p = Path(path).expanduser()
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {os.fspath(path)}") from None
-    except OSError as exc:
-        raise OSError(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{what} {os.fspath(path)} is a folder, not an .onnx file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {os.fspath(path)} is not a regular file (a device, fifo or socket); give an "
-                         ".onnx file")
-    if st.st_size == 0:
+    head = read_regular_file(path, what=what, max_bytes=MAX_ONNX_BYTES, binary=True, head=512,
+                             limit_note=_LIMIT_NOTE)
+    if not head:
         raise ValueError(f"{what} {os.fspath(path)} is empty (0 bytes); {_ADVICE}")
-    if st.st_size > MAX_ONNX_BYTES:
-        raise ValueError(f"{what} {os.fspath(path)} is {st.st_size} bytes, over protobuf's 2 GiB limit for one "
-                         "ONNX file (larger models keep their weights in external data files)")
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        raise OSError(f"cannot read {what} {os.fspath(path)}: {exc.strerror or exc}") from None
     kind = _looks_like(head)
     if kind is not None:
         raise ValueError(f"{what} {os.fspath(path)} is not an ONNX model: it looks like {kind}; {_ADVICE}")
-    return p
+    return Path(path).expanduser()
 
 
 def _first_line(exc: BaseException) -> str:
