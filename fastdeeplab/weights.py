@@ -73,6 +73,7 @@ __all__ = [
     "train_synthetic",
     "cached_torchvision_weights",
     "random_state_dict",
+    "randomize_bn",
     "resolve_weights",
     "torchvision_reference",
     "torchvision_weights_enum",
@@ -291,6 +292,22 @@ def random_state_dict(backbone: str | int, num_classes: int, seed: int, calibrat
         model(calibration)
         model.eval()
     return model.state_dict()
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with seeded, non-trivial statistics and affine parameters in every ``BatchNorm2d`` (mean
+    ``N(0, 0.2)``, var ``U(0.5, 1.5)``, weight ``U(0.5, 1.5)``, bias ``N(0, 0.1)``), in place: the defaults
+    (0 and 1) hide BN-folding bugs. The cheap sibling of :func:`random_state_dict` for any module (tests,
+    scripts, layer benchmarks): no photographs, so deep models' logits are not kept well scaled."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
 
 
 def _from_torchvision_cache(member: Any, backbone: str, download: bool) -> Weights:

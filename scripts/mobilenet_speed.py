@@ -38,19 +38,9 @@ from fastdeeplab.images import sample_images  # noqa: E402
 from fastdeeplab.metrics import max_rel_error, pixel_agreement  # noqa: E402
 from fastdeeplab.mobilenet import MobileNetV3Backbone  # noqa: E402
 from fastdeeplab.timing import interleaved, load_average  # noqa: E402
+from fastdeeplab.weights import randomize_bn  # noqa: E402
 
 IMPLS = ("tv_eager", "fdl_torch", "fdl_onnxruntime", "fdl_openvino", "tv_onnxruntime", "tv_openvino", "r50_torch")
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 class _Out(nn.Module):
@@ -125,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     _, photos = sample_images(args.resolution, count=1)
-    base = _randomize_bn(tv_builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=False)).eval()
+    base = randomize_bn(tv_builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=False)).eval()
     workdir = Path(tempfile.mkdtemp(prefix="mobilenet-speed-"))
     print(f"# {platform.processor() or platform.machine()}, {load_average()}, torch {torch.__version__}, "
           f"input 1x3x{args.resolution}x{args.resolution}, rounds {args.rounds}")
@@ -137,7 +127,7 @@ def main() -> None:
         ours = fastdeeplab.from_torchvision(tv).set_output_stride(os_).eval()
         plan = ours.plan
         MobileNetV3Backbone.apply_plan(tv.backbone, plan)  # torchvision's modules, fastdeeplab's geometry
-        r50 = _randomize_bn(fastdeeplab.deeplabv3_resnet50(output_stride=os_)).eval()
+        r50 = randomize_bn(fastdeeplab.deeplabv3_resnet50(output_stride=os_)).eval()
         fns, build_s = {}, {}
         for name, make in _builders(tv, ours, r50, workdir, os_, args.resolution).items():
             if name in args.impls:
