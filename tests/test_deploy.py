@@ -4,6 +4,8 @@ schema and whose model.onnx runs in ONNX Runtime on exactly the inputs that conf
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,12 @@ from _models import randomize_bn
 from test_export_onnx import TinySeg
 
 import fastdeeplab
-from fastdeeplab.export.deploy import _model_config_module, load_model_config, model_config_text
+from fastdeeplab.export.deploy import (
+    LEGACY_MIN_AGE_S,
+    _model_config_module,
+    load_model_config,
+    model_config_text,
+)
 from fastdeeplab.export.onnx import ort_session
 
 SIZE = (33, 47)
@@ -212,9 +219,26 @@ def test_a_killed_deploy_leaves_nothing_the_next_one_keeps(tiny, tmp_path):
     for folder in dead + live:
         (folder / "1").mkdir(parents=True)
         (folder / "1" / "model.onnx").write_bytes(b"x" * 1000)
+    # deploys from before the pid tag: tempfile's 8 characters only; removed once untouched for an hour
+    legacy_old = [tmp_path / ".deploy.k2_9xq0a", repo / ".deeplabv3.ab12cd34.staging", repo / ".m-1.v2.zz99yy88.old"]
+    legacy_kept = [tmp_path / ".deploy.r4nd0m12",  # recent: its deploy may still run
+                   tmp_path / ".deploy.notmine1",  # old, but holds something deploy does not write
+                   tmp_path / ".deploy.short", repo / ".deploy.k2_9xq0b",  # not the exact pattern, not the place
+                   tmp_path / ".deeplabv3.ab12cd34.staging"]  # a staging name beside the repository
+    for folder in legacy_old + legacy_kept:
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"x")
+    (tmp_path / ".deploy.notmine1" / "notes.txt").write_text("mine")
+    (tmp_path / ".deploy.r4nd0m12" / "model.onnx").touch()
+    hour_ago = time.time() - LEGACY_MIN_AGE_S - 60
+    for folder in [*legacy_old, *legacy_kept[1:]]:
+        for p in (*folder.iterdir(), folder):
+            os.utime(p, (hour_ago, hour_ago))
+    (tmp_path / ".deploy.abcdefgh").symlink_to(legacy_old[0])  # a link is never followed nor removed
     fastdeeplab.deploy(tiny, repo, input_size=SIZE, check=False, backends=("onnxruntime",))
-    assert not any(p.exists() for p in dead)
-    assert all(p.exists() for p in live)
+    assert not any(p.exists() for p in dead + legacy_old)
+    assert all(p.exists() for p in live + legacy_kept)
+    assert (tmp_path / ".deploy.abcdefgh").is_symlink()
     assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == ["README.md", "deeplabv3"]
 
 

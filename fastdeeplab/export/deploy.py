@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,10 @@ README_MARK = "(written by `fastdeeplab deploy`)"
 # What deploy leaves while it runs: work folders beside the repository, staging and old model folders in it,
 # each named with the writing process's id, so a later deploy removes those of processes that no longer run.
 _STALE = re.compile(r"^\.(?:deploy\.(?P<pid>\d+)\..+|.+\.(?P<pid2>\d+)\..+\.(?:staging|old))$")
+# The same folders as deploys before the pid tag named them (tempfile's 8 random characters, no pid): removed
+# once nothing in them has changed for LEGACY_MIN_AGE_S (their process cannot be asked whether it still runs).
+_LEGACY = re.compile(r"^\.(?:deploy\.(?P<work>[a-z0-9_]{8})|[A-Za-z0-9_][A-Za-z0-9_.\-]*\.[a-z0-9_]{8}\.(?:staging|old))$")
+LEGACY_MIN_AGE_S = 3600.0
 
 
 def check_model_name(name: str) -> str:
@@ -263,25 +268,57 @@ def _check_readme(readme: Path, overwrite: bool) -> None:
                               "give another --out (repository), or --overwrite")
 
 
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time of ``folder`` and everything below it (links not followed)."""
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _legacy_work(entry: Path, beside: bool, now: float) -> bool:
+    """Whether ``entry`` is a work folder of a deploy from before the pid tag that is safe to remove: its exact
+    name, untouched for :data:`LEGACY_MIN_AGE_S`, and, beside the repository (a folder deploy does not own),
+    holding only what deploy wrote in its work folder (``model.onnx``, ``model.plan`` and their temporary
+    files)."""
+    match = _LEGACY.match(entry.name)
+    if match is None or beside != (match["work"] is not None):
+        return False
+    try:
+        if beside and any(not c.name.startswith(("model.", ".model.")) or c.is_symlink() or not c.is_file()
+                          for c in entry.iterdir()):
+            return False
+        return now - _newest_mtime(entry) >= LEGACY_MIN_AGE_S
+    except OSError:
+        return False
+
+
 def remove_stale_work(repository: str | os.PathLike) -> list[Path]:
     """Remove (and return) the work, staging and old folders that a killed ``deploy`` left beside and inside
-    ``repository``: those whose process no longer runs. A running deploy's folders are kept."""
+    ``repository``: those whose process no longer runs. A running deploy's folders are kept. Folders of
+    deploys from before the pid tag (``.deploy.<8 characters>`` beside, ``.<model>.<8 characters>.staging``
+    or ``.old`` inside) are removed once untouched for :data:`LEGACY_MIN_AGE_S` seconds."""
     from .._io import _alive
 
     repository = Path(repository)
     removed = []
+    now = time.time()
     for folder in (repository.parent, repository):
         if not folder.is_dir():
             continue
         with contextlib.suppress(OSError):
             for entry in folder.iterdir():
-                match = _STALE.match(entry.name)
-                if match is None or entry.is_symlink() or not entry.is_dir():
+                if entry.is_symlink() or not entry.is_dir():
                     continue
-                if folder == repository.parent and match["pid"] is None:
-                    continue  # beside the repository only the .deploy.<pid>.* work folders are deploy's
-                pid = int(match["pid"] or match["pid2"])
-                if pid != os.getpid() and not _alive(pid):
+                match = _STALE.match(entry.name)
+                if match is not None and not (folder == repository.parent and match["pid"] is None):
+                    pid = int(match["pid"] or match["pid2"])
+                    stale = pid != os.getpid() and not _alive(pid)
+                else:  # beside the repository only the .deploy.* work folders are deploy's
+                    stale = _legacy_work(entry, folder == repository.parent, now)
+                if stale:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
     return removed
