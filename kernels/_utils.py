@@ -25,6 +25,30 @@ KERNEL_TOLERANCES = {
 }
 
 
+# The epilogue activations of the kernels (conv, grouped ASPP, depthwise), in the order of their ``ACTIVATION``
+# constexpr codes: 0 none, 1 ReLU, 2 hardswish (``x · min(max(x + 3, 0), 6) / 6``, as ``F.hardswish``).
+ACTIVATIONS = ("none", "relu", "hardswish")
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+def resolve_activation(relu: object = None, activation: object = None) -> str:
+    """The epilogue activation from a launcher's ``relu=`` / ``activation=`` pair (one home for the rule).
+
+    ``activation`` (``"none"``, ``"relu"`` or ``"hardswish"``) names it; ``relu`` is the older flag, ``True``
+    for ReLU and ``False`` for none. Neither given: ReLU (the launchers' historical default). Both given: they
+    must agree, ``relu`` being whether the activation is ReLU (``relu=False, activation="hardswish"`` is
+    fine, ``relu=True, activation="hardswish"`` is a one-line ``ValueError``).
+    """
+    if activation is None:
+        return "none" if relu is not None and not relu else "relu"
+    if not isinstance(activation, str) or activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if relu is not None and bool(relu) != (activation == "relu"):
+        raise ValueError(f"relu={relu!r} contradicts activation={activation!r}: pass activation= alone "
+                         "(relu= is the older flag, True only with activation='relu')")
+    return activation
+
+
 def kernel_tolerance(dtype: torch.dtype, tf32: bool = False) -> tuple[float, float]:
     """``(atol, rtol)`` for a kernel output of ``dtype`` (``tf32``: float32 computed with TF32 products)."""
     return KERNEL_TOLERANCES[(dtype, bool(tf32) and dtype == torch.float32)]

@@ -70,7 +70,8 @@ _CONV_COMMON = dict(
     aligned_ints=("C_IN", "C_OUT", "stride_xn", "stride_xh", "stride_xw", "stride_rn", "stride_rh", "stride_rw",
                   "stride_on", "stride_oh", "stride_ow"),
 )
-_CONV_FLAGS = (("HAS_BIAS", True), ("APPLY_RELU", True), ("COUNT_TAPS", False), ("DOT_IN_FP32", False))
+# ACTIVATION: 1 ReLU (ResNet, heads), 2 hardswish (MobileNetV3's 1×1 expands and features[16])
+_CONV_FLAGS = (("HAS_BIAS", True), ("COUNT_TAPS", False), ("DOT_IN_FP32", False))
 
 _DEPTHWISE_COMMON = dict(
     module="depthwise", fn="_depthwise_conv_act_kernel", data_ptrs=("x_ptr", "w_ptr", "out_ptr"),
@@ -85,12 +86,21 @@ _DEPTHWISE_POOL = (("HAS_BIAS", True), ("ACTIVATION", 2), ("HAS_SE", False), ("C
 
 KERNELS: dict[str, KernelSpec] = {
     # 3×3: spatial and raster tiles (the autotuner sees both)
-    "conv3x3": KernelSpec(**_CONV_COMMON, flags=(("KH", 3), ("KW", 3), ("HAS_RESIDUAL", False), *_CONV_FLAGS)),
+    "conv3x3": KernelSpec(**_CONV_COMMON, flags=(("KH", 3), ("KW", 3), ("HAS_RESIDUAL", False), ("ACTIVATION", 1),
+                                                 *_CONV_FLAGS)),
     # 1×1: the GEMM-shaped raster tiles; with the bottleneck's residual in the epilogue
-    "conv1x1": KernelSpec(**_CONV_COMMON, flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", False), *_CONV_FLAGS),
-                          configs_kind="raster"),
+    "conv1x1": KernelSpec(**_CONV_COMMON, configs_kind="raster",
+                          flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", False), ("ACTIVATION", 1), *_CONV_FLAGS)),
     "conv1x1_residual": KernelSpec(**_CONV_COMMON, configs_kind="raster",
-                                   flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", True), *_CONV_FLAGS)),
+                                   flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", True), ("ACTIVATION", 1),
+                                          *_CONV_FLAGS)),
+    # MobileNetV3: the hardswish epilogue (1×1 expands, features[16]); the linear projection with the residual
+    "conv1x1_hardswish": KernelSpec(**_CONV_COMMON, configs_kind="raster",
+                                    flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", False), ("ACTIVATION", 2),
+                                           *_CONV_FLAGS)),
+    "conv1x1_residual_linear": KernelSpec(**_CONV_COMMON, configs_kind="raster",
+                                          flags=(("KH", 1), ("KW", 1), ("HAS_RESIDUAL", True), ("ACTIVATION", 0),
+                                                 *_CONV_FLAGS)),
     "aspp_branches": KernelSpec(
         module="aspp", fn="_aspp_branches_kernel", data_ptrs=("x_ptr", "w_ptr", "out_ptr"), fp32_ptrs=("bias_ptr",),
         i32_ptrs=(), aligned_ints=("C_IN", "CB", "stride_xn", "stride_xh", "stride_xw", "stride_on", "stride_oh",

@@ -1,4 +1,4 @@
-"""Fused dilated convolution + folded BatchNorm + [residual] + ReLU: a channels-last implicit GEMM in Triton.
+"""Fused dilated convolution + folded BatchNorm + [residual] + activation: a channels-last implicit GEMM in Triton.
 
 One concern in one file (hence its length): the conv kernel, its two tilings (spatial and raster), its
 autotune configs and pruning, and the launcher that validates arguments for it all change together.
@@ -26,8 +26,9 @@ size. :func:`fastdeeplab.analysis.tile_live_taps` predicts spatial tiles' counts
 makes the kernel report what it executed.
 
 The epilogue adds the folded-BN bias (float32), then the residual (``HAS_RESIDUAL``: a bottleneck's shortcut,
-read once), applies ReLU (NaN-propagating, like ``torch.relu``) and casts to the output dtype: ``add → ReLU``
-costs no extra pass over memory. Accumulation is always float32; float32 inputs use exact IEEE products or
+read once), applies the activation (``ACTIVATION``: none, ReLU or hardswish, :func:`activate`, NaN-propagating
+like ``torch.relu`` and ``F.hardswish``) and casts to the output dtype: ``add → act`` costs no extra pass
+over memory. MobileNetV3's 1×1 expand (hardswish) and project (linear, + residual) convs run it this way. Accumulation is always float32; float32 inputs use exact IEEE products or
 TF32 (``allow_tf32``).
 
 **Autotuning.** Keyed on channels, kernel, stride, dilation, the tensors' dtypes, a bucketed ``N·OH·OW``
@@ -68,6 +69,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (
+    ACTIVATION_CODES,
     INT32_MAX,
     autotune_cache_kwargs,
     check_device,
@@ -81,6 +83,7 @@ from ._utils import (
     m_bucket,
     pair,
     patch_interpreter_indices,
+    resolve_activation,
     resolve_input_precision,
     tracing,
     wrap_kernel,
@@ -91,6 +94,7 @@ patch_interpreter_indices()  # triton 3.6's interpreter + NumPy 2 (a no-op on GP
 
 __all__ = [
     "TapCounts",
+    "activate",
     "conv_bn_relu",
     "conv_bn_relu_packed",
     "get_autotune_configs",
@@ -225,6 +229,19 @@ def _is_null_allocator(allocator) -> bool:
 
 
 @triton.jit
+def activate(acc, ACTIVATION: tl.constexpr):
+    """The kernels' epilogue activation, the one home of its formulas (conv, grouped ASPP and depthwise
+    kernels call it): ``ACTIVATION`` 0 none, 1 ReLU, 2 hardswish ``x · min(max(x + 3, 0), 6) / 6``
+    (``F.hardswish``'s formula: ±inf behave as in torch, -inf → NaN). NaN stays NaN in both, as in torch
+    (``ACTIVATION`` may also be a bool: ``False`` none, ``True`` ReLU)."""
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACTIVATION == 2:
+        acc = acc * tl.minimum(tl.maximum(acc + 3.0, 0.0), 6.0) / 6.0  # a NaN acc multiplies: NaN out
+    return acc
+
+
+@triton.jit
 def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Program id → (M tile, N tile), walking GROUP_M M-tiles down each N column before moving right, so a
     group of programs shares its weight tiles in L2 (the ordering of Triton's matmul tutorial)."""
@@ -261,13 +278,13 @@ def conv_tile(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,  # convolution geometry
     KS_H, KS_W,  # kernel size, <= KMAX_H / KMAX_W (runtime: the grouped ASPP launch mixes 1×1 and 3×3)
     KMAX_H: tl.constexpr, KMAX_W: tl.constexpr,  # largest kernel size this build handles
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr, COUNT_TAPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, COUNT_TAPS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     RASTER: tl.constexpr, BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program's ``BLOCK_M × BLOCK_N`` output tile: the K loop over live taps and channel blocks, then
-    the epilogue (bias, residual, ReLU, cast, store). Shared by the conv and grouped-ASPP kernels."""
+    the epilogue (bias, residual, activation, cast, store). Shared by the conv and grouped-ASPP kernels."""
     BLOCK_M: tl.constexpr = BLOCK_OH * BLOCK_OW
     rm = tl.arange(0, BLOCK_M)
     if RASTER:
@@ -385,7 +402,7 @@ def conv_tile(
         if COUNT_TAPS:
             taps += (c0 == 0).to(tl.int32)
 
-    # ---- fused epilogue: + bias, + residual, ReLU, cast, store
+    # ---- fused epilogue: + bias, + residual, activation, cast, store
     if RASTER:
         m_ok = pid_m * BLOCK_M + rm < N * OH * OW
         r_rows = rm * C_OUT
@@ -398,8 +415,7 @@ def conv_tile(
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(r_tile + r_rows[:, None] + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    acc = activate(acc, ACTIVATION)
     tl.store(o_tile + o_rows[:, None] + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     if COUNT_TAPS:
         tl.store(taps_ptr, taps)
@@ -426,8 +442,8 @@ def _conv_bn_relu_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,  # convolution geometry
     KH: tl.constexpr, KW: tl.constexpr,  # kernel size (odd)
     HAS_BIAS: tl.constexpr,  # add bias_ptr[co] in the epilogue
-    HAS_RESIDUAL: tl.constexpr,  # add res_ptr[n, co, oh, ow] in the epilogue, before the ReLU
-    APPLY_RELU: tl.constexpr,  # clamp at zero in the epilogue
+    HAS_RESIDUAL: tl.constexpr,  # add res_ptr[n, co, oh, ow] in the epilogue, before the activation
+    ACTIVATION: tl.constexpr,  # epilogue activation (activate): 0 none, 1 ReLU, 2 hardswish
     COUNT_TAPS: tl.constexpr,  # telemetry: write the number of executed taps to taps_ptr
     INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for float32 inputs: "ieee" or "tf32"
     DOT_IN_FP32: tl.constexpr,  # interpreter only: upcast bf16 operands before tl.dot (see dot_in_fp32)
@@ -447,7 +463,7 @@ def _conv_bn_relu_kernel(
               N, H, W, C_IN, C_OUT, OH, OW,
               stride_xn, stride_xh, stride_xw, stride_rn, stride_rh, stride_rw, stride_on, stride_oh, stride_ow,
               STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, KH, KW,
-              HAS_BIAS, HAS_RESIDUAL, APPLY_RELU, COUNT_TAPS, INPUT_PRECISION, DOT_IN_FP32,
+              HAS_BIAS, HAS_RESIDUAL, ACTIVATION, COUNT_TAPS, INPUT_PRECISION, DOT_IN_FP32,
               RASTER, BLOCK_OH, BLOCK_OW, BLOCK_N, BLOCK_K, USE_TMA)
 
 
@@ -480,10 +496,10 @@ _LAUNCH_PLANS: dict[tuple, _LaunchPlan] = {}
 _MAX_PLANS = 4096
 
 
-def _launch_signature(x, packed_weight, bias, residual, kernel_size, stride, padding, dilation, relu, allow_tf32,
-                      config) -> tuple | None:
-    """Everything but the data that a launch depends on (shapes, strides, dtypes, devices, geometry, TF32 mode,
-    config): two calls with one signature take the same checks and the same launch arguments. ``None`` when
+def _launch_signature(x, packed_weight, bias, residual, kernel_size, stride, padding, dilation, relu, activation,
+                      allow_tf32, config) -> tuple | None:
+    """Everything but the data that a launch depends on (shapes, strides, dtypes, devices, geometry, the
+    activation as passed, TF32 mode, config): two calls with one signature take the same checks and the same launch arguments. ``None`` when
     an argument is not hashable (lists, odd types: the checked path then runs)."""
     if type(x) is not Tensor or type(packed_weight) is not Tensor:
         return None
@@ -493,7 +509,7 @@ def _launch_signature(x, packed_weight, bias, residual, kernel_size, stride, pad
            None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.is_contiguous()),
            None if residual is None else (type(residual), residual.shape, residual.stride(), residual.dtype,
                                           residual.device),
-           kernel_size, stride, padding, dilation, relu, tf32, config)
+           kernel_size, stride, padding, dilation, relu, activation, tf32, config)
     try:
         hash(sig)
     except TypeError:
@@ -557,9 +573,10 @@ def pack_weight(weight: Tensor) -> Tensor:
 
 
 def conv_bn_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: int | tuple[int, int] = 1,
-                 padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, relu: bool = True,
-                 residual: Tensor | None = None, allow_tf32: bool | None = None, out: Tensor | None = None) -> Tensor:
-    """``relu(conv2d(x, weight, stride, padding, dilation) + bias [+ residual])`` in one kernel; ``groups=1``.
+                 padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, relu: bool | None = None,
+                 residual: Tensor | None = None, allow_tf32: bool | None = None, out: Tensor | None = None,
+                 activation: str | None = None) -> Tensor:
+    """``act(conv2d(x, weight, stride, padding, dilation) + bias [+ residual])`` in one kernel; ``groups=1``.
 
     Args:
         x: ``[N, Cin, H, W]`` float32 / float16 / bfloat16. Channels-last is the fast path; any other
@@ -568,18 +585,23 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, strid
             same dtype as ``x``. Packed on every call: modules should use :func:`conv_bn_relu_packed`.
         bias: ``[Cout]`` folded BatchNorm shift, or ``None``. Added in float32.
         stride, padding, dilation: ints or ``(h, w)`` pairs, as in ``F.conv2d``.
-        relu: apply ReLU in the epilogue (after the residual).
-        residual: optional ``[N, Cout, OH, OW]`` tensor in ``x``'s dtype, added in the epilogue before the ReLU.
+        relu: the older spelling of ``activation``: ``True`` ReLU, ``False`` none.
+        residual: optional ``[N, Cout, OH, OW]`` tensor in ``x``'s dtype, added in the epilogue before the
+            activation.
         allow_tf32: float32 only: TF32 tensor cores (``True``) or exact IEEE products (``False``);
             ``None`` follows ``torch.backends.cudnn.allow_tf32`` like ``F.conv2d``.
         out: optional preallocated channels-last ``[N, Cout, OH, OW]`` output in ``x``'s dtype.
+        activation: ``"none"``, ``"relu"`` or ``"hardswish"``, applied last (after bias and residual). Neither
+            ``relu`` nor ``activation`` given: ReLU. Both given: they must agree (``relu`` says whether it is
+            ReLU), else a ``ValueError``.
     Returns:
         ``[N, Cout, OH, OW]`` channels-last, in ``x``'s dtype; accumulation is float32. Inference only: the
         result carries no autograd history.
     Raises:
         TypeError: non-tensor arguments, dtypes other than float32/float16/bfloat16, mismatched dtypes.
         ValueError: wrong ranks or shapes, groups != 1, even kernel sizes, bad stride/padding/dilation, an
-            empty output, tensors on different devices, CPU tensors without ``TRITON_INTERPRET=1``.
+            empty output, tensors on different devices, CPU tensors without ``TRITON_INTERPRET=1``, an unknown
+            activation or one that contradicts ``relu``.
     """
     check_tensor(x, "x")
     check_tensor(weight, "weight")
@@ -597,14 +619,15 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, strid
     check_device(x, {"weight": weight})
     return conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=(weight.shape[2], weight.shape[3]),
                                stride=stride, padding=padding, dilation=dilation, relu=relu, residual=residual,
-                               allow_tf32=allow_tf32, out=out)
+                               allow_tf32=allow_tf32, out=out, activation=activation)
 
 
 def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = None, *,
                         kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
-                        padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, relu: bool = True,
-                        residual: Tensor | None = None, allow_tf32: bool | None = None, out: Tensor | None = None,
-                        config: triton.Config | None = None, return_tap_counts: bool = False,
+                        padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+                        relu: bool | None = None, residual: Tensor | None = None, allow_tf32: bool | None = None,
+                        out: Tensor | None = None, config: triton.Config | None = None,
+                        return_tap_counts: bool = False, activation: str | None = None,
                         ) -> Tensor | tuple[Tensor, TapCounts]:
     """Like :func:`conv_bn_relu`, with the weight already packed by :func:`pack_weight` (what modules call).
 
@@ -614,7 +637,8 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
         bias: ``[Cout]`` or ``None``; converted to contiguous float32 unless it already is (modules keep a
             float32 copy so this costs nothing per call).
         kernel_size: ``(KH, KW)``, odd.
-        residual: ``[N, Cout, OH, OW]`` in ``x``'s dtype, added before the ReLU, or ``None``.
+        residual: ``[N, Cout, OH, OW]`` in ``x``'s dtype, added before the activation, or ``None``.
+        relu, activation: the epilogue activation, see :func:`conv_bn_relu`.
         config: run this ``triton.Config`` instead of autotuning (tests, telemetry).
         return_tap_counts: also return :class:`TapCounts`, the taps each program executed. Runs the
             telemetry build of the kernel with ``config`` (default: the first autotune config).
@@ -624,10 +648,11 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
     sig = None
     if out is None and not return_tap_counts:
         sig = _launch_signature(x, packed_weight, bias, residual, kernel_size, stride, padding, dilation, relu,
-                                allow_tf32, config)
+                                activation, allow_tf32, config)
         plan = _LAUNCH_PLANS.get(sig) if sig is not None else None
         if plan is not None and not tracing():
             return plan.launch(x, packed_weight, bias, residual)
+    activation = resolve_activation(relu, activation)
     check_tensor(x, "x")
     check_tensor(packed_weight, "packed_weight")
     if x.dim() != 4:
@@ -712,7 +737,8 @@ def conv_bn_relu_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None = 
                res.stride(0), res.stride(2), res.stride(3),
                out.stride(0), out.stride(2), out.stride(3),
                sh, sw, ph, pw, dh, dw)
-    consts = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
+    consts = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                  ACTIVATION=ACTIVATION_CODES[activation],
                   COUNT_TAPS=counts is not None, INPUT_PRECISION=resolve_input_precision(x.dtype, allow_tf32),
                   DOT_IN_FP32=dot_in_fp32(x.dtype), **meta)
     launcher = wrap_kernel(kernel, x)

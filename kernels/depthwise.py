@@ -47,6 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (
+    ACTIVATION_CODES,
     INT32_MAX,
     autotune_cache_kwargs,
     check_device,
@@ -61,7 +62,7 @@ from ._utils import (
     patch_interpreter_indices,
     wrap_kernel,
 )
-from .reference import DEPTHWISE_ACTIVATIONS
+from .conv import activate
 
 patch_interpreter_indices()  # triton 3.6's interpreter + NumPy 2 (a no-op on GPUs and on triton 3.8)
 
@@ -75,8 +76,8 @@ __all__ = [
     "prune_by_padding",
 ]
 
-# Activation name -> the kernel's ACTIVATION code.
-ACTIVATIONS = {name: code for code, name in enumerate(DEPTHWISE_ACTIVATIONS)}  # none 0, relu 1, hardswish 2
+# Activation name -> the kernel's ACTIVATION code: none 0, relu 1, hardswish 2 (kernels/_utils.py, shared).
+ACTIVATIONS = ACTIVATION_CODES
 MAX_KERNEL = 7  # taps are unrolled: KH, KW <= 7 (MobileNet and EfficientNet use 3, 5 and 7)
 # Keep configs within this factor of the leanest config's padded work (pixels × channels it computes).
 PAD_SLACK = 1.25
@@ -191,10 +192,7 @@ def _depthwise_conv_act_kernel(
     # ---- epilogue: bias -> activation -> SE scale -> cast
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0)[None, :]
-    if ACTIVATION == 1:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, like torch.relu
-    elif ACTIVATION == 2:
-        acc = acc * tl.minimum(tl.maximum(acc + 3.0, 0.0), 6.0) / 6.0  # torch's formula: -inf -> NaN too
+    acc = activate(acc, ACTIVATION)  # the conv kernel's epilogue activation (NaN stays NaN, like torch)
     if HAS_SE:
         scale = tl.load(se_ptr + img.to(tl.int64) * stride_sn + c, mask=c_ok, other=0.0)
         acc = acc * scale.to(tl.float32)[None, :]

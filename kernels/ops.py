@@ -1,7 +1,7 @@
 """The kernels as torch custom ops, so ``torch.compile`` and ``torch.export`` keep them in the graph.
 
 ==================================  ===========================================================================
-``torch.ops.fastdeeplab.conv2d_act``  ``relu?(conv2d(x, W) + bias [+ residual])``: :func:`conv_bn_relu_packed`
+``torch.ops.fastdeeplab.conv2d_act``  ``act(conv2d(x, W) + bias [+ residual])``: :func:`conv_bn_relu_packed`
 ``torch.ops.fastdeeplab.aspp_branches``  ASPP's 1×1 + three atrous 3×3 branches in one launch: ``[4N, Cb, H, W]``
 ``torch.ops.fastdeeplab.aspp_project``  the fused ASPP projection: :func:`aspp_project_packed`
 ``torch.ops.fastdeeplab.depthwise_conv_act``  ``act(dwconv(x) + bias) * se_scale``: :func:`depthwise_conv_act_packed`
@@ -16,6 +16,10 @@ Registration, by what the installed packages allow:
 * **Otherwise** (no triton, an older torch, or ``TRITON_INTERPRET=1``, whose interpreted kernels torch cannot
   trace): a ``torch.library.custom_op``, opaque to the compiler but still one node in the graph. Its kernel
   runs the Triton launcher under the interpreter (tests) and the reference twin on a CPU without it.
+
+``conv2d_act(x, packed_weight, bias, residual, kernel_size, stride, padding, dilation, relu, activation=None)``:
+``activation`` (``"none"``, ``"relu"``, ``"hardswish"``) names the epilogue; left out, ``relu`` picks ReLU or none;
+given, ``relu`` must agree with it (``True`` only with ``"relu"``), as in :func:`conv_bn_relu_packed`.
 
 Every op has a ``register_fake`` shape function, so ``torch.export`` and ``torch.compile`` trace the model
 without running a kernel. The ONNX export never sees these ops: fused modules export as standard ops.
@@ -36,7 +40,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._utils import interpreting, triton_available
+from ._utils import interpreting, resolve_activation, triton_available
 from .reference import aspp_project_reference, conv_bn_relu_reference, depthwise_conv_act_reference
 
 __all__ = ["NAMESPACE", "TRITON_OPS", "aspp_branches", "aspp_project", "conv2d_act", "depthwise_conv_act",
@@ -81,20 +85,21 @@ def _use_kernels(x: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------
 def _conv2d_act_kernel(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                        kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
-                       relu: bool) -> Tensor:
+                       relu: bool, activation: Optional[str] = None) -> Tensor:
     from .conv import conv_bn_relu_packed
 
     return conv_bn_relu_packed(x, packed_weight, bias, kernel_size=tuple(kernel_size), stride=tuple(stride),
                                padding=tuple(padding), dilation=tuple(dilation), relu=relu, residual=residual,
-                               config=_interpreter_config(x, raster=tuple(kernel_size) == (1, 1)))
+                               config=_interpreter_config(x, raster=tuple(kernel_size) == (1, 1)),
+                               activation=activation)
 
 
 def _conv2d_act_reference(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                           kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
-                          relu: bool) -> Tensor:
+                          relu: bool, activation: Optional[str] = None) -> Tensor:
     weight = _unpack(packed_weight, x.shape[1], kernel_size[0], kernel_size[1])
     y = conv_bn_relu_reference(x, weight, bias, stride=stride, padding=padding, dilation=dilation, relu=relu,
-                               residual=residual)
+                               residual=residual, activation=activation)
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -200,7 +205,8 @@ def _dispatching(kernel, reference):
 # ---------------------------------------------------------------------------------------------------
 def _conv2d_act_fake(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                      kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
-                     relu: bool) -> Tensor:
+                     relu: bool, activation: Optional[str] = None) -> Tensor:
+    resolve_activation(relu, activation)  # a bad pair fails while tracing, not at the first launch
     n, _, h, w = x.shape
     oh = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
@@ -251,7 +257,7 @@ def _register(name: str, kernel, reference, fake, schema: str):
 conv2d_act = _register(
     "conv2d_act", _conv2d_act_kernel, _conv2d_act_reference, _conv2d_act_fake,
     "(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? residual, int[] kernel_size, int[] stride, "
-    "int[] padding, int[] dilation, bool relu) -> Tensor")
+    "int[] padding, int[] dilation, bool relu, str? activation=None) -> Tensor")
 aspp_branches = _register(
     "aspp_branches", _aspp_branches_kernel, _aspp_branches_reference, _aspp_branches_fake,
     "(Tensor x, Tensor packed_weight, Tensor? bias, int[] rates) -> Tensor")

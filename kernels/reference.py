@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import ACTIVATIONS, resolve_activation
+
 __all__ = [
+    "activation_reference",
     "aspp_branches_reference",
     "aspp_project_reference",
     "conv_bn_relu_module_reference",
@@ -33,26 +36,41 @@ IntPair = int | tuple[int, int]
 
 
 def conv_bn_relu_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: IntPair = 1,
-                           padding: IntPair = 0, dilation: IntPair = 1, relu: bool = True,
-                           residual: Tensor | None = None) -> Tensor:
-    """``relu(conv2d(x, weight) + bias [+ residual])``: the twin of :func:`fastdeeplab.kernels.conv_bn_relu`.
+                           padding: IntPair = 0, dilation: IntPair = 1, relu: bool | None = None,
+                           residual: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """``act(conv2d(x, weight) + bias [+ residual])``: the twin of :func:`fastdeeplab.kernels.conv_bn_relu`.
 
     Args:
         x: ``[N, Cin, H, W]``, any memory format.
         weight: ``[Cout, Cin, KH, KW]`` with BatchNorm already folded in (see :func:`fold_bn`).
         bias: ``[Cout]``, the folded BatchNorm shift, or ``None``.
-        residual: ``[N, Cout, OH, OW]`` added before the ReLU, or ``None``.
+        relu, activation: the epilogue activation, ``"none"``, ``"relu"`` (the default) or ``"hardswish"``;
+            ``relu=True/False`` is the older spelling of ``"relu"``/``"none"`` (see
+            :func:`fastdeeplab.kernels._utils.resolve_activation`).
+        residual: ``[N, Cout, OH, OW]`` added before the activation, or ``None``.
     Returns:
         ``[N, Cout, OH, OW]`` in ``x``'s dtype.
     """
+    activation = resolve_activation(relu, activation)
     y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride=stride, padding=padding,
                  dilation=dilation)
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    return activation_reference(y, activation)
 
 
-DEPTHWISE_ACTIVATIONS = ("none", "relu", "hardswish")
+def activation_reference(y: Tensor, activation: str) -> Tensor:
+    """The kernels' epilogue activations in PyTorch: ``F.relu``, ``F.hardswish`` or nothing."""
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "hardswish":
+        return F.hardswish(y)
+    if activation != "none":
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return y
+
+
+DEPTHWISE_ACTIVATIONS = ACTIVATIONS  # the older name (kernels/_utils.py holds the list)
 
 
 def depthwise_conv_act_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: IntPair = 1,
@@ -74,14 +92,11 @@ def depthwise_conv_act_reference(x: Tensor, weight: Tensor, bias: Tensor | None 
     Returns:
         ``[N, C, OH, OW]`` in ``x``'s dtype.
     """
-    if activation not in DEPTHWISE_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {DEPTHWISE_ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride=stride,
                  padding=padding, dilation=dilation, groups=x.shape[1])
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "hardswish":
-        y = F.hardswish(y)
+    y = activation_reference(y, activation)
     if se_scale is not None:
         y = y * se_scale.to(x.dtype)[:, :, None, None]
     return y
