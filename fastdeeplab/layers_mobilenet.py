@@ -3,7 +3,10 @@
 * :class:`FusedConvBNAct` — ``conv (any groups: depthwise included) → BN (folded) → [+ residual] →
   [ReLU | hardswish]``, weights folded once. On the CPU (float32, bfloat16) it is one oneDNN fused primitive
   (``torch.ops.mkldnn._convolution_pointwise`` with the ``hardswish``/``relu`` post-op and the residual add)
-  over a weight reordered once per problem shape; elsewhere ``F.conv2d`` then the epilogue.
+  over a weight reordered once per problem shape; elsewhere ``F.conv2d`` then the epilogue. On the
+  ``"triton"`` backend depthwise convs run ``fastdeeplab::depthwise_conv_act`` and the ``groups=1`` convs
+  (the 1×1 expands and projects, ``features[16]``) ``fastdeeplab::conv2d_act`` with the activation and the
+  residual in its epilogue, each dispatched per problem against cuDNN; the RGB stem stays on cuDNN.
 * :class:`FusedSqueezeExcitation` — the SE block as a per-image channel scale ``[N, C]`` (global mean, two
   small matrix products, hardsigmoid), applied in place to the depthwise output: one read-modify-write, no
   broadcast tensor, no extra copy.
@@ -23,15 +26,27 @@ from torch import Tensor, nn
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.ops.misc import SqueezeExcitation
 
+from .kernels._utils import ACTIVATIONS
 from .kernels.reference import fold_bn
-from .layers import _ONEDNN, _check_backend, _first_call, _forced, _Plan, _standard_ops_only
+from .layers import (
+    _ONEDNN,
+    STEM_MAX_CIN,
+    _check_backend,
+    _first_call,
+    _forced,
+    _ops_conv2d_act,
+    _Plan,
+    _recording,
+    _refill,
+    _refresh_after_load,
+    _standard_ops_only,
+)
 from .mobilenet import MobileNetV3Backbone
 from .model import capturing_graph
 
 __all__ = ["ACTIVATIONS", "FusedConvBNAct", "FusedInvertedResidual", "FusedSqueezeExcitation",
            "fuse_mobilenet_backbone"]
 
-ACTIVATIONS = ("none", "relu", "hardswish")
 # oneDNN's bfloat16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; without them bf16 runs F.conv2d.
 _ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
                                      else ())
@@ -63,9 +78,13 @@ class FusedConvBNAct(nn.Module):
         bn: the BatchNorm that follows it, or ``None``.
         activation: ``"none"``, ``"relu"`` or ``"hardswish"``.
         backend: ``"torch"`` or ``"triton"``. On ``"triton"`` a depthwise conv runs the Triton kernel
-            ``fastdeeplab::depthwise_conv_act`` (bias, activation and an optional SE scale in its epilogue),
-            dispatched per problem against its cuDNN form by ``module.dispatcher`` as
-            :class:`~fastdeeplab.layers.FusedConvBNReLU` is; the other convs run cuDNN.
+            ``fastdeeplab::depthwise_conv_act`` (bias, activation and an optional SE scale in its epilogue)
+            and a ``groups=1`` conv with more than ``STEM_MAX_CIN`` input channels the implicit-GEMM kernel
+            ``fastdeeplab::conv2d_act`` (bias, residual and activation in its epilogue), each dispatched per
+            problem against its cuDNN form by ``module.dispatcher`` as
+            :class:`~fastdeeplab.layers.FusedConvBNReLU` is. The RGB stem and other grouped convs run cuDNN.
+            The kernels' weights are packed once, and again after ``.to()``/``load_state_dict``/in-place
+            changes of ``weight``/``bias``.
 
     ``stride``, ``padding`` and ``dilation`` are plain attributes, so ``set_output_stride`` can change them.
     ``forward(x, residual=None)``.
@@ -95,17 +114,44 @@ class FusedConvBNAct(nn.Module):
         self.dispatcher = None  # a kernels.dispatch.Dispatcher shared by an optimized model; None: always Triton
         self.dispatch_name = ""
         self._plans: dict[tuple, _Plan] = {}
-        # Triton backend (depthwise only): the kernel's [KH*KW, C] weight and float32 bias, packed once
+        self._derived_from: tuple | None = None  # _state_token() when the derived weights were built
+        # Triton backend: the kernel's weight (depthwise [KH*KW, C], conv [KH*KW*Cin, Cout]) and float32 bias,
+        # packed once; non-persistent buffers, so torch.export sees them as constants
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_bias32", None, persistent=False)
         self._prepare_triton()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def _state_token(self) -> tuple:
+        """Changes whenever ``weight`` or ``bias`` is replaced or modified in place (see
+        :meth:`~fastdeeplab.layers.FusedConvBNReLU._state_token`)."""
+        buffers = self._buffers
+        w, b = buffers["weight"], buffers["bias"]
+        return id(w), w._version, id(b), b._version
 
     def _prepare_triton(self) -> None:
-        if self.backend == "triton" and self.depthwise:
-            from .kernels.depthwise import pack_depthwise_weight
+        """(Re)build the Triton weights, in place when their shape is unchanged (CUDA graphs hold addresses),
+        and the per-call flags ``_triton_dw`` / ``_triton_conv`` (which kernel this layer runs, if any)."""
+        self._derived_from = self._state_token()
+        triton = self.backend == "triton"
+        self._triton_dw = triton and self.depthwise
+        # groups=1 convs, but not the RGB stem (a K of 3·9 pads the MMA tile: cuDNN, as in layers.py)
+        self._triton_conv = triton and self.groups == 1 and self.in_channels > STEM_MAX_CIN
+        if not (self._triton_dw or self._triton_conv):
+            return
+        if self._triton_dw:
+            from .kernels.depthwise import pack_depthwise_weight as pack
+        else:
+            from .kernels.conv import pack_weight as pack
+        with torch.no_grad():
+            self._packed = _refill(self._packed, pack(self.weight))
+            self._bias32 = _refill(self._bias32, self.bias.detach().to(torch.float32).contiguous())
 
-            self._packed = pack_depthwise_weight(self.weight)
-            self._bias32 = self.bias.detach().to(torch.float32).contiguous()
+    def _refresh(self) -> None:
+        """Rebuild derived weights (oneDNN's and the kernels') if the parameters changed since they were built."""
+        if self._derived_from != self._state_token():
+            self._onednn_packed = self._onednn_key = None
+            self._prepare_triton()
 
     @property
     def in_channels(self) -> int:
@@ -132,29 +178,49 @@ class FusedConvBNAct(nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_onednn_packed=None, _onednn_key=None, _plans={})
+        state.update(_onednn_packed=None, _onednn_key=None, _plans={}, _derived_from=None)
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_derived_from", None)
+        if "_triton_conv" not in self.__dict__:  # pickled before the conv path existed
+            self._prepare_triton()
+
     def _triton_ready(self, residual: Tensor | None) -> bool:
-        return self.backend == "triton" and self.depthwise and residual is None and not _standard_ops_only()
+        return self._triton_dw and residual is None and not _standard_ops_only()
 
-    def dispatch_key(self, x: Tensor, se: bool) -> str:
-        """The problem a dispatch decision holds for: geometry, epilogue, input shape, dtype, device."""
+    def dispatch_key(self, x: Tensor, variant: bool) -> str:
+        """The problem a dispatch decision holds for: geometry, epilogue, input shape, dtype, device.
+        ``variant``: depthwise, whether the SE scale is in the epilogue; otherwise, whether a residual is.
+
+        A ``groups=1`` conv with ReLU or no activation gets :meth:`FusedConvBNReLU.dispatch_key
+        <fastdeeplab.layers.FusedConvBNReLU.dispatch_key>`'s key (``relu1``/``relu0``): the same problem runs
+        the same kernel, so one decision holds for both."""
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return (f"dwconv{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} {self.out_channels} {self.activation}"
-                f" se{int(se)} | x{list(x.shape)} {x.dtype} {x.device}")
+        if self.depthwise:
+            return (f"dwconv{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} {self.out_channels} {self.activation}"
+                    f" se{int(variant)} | x{list(x.shape)} {x.dtype} {x.device}")
+        act = {"relu": "relu1", "none": "relu0"}.get(self.activation, self.activation)
+        groups = f" g{self.groups}" if self.groups != 1 else ""
+        return (f"conv{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} {self.in_channels}->{self.out_channels}{groups}"
+                f" res{int(variant)} {act} | x{list(x.shape)} {x.dtype} {x.device}")
 
-    def _dispatch(self, x: Tensor, se: bool, run_triton, run_cudnn) -> Tensor:
-        """The dispatcher pattern of :class:`~fastdeeplab.layers.FusedConvBNReLU`: one plan per geometry."""
+    def _dispatch(self, x: Tensor, variant: bool, run_triton, run_cudnn) -> Tensor:
+        """The dispatcher pattern of :class:`~fastdeeplab.layers.FusedConvBNReLU`: one plan per geometry
+        (``variant``: see :meth:`dispatch_key`)."""
         key = None
         if torch.compiler.is_compiling():  # traced: the cached decision, else Triton; no bookkeeping
             d = self.dispatcher
-            key = self.dispatch_key(x, se)
+            key = self.dispatch_key(x, variant)
             return run_cudnn() if d is not None and d.decided(key) == "cudnn" else run_triton()
-        geometry = (x.shape, x.dtype, x.device, se, self.stride, self.padding, self.dilation)
+        if self._derived_from != self._state_token():
+            self._refresh()
+        geometry = (x.shape, x.dtype, x.device, variant, self.stride, self.padding, self.dilation)
         plan = self._plans.get(geometry)
         if plan is None or plan.dispatcher is not self.dispatcher:
-            plan = self._plans[geometry] = _Plan(self, x, key or self.dispatch_key(x, se))
+            plan = self._plans[geometry] = _Plan(self, x, key or self.dispatch_key(x, variant))
         if plan.choice == "triton":
             return _forced(self, plan, run_triton) if plan.forced else run_triton()
         if plan.choice == "cudnn":
@@ -180,6 +246,8 @@ class FusedConvBNAct(nn.Module):
         return self._dispatch(x, True, run_triton, lambda: se(self._forward_plain(x, None)))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self._triton_conv and not _standard_ops_only():
+            return self._forward_conv_triton(x, residual)
         if self._triton_ready(residual):
             from .kernels import ops
 
@@ -189,8 +257,44 @@ class FusedConvBNAct(nn.Module):
         if capturing_graph() or _standard_ops_only():
             return self._forward_plain(x, residual)
         if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+            self._refresh()
             return self._forward_onednn(x, residual)
         return self._forward_plain(x, residual)
+
+    def _conv_args(self) -> tuple:
+        """``conv2d_act``'s constant arguments after the tensors (the ``relu`` flag, then the activation)."""
+        return (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+                self.activation == "relu", self.activation)
+
+    def _forward_conv_triton(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """A ``groups=1`` conv on the Triton backend: ``fastdeeplab::conv2d_act`` (bias, residual and activation
+        in the epilogue) or its cuDNN form, per problem, exactly as :class:`~fastdeeplab.layers.FusedConvBNReLU`
+        dispatches (plans hold the key, the decision and the op's arguments, so a steady call builds nothing)."""
+        has_res = residual is not None
+        if torch.compiler.is_compiling():  # traced: the cached decision, else Triton; no bookkeeping
+            d = self.dispatcher
+            if d is not None and d.decided(self.dispatch_key(x, has_res)) == "cudnn":
+                return self._forward_plain(x, residual)
+            return _ops_conv2d_act()(x, self._packed, self._bias32, residual, *self._conv_args())
+        if self._derived_from != self._state_token():
+            self._refresh()
+        geometry = (x.shape, x.dtype, x.device, has_res, self.stride, self.padding, self.dilation)
+        plan = self._plans.get(geometry)
+        if plan is None or plan.dispatcher is not self.dispatcher:
+            from .kernels import ops
+
+            plan = self._plans[geometry] = _Plan(self, x, self.dispatch_key(x, has_res), ops.EAGER["conv2d_act"],
+                                                 self._conv_args())
+        op = _ops_conv2d_act() if _recording() else plan.op
+
+        def run_triton() -> Tensor:
+            return op(x, self._packed, self._bias32, residual, *plan.args)
+
+        if plan.choice == "triton":
+            return _forced(self, plan, run_triton) if plan.forced else run_triton()
+        if plan.choice == "cudnn":
+            return self._forward_plain(x, residual)
+        return _first_call(self, plan, x, run_triton, lambda: self._forward_plain(x, residual))
 
     def _forward_plain(self, x: Tensor, residual: Tensor | None) -> Tensor:
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

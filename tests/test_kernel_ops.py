@@ -411,3 +411,117 @@ def test_aspp_launchers_replay_a_checked_launch_with_new_data():
                                       bias.double())
         assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, name=f"trial {trial} projection")
     assert len(conv_module._LAUNCH_PLANS) == 2, "one plan per launcher signature, replayed on the second trial"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation epilogue: none / ReLU / hardswish after bias and residual (MobileNetV3's 1×1 expands, projects)
+# ---------------------------------------------------------------------------------------------------
+ACT_CASES = [  # (k, stride, activation, residual, tiling): 1×1 raster GEMMs and 3×3 spatial tiles, both
+    pytest.param(1, 1, "hardswish", False, RASTER, id="k1-hardswish"),
+    pytest.param(1, 1, "hardswish", True, RASTER, id="k1-hardswish-residual"),
+    pytest.param(1, 1, "none", True, RASTER, id="k1-none-residual"),
+    pytest.param(3, 2, "none", False, SPATIAL, id="k3-s2-none"),
+    pytest.param(3, 1, "relu", True, SPATIAL, id="k3-relu-residual"),
+    pytest.param(1, 1, "relu", False, RASTER, id="k1-relu"),
+]
+
+
+def _act_inputs(k, stride, dtype, residual):
+    n, cin, h, w, cout = 2, 20, 7, 9, 36
+    oh, ow = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    x, weight, bias, res = _conv_inputs(n, cin, h, w, cout, k, dtype, oh, ow)
+    weight = (3 * weight.float()).to(dtype)  # sums of about ±3σ = ±9: both hardswish clamps and its curve
+    return x, weight, 2 * bias, (res if residual else None)
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, atol, rtol", KERNEL_DTYPES)
+@pytest.mark.parametrize("k, stride, activation, residual, config", ACT_CASES)
+def test_activation_epilogue_matches_reference(k, stride, activation, residual, config, dtype, allow_tf32, atol,
+                                               rtol):
+    _skip_bf16(dtype)
+    x, weight, bias, res = _act_inputs(k, stride, dtype, residual)
+    expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), stride=stride, padding=k // 2,
+                                      residual=None if res is None else res.double(), activation=activation)
+    pre = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), stride=stride, padding=k // 2,
+                                 residual=None if res is None else res.double(), activation="none")
+    assert (pre < -3).any() and (pre > 3).any() and ((pre > -3) & (pre < 0)).any(), "cover every branch"
+    out = _poisoned(expected.shape, dtype)
+    y = conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=k, stride=stride, padding=k // 2,
+                            residual=res, allow_tf32=allow_tf32, out=out, config=config, activation=activation)
+    assert y is out
+    assert_close_verbose(y, expected, atol=atol, rtol=rtol, dims="NCHW")
+    if activation == "none":
+        assert (y < -3).any()
+    elif activation == "hardswish":
+        assert (y >= -0.375 - atol).all() and (y < 0).any(), "hardswish's minimum is -3/8 at x = -1.5"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_hardswish_propagates_nan_and_inf_like_pytorch():
+    x, weight, bias, residual = _conv_inputs(2, 8, 5, 6, 12, 1, torch.float32)
+    residual[0, 3, 2, 4] = float("nan")
+    residual[1, 0, 1, 5] = float("-inf")  # -inf · 0 = NaN in torch's formula (F.hardswish(-inf) is NaN)
+    residual[1, 5, 0, 0] = float("inf")
+    x[1, 2, 3, 3] = float("nan")  # every output channel of that pixel
+    expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), residual=residual.double(),
+                                      activation="hardswish")
+    assert torch.isnan(expected).sum() == 2 + 12 and torch.isinf(expected).sum() == 1
+    y = conv_bn_relu_packed(x, pack_weight(weight), bias, kernel_size=1, residual=residual, allow_tf32=False,
+                            out=_poisoned(expected.shape, torch.float32), config=RASTER, activation="hardswish")
+    assert_close_verbose(y, expected, atol=1e-4, rtol=1e-4, dims="NCHW")
+
+
+def test_relu_and_activation_arguments_are_checked_in_one_line():
+    x, weight, bias, _ = _conv_inputs(1, 4, 5, 5, 8, 1, torch.float32)
+    packed = pack_weight(weight)
+    bad = [dict(relu=True, activation="hardswish"), dict(relu=True, activation="none"),
+           dict(relu=False, activation="relu"), dict(activation="gelu"), dict(activation=2)]
+    for kwargs in bad:
+        for call in (lambda kw: conv_bn_relu(x, weight, bias, **kw),
+                     lambda kw: conv_bn_relu_packed(x, packed, bias, kernel_size=1, **kw),
+                     lambda kw: conv_bn_relu_reference(x, weight, bias, **kw)):
+            with pytest.raises(ValueError, match="activation") as err:
+                call(kwargs)
+            assert "\n" not in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="contradicts"):
+        torch.ops.fastdeeplab.conv2d_act(x, packed, bias, None, [1, 1], [1, 1], [0, 0], [1, 1], True, "hardswish")
+    # consistent pairs are accepted; relu=False with an activation other than ReLU is consistent
+    expected = conv_bn_relu_reference(x, weight, bias, activation="hardswish")
+    assert torch.equal(expected, conv_bn_relu_reference(x, weight, bias, relu=False, activation="hardswish"))
+    assert torch.equal(conv_bn_relu_reference(x, weight, bias),
+                       conv_bn_relu_reference(x, weight, bias, relu=True, activation="relu"))
+
+
+def test_conv2d_act_op_hardswish_and_launch_signature():
+    """The custom op's activation argument (the 9-argument form still means relu/none), its fake, and the
+    launch-signature cache: the same problem with another activation is a new launch, not a replay."""
+    from fastdeeplab.kernels import conv as conv_module
+
+    x, weight, bias, residual = _conv_inputs(1, 16, 6, 5, 24, 1, torch.float32)
+    weight = 3 * weight
+    packed = pack_weight(weight)
+    args = ([1, 1], [1, 1], [0, 0], [1, 1])
+    for activation in ("relu", "hardswish", "none"):
+        expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), residual=residual.double(),
+                                          activation=activation)
+        y = torch.ops.fastdeeplab.conv2d_act(x, packed, bias, residual, *args, activation == "relu", activation)
+        assert_close_verbose(y, expected, atol=1e-4, rtol=1e-4, name=f"op {activation}")
+        twin = ops._conv2d_act_reference(x, packed, bias, residual, *args, False, activation) if activation != \
+            "relu" else ops._conv2d_act_reference(x, packed, bias, residual, *args, True)
+        assert_close_verbose(twin, expected, atol=1e-5, rtol=1e-5, name=f"twin {activation}")
+    old = torch.ops.fastdeeplab.conv2d_act(x, packed, bias, residual, *args, False)  # the 9-argument call
+    assert_close_verbose(old, conv_bn_relu_reference(x.double(), weight.double(), bias.double(),
+                                                     residual=residual.double(), relu=False), atol=1e-4, rtol=1e-4)
+    fake = ops._conv2d_act_fake(x, packed, bias, residual, *args, False, "hardswish")
+    assert tuple(fake.shape) == (1, 24, 6, 5)
+    with pytest.raises(ValueError, match="contradicts"):
+        ops._conv2d_act_fake(x, packed, bias, residual, *args, True, "none")
+    # direct launcher calls with the same tensors: one checked launch per activation, then replays
+    conv_module._LAUNCH_PLANS.clear()
+    for activation in ("relu", "hardswish", "hardswish", "relu"):
+        y = conv_bn_relu_packed(x, packed, bias, kernel_size=1, residual=residual, allow_tf32=False,
+                                activation=activation)
+        expected = conv_bn_relu_reference(x.double(), weight.double(), bias.double(), residual=residual.double(),
+                                          activation=activation)
+        assert_close_verbose(y, expected, atol=1e-4, rtol=1e-4, name=f"launcher {activation}")
+    assert len(conv_module._LAUNCH_PLANS) == 2

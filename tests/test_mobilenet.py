@@ -311,8 +311,15 @@ def test_triton_depthwise_block_matches_eager(cfg, dispatch):
             m.dispatcher, m.dispatch_name = dispatcher, "block"
     with torch.inference_mode():
         assert rel_err(fused(x), block(x)) < 1e-5
-    (row,) = dispatcher.report().rows
-    assert row["choice"] == "triton" and row["key"].startswith("dwconv")
+    rows = dispatcher.report().rows
+    # expand (1×1 → 16, activation), depthwise, project (1×1, linear, + the residual when stride 1 and 8 → 8)
+    act = "hardswish" if cfg[5] == "HS" else "relu1"
+    assert [r["key"].split(" |")[0] for r in rows] == [
+        f"conv1x1 s1x1 p0x0 d1x1 8->16 res0 {act}",
+        rows[1]["key"].split(" |")[0],
+        f"conv1x1 s1x1 p0x0 d1x1 16->{cfg[3]} res{int(cfg[6] == 1 and cfg[3] == 8)} relu0",
+    ] and rows[1]["key"].startswith("dwconv"), rows
+    assert all(r["choice"] == "triton" for r in rows), rows
 
 
 @needs_triton
@@ -327,6 +334,73 @@ def test_optimize_triton_shares_the_dispatcher_with_depthwise_layers(eager):
     depthwise = [m for m in fast.modules() if isinstance(m, FusedConvBNAct) and m.depthwise]
     assert len(depthwise) == 15 and all(m.dispatcher is fast.dispatcher and m._packed is not None
                                         for m in depthwise)
+
+
+def _conv_bn(cin, cout, k, stride=1, groups=1):
+    conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+    return conv, randomize_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(cout))).eval()[0]
+
+
+@needs_triton
+@pytest.mark.parametrize("activation, residual", [("hardswish", False), ("none", True), ("relu", True)])
+@torch.no_grad()
+def test_triton_1x1_convs_launch_the_conv_kernel(monkeypatch, activation, residual):
+    """groups=1 convs on the Triton backend run fastdeeplab::conv2d_act (launches counted) with the activation
+    and residual in the epilogue, match the torch backend, and rebuild the packed weight after
+    load_state_dict; the RGB stem (3 input channels) stays on cuDNN."""
+    from fastdeeplab.kernels import ops
+    from fastdeeplab.kernels._utils import interpreting
+    from fastdeeplab.kernels.dispatch import Dispatcher
+
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct
+
+    if not interpreting():
+        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
+    launches = []
+    eager_op = ops.EAGER["conv2d_act"]
+    monkeypatch.setitem(ops.EAGER, "conv2d_act", lambda *a: launches.append(a[-1]) or eager_op(*a))
+    conv, bn = _conv_bn(24, 40, 1)
+    fast = FusedConvBNAct(conv, bn, activation=activation, backend="triton")
+    ref = FusedConvBNAct(conv, bn, activation=activation, backend="torch")
+    fast.dispatcher, fast.dispatch_name = Dispatcher("auto", cache_path=None), "features.16"
+    x = torch.randn(1, 24, 5, 7).contiguous(memory_format=torch.channels_last) * 3
+    res = torch.randn(1, 40, 5, 7).contiguous(memory_format=torch.channels_last) if residual else None
+    assert rel_err(fast(x, res), ref(x, res)) < 1e-5
+    assert rel_err(fast(x, res), ref(x, res)) < 1e-5  # the second call replays the plan
+    # one launch per call: the dispatcher's first-call check (Triton against cuDNN) returns its Triton output
+    assert launches == [activation, activation], launches
+    (row,) = fast.dispatcher.report().rows
+    assert row["choice"] == "triton" and row["key"].startswith(f"conv1x1 s1x1 p0x0 d1x1 24->40 res{int(residual)}")
+    # new weights: the packed copy is rebuilt, the output follows
+    other_conv, other_bn = _conv_bn(24, 40, 1)
+    other = FusedConvBNAct(other_conv, other_bn, activation=activation, backend="torch")
+    fast.load_state_dict(other.state_dict())
+    assert rel_err(fast(x, res), other(x, res)) < 1e-5 and len(launches) == 3
+    # the stem: 3 input channels, 3×3 stride 2 (a K of 27 pads the MMA tile away): cuDNN, no dispatch row
+    stem = FusedConvBNAct(*_conv_bn(3, 16, 3, stride=2), activation="hardswish", backend="triton")
+    stem.dispatcher = Dispatcher("auto", cache_path=None)
+    xs = torch.randn(1, 3, 9, 9)
+    assert stem._packed is None and rel_err(stem(xs), stem._forward_plain(xs, None)) < 1e-5
+    assert not stem.dispatcher.report().rows and len(launches) == 3
+
+
+@needs_triton
+@torch.no_grad()
+def test_load_state_dict_rebuilds_every_backend_cache():
+    """oneDNN's reordered weight and the depthwise kernel's packed weight follow load_state_dict too."""
+    from fastdeeplab.kernels._utils import interpreting
+
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct
+
+    conv, bn = _conv_bn(16, 16, 3, groups=16)
+    other = FusedConvBNAct(*_conv_bn(16, 16, 3, groups=16), activation="hardswish")
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    backends = ["torch", "triton"] if interpreting() else ["torch"]
+    for backend in backends:
+        m = FusedConvBNAct(conv, bn, activation="hardswish", backend=backend)
+        m(x)  # builds the backend's derived weight
+        m.load_state_dict(other.state_dict())
+        assert rel_err(m(x), other._forward_plain(x, None)) < 1e-5, backend
 
 
 def test_train_predict_configs_build_it(tmp_path):
