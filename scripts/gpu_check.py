@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The GPU check (issues 13, 19): one short window on a bare GPU machine records every GPU figure the project claims.
+"""The GPU check (issues 13, 19, 22): one short window on a bare GPU machine records every GPU figure the project claims.
 
-    bash scripts/gpu_check.sh OUTDIR              # on a GPU: ~6 min expected, < 8 min at the limits
+    bash scripts/gpu_check.sh OUTDIR              # on a GPU: ~7 min expected, < 8 min at the limits
     bash scripts/gpu_check.sh --plan OUTDIR       # anywhere, no GPU: the per-stage counts and time estimates
     bash scripts/gpu_check.sh --dry-run OUTDIR    # on a CPU: tiny shapes under TRITON_INTERPRET=1
 
@@ -15,15 +15,18 @@ own subprocess under its own time limit, so a hang or a crash is recorded and th
 ===============  ======  ========================================================================================
 stage            limit   what (modules in ``scripts/gpucheck/``)
 ===============  ======  ========================================================================================
-``precompile``   50 s    every Triton build the later stages need, on all host cores, into the shared
+``precompile``   55 s    every Triton build the later stages need, on all host cores, into the shared
                          ``TRITON_CACHE_DIR`` (``precompile.py``)
-``correctness``  75 s    kernels vs their float64 twins (fp32 with TF32 off and on, fp16, bf16), every config the
-                         autotuner may pick (TMA included) in fp16 and bf16; ``optimize(backend="triton")`` vs
-                         eager at OS16 and OS8 (``correctness.py``)
-``kernels``      100 s   DeepLab's conv shapes, batch 1 and 8, fp16 then bf16, most important first: Triton vs
-                         cuDNN, TFLOP/s and share of the nominal peak (``kernel_bench.py``)
-``model``        195 s   513×513, batch 1 and 8, OS16 and OS8: torchvision eager, ``optimize`` (triton, with and
-                         without CUDA graphs; torch), ``torch.compile`` of torchvision and of ``optimize(model)``;
+``correctness``  50 s    kernels vs their float64 twins (fp32 with TF32 off and on, fp16, bf16; the depthwise
+                         kernel with and without its SE passes), every config the autotuner may pick (TMA
+                         included) in fp16 and bf16; ``optimize(backend="triton")`` vs eager at OS16 and OS8
+                         (``correctness.py``)
+``kernels``      90 s    DeepLab-ResNet-50's conv shapes and MobileNetV3-Large's depthwise ones, batch 1 and 8,
+                         fp16 then bf16, most important first: Triton vs cuDNN, TFLOP/s and share of the nominal
+                         peak (GB/s for the memory-bound depthwise conv) (``kernel_bench.py``)
+``model``        225 s   513×513: MobileNetV3-Large at batch 1, then ResNet-50 at batch 1 and 8, OS16 and OS8:
+                         torchvision eager, ``optimize`` (triton, with and without CUDA graphs; torch),
+                         ``torch.compile`` of torchvision and of ``optimize(model)`` (ResNet-50);
                          accuracy vs fp32 (``whole_model.py``)
 ===============  ======  ========================================================================================
 
@@ -63,7 +66,7 @@ STAGES = ("precompile", "correctness", "kernels", "model")
 STAGE_MODULES = {"precompile": "precompile", "correctness": "correctness", "kernels": "kernel_bench",
                  "model": "whole_model"}
 # the plan's limits (scripts/gpucheck/plan.py): with setup and the kill graces they sum to 480 s
-LIMITS_S = {"precompile": 50, "correctness": 75, "kernels": 100, "model": 195}
+LIMITS_S = {"precompile": 55, "correctness": 50, "kernels": 90, "model": 225}
 DRY_RUN_LIMITS_S = {"precompile": 120, "correctness": 200, "kernels": 150, "model": 200}  # a loaded 2-core CPU
 GRACE_S = 5  # after a stage's limit, before it is killed (it stops starting work at its limit)
 STAGE_ERROR_RC = 3  # a stage that ended on an error it recorded as a row (a CUDA error ends the process)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13): correctness, kernels vs cuDNN, whole model, each stage under its own time limit.
+# The GPU check (issues 13, 19, 22): correctness, kernels vs cuDNN, whole model (DeepLabv3-ResNet-50 and
+# -MobileNetV3-Large), each stage under its own time limit.
 #
-#   bash scripts/gpu_check.sh OUTDIR              # on a GPU machine: about 6 minutes, at most 8 (H100/H200)
+#   bash scripts/gpu_check.sh OUTDIR              # on a GPU machine: about 7 minutes, at most 8 (H100/H200)
 #   bash scripts/gpu_check.sh --plan OUTDIR       # anywhere, no GPU: per-stage counts and estimates
 #   bash scripts/gpu_check.sh --dry-run OUTDIR    # anywhere: tiny shapes under TRITON_INTERPRET=1
 #

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh (issues 13, 19): the plan, the dry run and the failure paths of the GPU check, on a CPU.
+"""scripts/gpu_check.sh (issues 13, 19, 22): the plan, the dry run and the failure paths of the GPU check, on a CPU.
 
 * ``--plan`` (no GPU): its counts agree with the kernels' real prune functions called directly, every stage's
   estimate is within its limit and the limits within 480 s;
@@ -64,25 +64,38 @@ def test_dry_run_writes_every_stage(tmp_path):
     kernel_rows = [r for r in stages["correctness"]["rows"] if r["kind"] == "kernel"]
     assert {"fp32-ieee", "fp32-tf32", "fp16", "bf16"} <= {r["dtype"] for r in kernel_rows}
     swept = {r["kernel"] for r in kernel_rows if r.get("sweep")}
-    assert swept == {"conv_bn_relu", "aspp_project", "aspp_branches"}
+    assert swept == {"conv_bn_relu", "aspp_project", "aspp_branches", "depthwise"}
+    depthwise = [r for r in kernel_rows if r["kernel"] == "depthwise"]  # fp32, fp16, bf16; with and without SE
+    assert {"fp32-ieee", "fp16", "bf16"} <= {r["dtype"] for r in depthwise}
+    assert any(r["means_max_abs_error"] is not None for r in depthwise)
+    assert any(r["means_max_abs_error"] is None for r in depthwise)
     checks = [r for r in stages["correctness"]["rows"] if r["kind"] == "model_check"]
     assert sorted(r["output_stride"] for r in checks) == [8, 16] and all(r["ok"] for r in checks)
 
     convs = [r for r in stages["kernels"]["rows"] if r["kind"] == "conv"]
     assert convs and all(r["triton_ms"] > 0 and r["cudnn_ms"] > 0 for r in convs)
     assert any(r["layer"] == "ASPP projection" for r in convs)
+    dw = [r for r in convs if r["model"] == "mobilenet_v3_large"]  # the depthwise kernel, with and without SE
+    assert {r["layer"].endswith("+SE") for r in dw} == {True, False}
+    assert all(r["triton_gbps"] > 0 and r["cudnn_gbps"] > 0 and r["triton_peak"] is None for r in dw)
 
     rows = [r for r in stages["model"]["rows"] if r["kind"] == "model"]
-    timed = {(r["output_stride"], r["impl"]) for r in rows if r.get("median_ms")}
-    for output_stride in (16, 8):
-        for impl in ("torchvision fp32", "torchvision bf16", "optimize triton", "optimize torch"):
-            assert (output_stride, impl) in timed, (output_stride, impl)
+    timed = {(r["model"], r["output_stride"], r["impl"]) for r in rows if r.get("median_ms")}
+    for model in ("tiny", "mobilenet_v3_large"):
+        for output_stride in (16, 8):
+            for impl in ("torchvision fp32", "torchvision bf16", "optimize triton", "optimize torch"):
+                assert (model, output_stride, impl) in timed, (model, output_stride, impl)
+    mobilenet = [r for r in rows if r["model"] == "mobilenet_v3_large" and r.get("median_ms")]
+    assert all(r["ok"] for r in mobilenet if "ok" in r) and all(r["pixel_agreement"] > 0.9 for r in mobilenet)
+    compiled = [r for r in rows if r["model"] == "mobilenet_v3_large" and r["impl"].startswith("torch.compile")]
+    assert compiled and all("not planned" in r["skipped"] for r in compiled)
     graph = [r for r in rows if r["impl"] == "optimize triton + graph"]
     assert graph and all("GPU" in r["skipped"] for r in graph)  # CUDA graphs: recorded as skipped on a CPU
     assert any(r["impl"].startswith("torch.compile(eager") and r.get("median_ms") for r in rows)
     assert any(r["impl"] == "torch.compile(optimize triton)" and r.get("median_ms") for r in rows)
     dispatch = [r for r in stages["model"]["rows"] if r["kind"] == "dispatch"]
     assert dispatch and not [r for r in dispatch if "raised" in (r.get("reason") or "")], dispatch  # no fallback
+    assert any(r["model"] == "mobilenet_v3_large" and "dwconv" in (r.get("key") or "") for r in dispatch)
     firsts = [r for r in stages["model"]["rows"] if r["kind"] == "model_first"]
     assert any(r["impl"] == "torch.compile(optimize triton)" for r in firsts)  # written before the timing
 
@@ -159,6 +172,7 @@ from unittest import mock
 import torch
 import fastdeeplab.kernels.aspp as aspp
 import fastdeeplab.kernels.conv as conv
+import fastdeeplab.kernels.depthwise as dw
 L = json.loads(sys.argv[1])
 x = torch.empty(1, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[L["dtype"]])
 n, h, w = L["n"], L["h"], L["w"]
@@ -168,6 +182,11 @@ if L["kernel"] == "conv":
     tuner = conv._conv1x1_autotuned if k == 1 else conv._conv_autotuned
     args = dict(x_ptr=x, N=n, H=h, W=w, C_IN=L["cin"], C_OUT=L["cout"], OH=oh, OW=ow, KH=k, KW=k, STRIDE_H=s,
                 STRIDE_W=s, PAD_H=p, PAD_W=p, DIL_H=d, DIL_W=d, DEVICE_KEY=0)
+elif L["kernel"] == "depthwise":
+    k, s, p, d = L["k"], L["stride"], L["padding"], L["dilation"]
+    oh, ow = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+    tuner = dw._depthwise_autotuned
+    args = dict(x_ptr=x, N=n, H=h, W=w, C=L["cin"], OH=oh, OW=ow, KH=k, KW=k, DEVICE_KEY=0)
 elif L["kernel"] == "aspp_branches":
     tuner = aspp._aspp_branches_autotuned
     r1, r2, r3 = L["rates"]
@@ -214,13 +233,24 @@ def test_plan_counts_agree_with_the_prune_functions_and_fit(plan):
     first = kernels["tuned"][0]["launch"]
     assert (first["kernel"], first["dtype"], first["n"]) == ("aspp_branches", "fp16", 1)
     assert kernels["tuned"][1]["launch"]["n"] == 8
+    # MobileNetV3-Large: its depthwise problems at OS16 and OS8 in the kernel stage (fp16 all reached, bf16
+    # after them), the pooling and scaled launches of its SE blocks built by stage 0, its model settings planned
+    tuned_dw = [t["launch"] for t in kernels["tuned"] if t["launch"]["kernel"] == "depthwise"]
+    assert {(t["dtype"], t["n"]) for t in tuned_dw} >= {("fp16", 1), ("fp16", 8), ("bf16", 1)}
+    assert {(t["k"], t["dilation"]) for t in tuned_dw} >= {(3, 1), (5, 2), (5, 4)}  # OS16's rate 2, OS8's 4
+    dw_jobs = [j["launch"] for j in jobs if j["launch"]["kernel"] == "depthwise"]
+    assert {(j["se"], j["sums"]) for j in dw_jobs} == {(False, False), (False, True), (True, False)}
+    assert {j["activation"] for j in dw_jobs} >= {"relu", "hardswish"}
+    assert stages["correctness"]["kernel_cases"] > 0 and stages["model"]["settings"] == 6
+    assert set(stages["model"]["estimated_s_per_model"]) == {"resnet50", "mobilenet_v3_large"}
     # the counts are the prune functions' own: recomputed directly for one launch of each kind
     picked: dict = {}
     for stage in ("kernels", "correctness"):
         for t in stages[stage]["tuned"]:
             launch = t["launch"]
             picked.setdefault((launch["kernel"], launch["k"]), t)
-    assert {("conv", 1), ("conv", 3), ("aspp_branches", 3), ("aspp_project", 1)} <= set(picked)
+    assert {("conv", 1), ("conv", 3), ("aspp_branches", 3), ("aspp_project", 1), ("depthwise", 3),
+            ("depthwise", 5)} <= set(picked)
     for t in picked.values():
         assert _prune_directly(t["launch"]) == t["configs"], t
 
@@ -237,6 +267,7 @@ def test_stage0_builds_what_the_launchers_launch(monkeypatch):
         sys.path.remove(str(ROOT / "scripts"))
     import fastdeeplab.kernels.aspp as aspp
     import fastdeeplab.kernels.conv as conv
+    import fastdeeplab.kernels.depthwise as dw
     from triton.runtime.interpreter import InterpretedFunction
 
     recorded = []
@@ -265,6 +296,19 @@ def test_stage0_builds_what_the_launchers_launch(monkeypatch):
     aspp.aspp_project_packed(branches, torch.randn(2, 8).to(dt), aspp.pack_aspp_weight(torch.randn(12, 40, 1, 1).to(dt)),
                              torch.randn(12), relu=True, config=aspp.get_interpreter_config())
     cases.append(launches.Launch("aspp_project", "fp16", 2, 8, 12, 9, 11))
+    # depthwise: plain (stride 2), then a squeeze-excitation block's pooling launch and scaled launch
+    packed = dw.pack_depthwise_weight(torch.randn(16, 1, 5, 5).to(dt))
+    dw_config = dw.get_interpreter_config()
+    dw.depthwise_conv_act_packed(x, packed, torch.randn(16), kernel_size=5, stride=2, padding=2, activation="relu",
+                                 config=dw_config)
+    cases.append(launches.Launch("depthwise", "fp16", 2, 16, 16, 9, 11, k=5, stride=2, padding=2,
+                                 activation="relu"))
+    geometry = dict(kernel_size=5, padding=4, dilation=2, activation="hardswish", config=dw_config)
+    dw.depthwise_conv_act_packed(x, packed, torch.randn(16), channel_sums=torch.empty(2, 16), write_output=False,
+                                 **geometry)
+    dw.depthwise_conv_act_packed(x, packed, torch.randn(16), se_scale=torch.rand(2, 16).to(dt), **geometry)
+    cases += launches.Launch("depthwise", "fp16", 2, 16, 16, 9, 11, k=5, padding=4, dilation=2,
+                             activation="hardswish").se_launches()
     assert len(recorded) == len(cases)
     for (fn, args, kwargs), launch in zip(recorded, cases):
         got = {**dict(zip(fn.arg_names, args)), **kwargs}

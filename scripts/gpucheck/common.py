@@ -98,6 +98,9 @@ class Plan:
     compile_s: float  # what one torch.compile is given: it is skipped when less time is left
     compile_batches: tuple[int, ...]  # batch sizes compiled for (each new one is a recompile)
     compile_strides: tuple[int, ...] = (16, 8)  # output strides whose models are compiled
+    # DeepLabv3-MobileNetV3-Large in the model stage (before the ResNet settings): batches, output strides
+    mobilenet_batches: tuple[int, ...] = (1,)
+    mobilenet_strides: tuple[int, ...] = (16, 8)
 
     @classmethod
     def make(cls, dry_run: bool, deadline: float | None) -> Plan:

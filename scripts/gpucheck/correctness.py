@@ -9,10 +9,14 @@ optimized model against eager PyTorch at OS16 and OS8.
   (``tests/_assert.py``), output poisoned with NaN first (an unwritten element fails). Each case runs one of
   the GPU autotune configs, taken in turn (the dry run runs those GPU tilings under the interpreter). The
   residual epilogue and the grouped launch of ASPP's four branches are checked too.
+* **Depthwise** (``kernels/depthwise.py``): MobileNetV3's depthwise conv + bias + ReLU/hardswish, with and
+  without the squeeze-excitation's scale, on the tests' shapes (stride 2, a map smaller than the rate) and on
+  the model's own (960 channels at 33×33, rate 2) in fp32, fp16 and bf16 (no TF32: the kernel has no dot); a
+  case with an SE also runs the SE pooling launch (channel sums, no map) and checks the means.
 * **Every config the autotuner may pick.** Then a sweep forces each config of each kernel — the 3×3 conv's
-  spatial, raster and TMA tilings, the 1×1 conv's raster ones, the grouped ASPP launch's (TMA included) and
-  the projection's — in fp16 and in bf16, on TMA-eligible shapes, so a config that only the autotuner would
-  reach on some layer is never first run by a user. Rows say ``tma`` and ``sweep``.
+  spatial, raster and TMA tilings, the 1×1 conv's raster ones, the grouped ASPP launch's (TMA included), the
+  projection's and the depthwise kernel's — in fp16 and in bf16, on TMA-eligible shapes, so a config that
+  only the autotuner would reach on some layer is never first run by a user. Rows say ``tma`` and ``sweep``.
 * **Whole model.** ``optimize(model, backend="triton", dtype=float32)`` (the kernels forced everywhere when
   ``optimize`` has per-layer dispatch) against the eager fastdeeplab model, TF32 off on both sides, at
   OS16 and OS8, on odd-sized photographs: max error relative to the logit scale < 1e-4 (the test suite's
@@ -56,6 +60,15 @@ GPU_ASPP_CASES = [(2, 256, 33, 33, 256, True)]
 # (n, cin, h, w, cb, rates): the grouped launch of ASPP's four branches, where the kernels have it
 BRANCH_CASES = [(1, 20, 9, 11, 24, (6, 12, 18)), (1, 16, 5, 7, 16, (12, 24, 36))]
 GPU_BRANCH_CASES = [(2, 512, 33, 33, 256, (6, 12, 18))]
+# (n, c, h, w, k, stride, dilation, activation, se): the depthwise kernel (tests/test_kernel_depthwise.py's
+# kinds), "same" padding dilation * (k // 2) as MobileNetV3's blocks have
+DW_CASES = [(1, 24, 13, 11, 3, 2, 1, "relu", False),        # stride 2, odd sizes
+            (2, 40, 9, 7, 5, 1, 4, "hardswish", True),       # map smaller than the rate, SE
+            (1, 20, 6, 5, 3, 1, 2, "none", False)]
+GPU_DW_CASES = [(2, 960, 33, 33, 5, 1, 2, "hardswish", True),   # MobileNetV3's C4 blocks at OS16
+                (1, 72, 129, 129, 5, 2, 1, "relu", True),       # features[4] at 513x513
+                (2, 16, 257, 257, 3, 1, 1, "relu", False)]      # features[1]: 16 channels, a large map
+DW_DTYPE_IDS = ("fp32-ieee", "fp16", "bf16")
 DTYPE_IDS = ("fp32-ieee", "fp32-tf32", "fp16", "bf16")
 TOLERANCE_DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16,
                     "bf16": torch.bfloat16}
@@ -63,9 +76,11 @@ TOLERANCE_DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp1
 # tiles and channel blocks, odd sizes. conv: (n, cin, h, w, cout, k, stride, dilation, relu); aspp_project:
 # (n, cb, h, w, cout, relu); aspp_branches: (n, cin, h, w, cb, rates).
 SWEEP = {"conv3x3": (2, 64, 19, 21, 72, 3, 1, 2, True), "conv1x1": (2, 96, 17, 23, 80, 1, 1, 1, True),
-         "aspp_project": (2, 40, 13, 17, 56, True), "aspp_branches": (1, 64, 17, 19, 48, (2, 4, 6))}
+         "aspp_project": (2, 40, 13, 17, 56, True), "aspp_branches": (1, 64, 17, 19, 48, (2, 4, 6)),
+         "depthwise": (2, 264, 19, 21, 5, 1, 2, "hardswish", True)}  # several channel tiles of every tiling
 DRY_SWEEP = {"conv3x3": (1, 16, 9, 11, 24, 3, 1, 2, True), "conv1x1": (1, 32, 7, 9, 16, 1, 1, 1, True),
-             "aspp_project": (1, 16, 5, 7, 24, True), "aspp_branches": (1, 16, 7, 9, 16, (1, 2, 3))}
+             "aspp_project": (1, 16, 5, 7, 24, True), "aspp_branches": (1, 16, 7, 9, 16, (1, 2, 3)),
+             "depthwise": (1, 24, 9, 11, 3, 1, 2, "hardswish", True)}
 MODEL_TOLERANCE = 1e-4  # tests/test_optimize.py
 
 
@@ -99,8 +114,8 @@ def _eligible(configs: list, dtype: torch.dtype, stride: int, channels: tuple[in
 class KernelCase:
     """One forced-config launch checked against its float64 twin."""
 
-    kernel: str  # "conv_bn_relu" | "aspp_project" | "aspp_branches"
-    params: tuple  # a row of CONV_CASES / ASPP_CASES / BRANCH_CASES (or a sweep shape)
+    kernel: str  # "conv_bn_relu" | "aspp_project" | "aspp_branches" | "depthwise"
+    params: tuple  # a row of CONV_CASES / ASPP_CASES / BRANCH_CASES / DW_CASES (or a sweep shape)
     dtype_id: str  # a DTYPE_IDS entry
     config: Any  # the triton.Config it runs
     residual: bool = False
@@ -116,11 +131,27 @@ class KernelCase:
         if self.kernel == "aspp_project":
             n, cb, h, w, cout, relu = p
             return f"N{n}-Cb{cb}-H{h}-W{w}-O{cout}-{'relu' if relu else 'linear'}"
+        if self.kernel == "depthwise":
+            n, c, h, w, k, stride, dil, activation, se = p
+            return f"N{n}-C{c}-H{h}-W{w}-k{k}-s{stride}-d{dil}-{activation}" + ("-se" if se else "")
         n, cin, h, w, cb, rates = p
         return f"N{n}-C{cin}-H{h}-W{w}-Cb{cb}-r{'/'.join(map(str, rates))}"
 
+    def launches(self) -> list:
+        """The :class:`gpucheck.launches.Launch` es the case makes (what the plan counts and stage 0 compiles):
+        one, or for a depthwise case with a squeeze-excitation the pooling launch and the scaled one."""
+        from .launches import Launch, config_id
+
+        if self.kernel == "depthwise":
+            n, c, h, w, k, stride, dil, activation, se = self.params
+            dtype = {"fp32-ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}[self.dtype_id]
+            base = Launch("depthwise", dtype, n, c, c, h, w, k=k, stride=stride, padding=dil * (k // 2),
+                          dilation=dil, activation=activation, config=config_id(self.config))
+            return base.se_launches() if se else [base]
+        return [self.launch()]
+
     def launch(self):
-        """The :class:`gpucheck.launches.Launch` (what the plan counts and stage 0 compiles)."""
+        """The :class:`gpucheck.launches.Launch` of a conv or ASPP case."""
         from .launches import Launch, config_id
 
         dtype, tf32 = {"fp32-ieee": ("fp32", False), "fp32-tf32": ("fp32", True), "fp16": ("fp16", False),
@@ -149,10 +180,12 @@ def kernel_cases(plan: Plan, device: int | None = None) -> list[KernelCase]:
     sweeps one config of each kernel in bf16 (the interpreter runs the GPU tilings, seconds each)."""
     import fastdeeplab.kernels.aspp as aspp_kernels
     import fastdeeplab.kernels.conv as conv_kernels
+    import fastdeeplab.kernels.depthwise as dw_kernels
 
     if device is None:
         device = (plan.device.index or 0) if plan.device.type == "cuda" else -1
     conv_configs = gpu_configs(conv_kernels)
+    dw_configs = gpu_configs(dw_kernels)
     project_configs = gpu_configs(aspp_kernels)
     has_residual = "residual" in inspect.signature(conv_kernels.conv_bn_relu_packed).parameters
     has_branches = hasattr(aspp_kernels, "aspp_branches_packed")
@@ -177,6 +210,11 @@ def kernel_cases(plan: Plan, device: int | None = None) -> list[KernelCase]:
             eligible = _eligible(conv_configs, TOLERANCE_DTYPES[dtype_id], 1, (cin, cb), device)
             out.append(KernelCase("aspp_branches", params, dtype_id, eligible[turn % len(eligible)]))
             turn += 1
+    turn = 0
+    for params in DW_CASES + ([] if plan.dry_run else GPU_DW_CASES):
+        for dtype_id in DW_DTYPE_IDS:
+            out.append(KernelCase("depthwise", params, dtype_id, dw_configs[turn % len(dw_configs)]))
+            turn += 1
     # the sweep: every config the autotuner may pick, fp16 and bf16
     sweep_dtypes = ("bf16",) if plan.dry_run else ("fp16", "bf16")
     shapes = DRY_SWEEP if plan.dry_run else SWEEP
@@ -185,6 +223,7 @@ def kernel_cases(plan: Plan, device: int | None = None) -> list[KernelCase]:
              ("aspp_project", shapes["aspp_project"], project_configs)]
     if has_branches:
         kinds.append(("aspp_branches", shapes["aspp_branches"], conv_configs))
+    kinds.append(("depthwise", shapes["depthwise"], dw_configs))
     for kernel, params, configs in kinds:
         for dtype_id in sweep_dtypes:
             if kernel == "conv_bn_relu":
@@ -192,7 +231,7 @@ def kernel_cases(plan: Plan, device: int | None = None) -> list[KernelCase]:
             else:
                 stride, channels = 1, (params[1], params[4])
             eligible = (_eligible(configs, TOLERANCE_DTYPES[dtype_id], stride, channels, device)
-                        if kernel != "aspp_project" else configs)
+                        if kernel not in ("aspp_project", "depthwise") else configs)
             for config in (eligible[:1] if plan.dry_run else eligible):
                 out.append(KernelCase(kernel, params, dtype_id, config, sweep=True))
     return out
@@ -215,6 +254,10 @@ def _run_case(plan: Plan, case: KernelCase, tolerances: dict, rows: RowWriter) -
     cl = torch.channels_last
     config = case.config
     start = time.perf_counter()
+    if case.kernel == "depthwise":
+        got, expected, extra = _depthwise_case(case, dtype, dev)
+        _check(rows, case, config, got, expected, atol, rtol, time.perf_counter() - start, **extra)
+        return
     if case.kernel == "conv_bn_relu":
         n, cin, h, w, cout, k, stride, dil, relu = case.params
         pad = dil * (k // 2)
@@ -260,18 +303,59 @@ def _run_case(plan: Plan, case: KernelCase, tolerances: dict, rows: RowWriter) -
     _check(rows, case, config, got, expected, atol, rtol, time.perf_counter() - start)
 
 
+def _depthwise_case(case: KernelCase, dtype: torch.dtype, dev: torch.device):
+    """One forced-config depthwise case: ``(output, float64 expected, extra _check arguments)``. With an SE,
+    first the pooling launch (its means against the float64 ones: they are the SE's input), then the conv
+    with a random ``[N, C]`` scale in ``[0, 1]`` (a hardsigmoid's range) in the epilogue."""
+    from fastdeeplab.kernels.depthwise import depthwise_conv_act_packed, pack_depthwise_weight
+    from fastdeeplab.kernels.reference import depthwise_conv_act_reference
+
+    n, c, h, w, k, stride, dil, activation, se = case.params
+    pad = dil * (k // 2)
+    x = torch.randn(n, c, h, w, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, k, k, device=dev) / k).to(dtype)
+    bias = 0.5 * torch.randn(c, device=dev)
+    geometry = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, activation=activation)
+    packed = pack_depthwise_weight(weight)
+    reference = dict(stride=stride, padding=pad, dilation=dil, activation=activation)
+    extra: dict = {}
+    scale = None
+    if se:
+        sums = torch.full((n, c), float("nan"), device=dev)  # overwritten, not added to
+        depthwise_conv_act_packed(x, packed, bias, channel_sums=sums, write_output=False, config=case.config,
+                                  **geometry)
+        synchronize(dev)
+        act = depthwise_conv_act_reference(x.double(), weight.double(), bias.double(), **reference)
+        extra["means"] = (sums.double() / (act.shape[2] * act.shape[3]), act.mean((2, 3)))
+        scale = torch.rand(n, c, device=dev).to(dtype)
+    oh, ow = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    out = torch.full((n, c, oh, ow), float("nan"), device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    got = depthwise_conv_act_packed(x, packed, bias, se_scale=scale, out=out, config=case.config, **geometry)
+    synchronize(dev)
+    expected = depthwise_conv_act_reference(x.double(), weight.double(), bias.double(),
+                                            se_scale=None if scale is None else scale.double(), **reference)
+    return got, expected, extra
+
+
+MEANS_TOLERANCE = (1e-4, 1e-4)  # float32 sums of float32 epilogue values (tests/test_kernel_depthwise.py)
+
+
 def _check(rows: RowWriter, case: KernelCase, config, got: torch.Tensor, expected: torch.Tensor, atol: float,
-           rtol: float, seconds: float) -> None:
+           rtol: float, seconds: float, means: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     from tests._assert import assert_close_verbose
 
     message = None
     try:
+        if means is not None:
+            assert_close_verbose(means[0], means[1], atol=MEANS_TOLERANCE[0], rtol=MEANS_TOLERANCE[1],
+                                 name="SE pooling launch: channel means")
         assert_close_verbose(got, expected, atol=atol, rtol=rtol, dims="NCHW")
     except AssertionError as exc:
         message = str(exc)[:800]
     rows.row(kind="kernel", kernel=case.kernel, case=case.case_id, dtype=case.dtype_id, config=_config_label(config),
              tma=bool(config.kwargs.get("USE_TMA", False)), sweep=case.sweep,
              max_rel_error=max_rel_error(got, expected), atol=atol, rtol=rtol, ok=message is None,
+             means_max_abs_error=None if means is None else float((means[0] - means[1]).abs().max()),
              message=message, seconds=round(seconds, 3))
 
 

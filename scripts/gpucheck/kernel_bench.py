@@ -1,12 +1,27 @@
-"""Stage 2, kernels: every distinct convolution of DeepLabv3-ResNet-50 at 513×513, Triton against cuDNN.
+"""Stage 2, kernels: every distinct convolution of DeepLabv3-ResNet-50 and every depthwise convolution of
+DeepLabv3-MobileNetV3-Large at 513×513, Triton against cuDNN.
 
 The shapes are read off the model itself (forward pre-hooks on the meta device, OS16 and OS8), deduplicated
 (the stem, layer1 and layer2 are the same at both strides), and run in this order, so that the ones that
 matter come first should the stage run out of time: the ASPP branches (the grouped launch of all four against
 cuDNN's four convolutions first, then each branch), layer4 and layer3 3×3, the ASPP projection (the fused
 :func:`~fastdeeplab.kernels.aspp_project` against the literal concatenation + 1×1 that torchvision runs),
-layer3/layer4 1×1, the head, then the stem, layer1 and layer2. The stage runs the first ``kernel_cases``
-cases that the plan (``gpucheck.plan``) estimates fit its limit, and prints that count at its start.
+layer3/layer4 1×1, MobileNetV3-Large's depthwise convs (most memory traffic first), the head, then the stem,
+layer1 and layer2. The stage runs the first ``kernel_cases`` cases that the plan (``gpucheck.plan``)
+estimates fit its limit, and prints that count at its start.
+
+**Depthwise** (``kernels/depthwise.py``, what ``optimize(backend="triton")`` runs through the ops
+``fastdeeplab::depthwise_conv_act(_mean)``): the model's own problems at OS16 and OS8 (read off the model
+by :func:`gpucheck.models.depthwise_layers`), each with its block's epilogue: bias + ReLU or hardswish, and
+where the block has a squeeze-excitation the whole SE as the Triton backend runs it (the pooling launch, the
+two small FC layers, the launch with the scale) against cuDNN's depthwise conv + activation, the mean, the
+same FC layers and the in-place scale (``FusedConvBNAct``'s cuDNN form). The conv is memory-bound: the rows
+also give GB/s of the fused op's minimal traffic (input read once, output written once) for both sides;
+tensor-core peak shares do not apply and are left empty.
+
+**1×1 + hardswish** (the conv kernel's hardswish epilogue, where this checkout's kernel has it): the largest
+of MobileNetV3-Large's 1×1 hardswish convs (expand 112→672 and 160→960, which ``features[16]`` shares), two
+per output stride, against cuDNN's conv + ``F.hardswish``; they run right after the depthwise cases.
 
 Each shape at batch 1 and 8, in fp16, then all again in bf16: the two outputs are compared (max error relative to the scale:
 < 2e-2 fp16, < 5e-2 bf16, the bench suite's bounds), then each is timed by :func:`fastdeeplab.timing.time_cuda`
@@ -37,12 +52,13 @@ from .common import (
     raise_if_fatal,
     synchronize,
 )
-from .models import conv_layers
+from .models import MOBILENET, conv_layers, depthwise_layers, mobilenet_pointwise_layers
 
-__all__ = ["cases", "launch_of", "run", "shapes"]
+__all__ = ["cases", "depthwise_shapes", "launches_of", "pointwise_shapes", "run", "shapes"]
 
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
 GROUPED = "ASPP branches (grouped)"
+DEPTHWISE_PRIORITY = 2.5  # after ResNet's ASPP, layer3/4 3x3 and projection; before its 1x1, head and stem
 
 
 def _category(name: str, k: int) -> tuple[int, str]:
@@ -85,6 +101,79 @@ def shapes(plan: Plan) -> list[dict[str, Any]]:
         for e in sorted(ordered, key=cost):
             kinds.setdefault(e["label"] if e["label"] in ("ASPP projection", GROUPED) else e["k"], e)
         ordered = list(kinds.values())[: plan.kernel_max_shapes]
+    mobilenet = depthwise_shapes(plan) + pointwise_shapes(plan)
+    at = next((i for i, e in enumerate(ordered) if e["priority"] > DEPTHWISE_PRIORITY), len(ordered))
+    return ordered[:at] + mobilenet + ordered[at:]
+
+
+POINTWISE_PER_STRIDE = 2  # the largest 1x1 hardswish problems of each output stride
+
+
+def _conv_has_hardswish() -> bool:
+    import inspect
+
+    import fastdeeplab.kernels.conv as conv_kernels
+
+    return "activation" in inspect.signature(conv_kernels.conv_bn_relu_packed).parameters
+
+
+def pointwise_shapes(plan: Plan) -> list[dict[str, Any]]:
+    """The largest MobileNetV3-Large 1×1 + hardswish problems (``POINTWISE_PER_STRIDE`` per output stride, by
+    FLOPs), where the conv kernel has the hardswish epilogue; the dry run takes the smallest one."""
+    if not _conv_has_hardswish():
+        return []
+    found: dict[tuple, dict[str, Any]] = {}
+    for output_stride in plan.output_strides:
+        layers = [c for c in mobilenet_pointwise_layers(output_stride, plan.kernel_resolution)
+                  if c["activation"] == "hardswish"]
+        for layer in layers:
+            key = (layer["cin"], layer["cout"], layer["h"], layer["w"])
+            entry = found.setdefault(key, dict(layer, label="MobileNetV3 1x1 hardswish", kind="pointwise",
+                                               priority=DEPTHWISE_PRIORITY, names=[], strides=set()))
+            entry["names"].append(layer["name"])
+            entry["strides"].add(output_stride)
+    ordered = sorted(found.values(), key=lambda e: -e["cin"] * e["cout"] * e["h"] * e["w"])
+    if plan.kernel_max_shapes:
+        return [dict(ordered[-1], strides=sorted(ordered[-1]["strides"], reverse=True))] if ordered else []
+    picked, per_stride = [], dict.fromkeys(plan.output_strides, 0)
+    for e in ordered:
+        first = max(e["strides"])  # counted for the largest stride it appears at
+        if per_stride[first] < POINTWISE_PER_STRIDE:
+            per_stride[first] += 1
+            picked.append(dict(e, strides=sorted(e["strides"], reverse=True)))
+    return picked
+
+
+def _dw_bytes(e: dict) -> int:
+    """Elements the fused depthwise op must move at batch 1: its input once, its output once (the SE's pooling
+    launch reads the input a second time; not counted, so the GB/s of both sides compare the same work)."""
+    return e["c"] * (e["h"] * e["w"] + e["oh"] * e["ow"])
+
+
+def depthwise_shapes(plan: Plan) -> list[dict[str, Any]]:
+    """The distinct depthwise problems of MobileNetV3-Large at both output strides, most memory traffic first
+    (the layers that dominate the model's depthwise time). The dry run: the cheapest one without and the
+    cheapest one with a squeeze-excitation."""
+    found: dict[tuple, dict[str, Any]] = {}
+    for output_stride in plan.output_strides:
+        for layer in depthwise_layers(MOBILENET, output_stride, plan.kernel_resolution):
+            k, s, p, d = layer["k"], layer["stride"], layer["padding"], layer["dilation"]
+            oh = (layer["h"] + 2 * p - d * (k - 1) - 1) // s + 1
+            ow = (layer["w"] + 2 * p - d * (k - 1) - 1) // s + 1
+            key = (layer["cin"], layer["h"], layer["w"], k, s, p, d, layer["activation"], layer["se"])
+            label = f"MobileNetV3 dw{k}x{k} {layer['activation']}" + ("+SE" if layer["se"] else "")
+            entry = found.setdefault(key, dict(layer, c=layer["cin"], oh=oh, ow=ow, label=label, kind="depthwise",
+                                               priority=DEPTHWISE_PRIORITY, names=[], strides=set()))
+            entry["names"].append(layer["name"])
+            entry["strides"].add(output_stride)
+    ordered = sorted(found.values(), key=lambda e: -_dw_bytes(e) * (2 if e["se"] else 1))
+    for e in ordered:
+        e["strides"] = sorted(e["strides"], reverse=True)
+    if plan.kernel_max_shapes:
+        picked: dict = {}
+        for e in sorted(ordered, key=_dw_bytes):
+            picked.setdefault(e["se"], e)
+        ordered = [picked[se] for se in (False, True) if se in picked]
     return ordered
 
 
@@ -105,21 +194,30 @@ def _add_grouped_branches(found: dict) -> None:
                           rates=tuple(rates), names=["classifier.0.convs.0-3"], strides=set(one["strides"]))
 
 
-def launch_of(entry: dict, batch: int, dtype: torch.dtype, config=None):
-    """The Triton launch of one case (:class:`gpucheck.launches.Launch`): what the plan counts and stage 0
-    compiles. ``config``: the forced config (the dry run), else autotuned."""
+def launches_of(entry: dict, batch: int, dtype: torch.dtype, config=None) -> list:
+    """The Triton launches of one case (:class:`gpucheck.launches.Launch`; two for a depthwise conv with a
+    squeeze-excitation): what the plan counts and stage 0 compiles. ``config``: the forced config (the dry
+    run), else autotuned."""
     from .launches import Launch, config_id
 
     name = DTYPE_NAMES[dtype]
     forced = config_id(config) if config is not None else None
+    if entry.get("kind") == "depthwise":
+        base = Launch("depthwise", name, batch, entry["c"], entry["c"], entry["h"], entry["w"], k=entry["k"],
+                      stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"],
+                      activation=entry["activation"], config=forced)
+        return base.se_launches() if entry["se"] else [base]
     if entry["label"] == GROUPED:
-        return Launch("aspp_branches", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=3,
-                      rates=tuple(entry["rates"]), config=forced)
+        return [Launch("aspp_branches", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=3,
+                       rates=tuple(entry["rates"]), config=forced)]
     if entry["label"] == "ASPP projection":
-        return Launch("aspp_project", name, batch, entry["cin"] // 5, entry["cout"], entry["h"], entry["w"],
-                      config=forced)
-    return Launch("conv", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=entry["k"],
-                  stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"], config=forced)
+        return [Launch("aspp_project", name, batch, entry["cin"] // 5, entry["cout"], entry["h"], entry["w"],
+                       config=forced)]
+    if entry.get("kind") == "pointwise":
+        return [Launch("conv", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=1, relu=False,
+                       activation="hardswish", config=forced)]
+    return [Launch("conv", name, batch, entry["cin"], entry["cout"], entry["h"], entry["w"], k=entry["k"],
+                   stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"], config=forced)]
 
 
 def cases(plan: Plan) -> list[tuple[torch.dtype, dict, int]]:
@@ -144,6 +242,8 @@ def _make(entry: dict, batch: int, dtype: torch.dtype, plan: Plan):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     cl = torch.channels_last
+    if entry.get("kind") == "depthwise":
+        return _make_depthwise(entry, batch, dtype, plan, rand)
     cin, cout, h, w, k = entry["cin"], entry["cout"], entry["h"], entry["w"], entry["k"]
     if entry["label"] == GROUPED:
         from fastdeeplab.kernels.reference import aspp_branches_reference
@@ -179,11 +279,68 @@ def _make(entry: dict, batch: int, dtype: torch.dtype, plan: Plan):
     flop = 2.0 * batch * oh * ow * cout * cin * k * k
     bias_t = bias.to(dtype)
     config = {"config": gpu_configs(conv_kernels)[0]} if plan.dry_run else {}
+    if entry.get("kind") == "pointwise":  # the hardswish epilogue
+        return (lambda: kernels.conv_bn_relu_packed(x, packed, bias, kernel_size=k, activation="hardswish",
+                                                    **geometry, **config),
+                lambda: kernels.conv_bn_relu_reference(x, weight, bias_t, activation="hardswish", **geometry), flop)
     return (lambda: kernels.conv_bn_relu_packed(x, packed, bias, kernel_size=k, relu=True, **geometry, **config),
             lambda: kernels.conv_bn_relu_reference(x, weight, bias_t, relu=True, **geometry), flop)
 
 
+def _make_depthwise(entry: dict, batch: int, dtype: torch.dtype, plan: Plan, rand):
+    """(triton call, cuDNN call, dense FLOPs) of one MobileNetV3 depthwise problem with its block's epilogue
+    (see the module docstring); the squeeze-excitation's FC layers are the same on both sides."""
+    import fastdeeplab.kernels.depthwise as dw
+    import torch.nn.functional as F
+    from torchvision.models._utils import _make_divisible
+
+    c, h, w, k = entry["c"], entry["h"], entry["w"], entry["k"]
+    geometry = dict(stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"])
+    activation = entry["activation"]
+    x = rand(batch, c, h, w).contiguous(memory_format=torch.channels_last)
+    weight = rand(c, 1, k, k, scale=1.0 / k)
+    bias = rand(c, scale=0.1).float()
+    bias_t = bias.to(dtype)
+    packed = dw.pack_depthwise_weight(weight)
+    config = {"config": gpu_configs(dw)[0]} if plan.dry_run else {}
+    act = {"none": lambda y: y, "relu": F.relu, "hardswish": F.hardswish}[activation]
+    flop = 2.0 * batch * entry["oh"] * entry["ow"] * c * k * k
+
+    def cudnn_conv() -> torch.Tensor:
+        return act(F.conv2d(x, weight, bias_t, groups=c, **geometry))
+
+    def triton_conv(**extra) -> torch.Tensor:
+        return dw.depthwise_conv_act_packed(x, packed, bias, kernel_size=k, activation=activation, **geometry,
+                                            **extra, **config)
+
+    if not entry["se"]:
+        return triton_conv, cudnn_conv, flop
+    squeeze = _make_divisible(c // 4, 8)  # torchvision's SqueezeExcitation width in MobileNetV3
+    fc1, b1 = rand(squeeze, c, scale=c ** -0.5), rand(squeeze, scale=0.1)
+    fc2, b2 = rand(c, squeeze, scale=squeeze ** -0.5), rand(c, scale=0.1)
+
+    def excite(mean: torch.Tensor) -> torch.Tensor:  # FusedSqueezeExcitation.excite
+        return F.hardsigmoid(F.linear(F.relu(F.linear(mean.to(dtype), fc1, b1)), fc2, b2))
+
+    pixels = entry["oh"] * entry["ow"]
+
+    def triton_se() -> torch.Tensor:
+        sums = torch.empty(batch, c, device=x.device, dtype=torch.float32)
+        triton_conv(channel_sums=sums, write_output=False)
+        return triton_conv(se_scale=excite(sums / pixels))
+
+    def cudnn_se() -> torch.Tensor:
+        y = cudnn_conv()
+        return y.mul_(excite(y.mean((2, 3)))[:, :, None, None])
+
+    return triton_se, cudnn_se, flop
+
+
 def _shape_text(entry: dict, batch: int) -> str:
+    if entry.get("kind") == "depthwise":
+        s = f"{batch}x{entry['c']}x{entry['h']}x{entry['w']} dw{entry['k']}"
+        return s + (f" s{entry['stride']}" if entry["stride"] != 1 else "") + (
+            f" d{entry['dilation']}" if entry["dilation"] != 1 else "")
     s = f"{batch}x{entry['cin']}x{entry['h']}x{entry['w']}->{entry['cout']} k{entry['k']}"
     if "rates" in entry:
         return f"{batch}x{entry['cin']}x{entry['h']}x{entry['w']}->4x{entry['cout']} 1x1+3x3 r{'/'.join(map(str, entry['rates']))}"
@@ -205,10 +362,11 @@ def run(plan: Plan, rows: RowWriter, reach: int | None = None) -> None:
           f"{[DTYPE_NAMES[d] for d in plan.kernel_dtypes]} = {len(todo)} cases; will reach {reach} of them "
           f"(the plan's count for this stage's limit); nominal peak {peak} TFLOP/s ({gpu})", flush=True)
     rows.row(kind="info", stage="kernels", cases=len(todo), will_reach=reach,
-             order="ASPP branches (grouped, then each), layer4/layer3 3x3, projection, 1x1, head, stem/layer1/2; "
-                   "fp16 batch 1 and 8 before bf16")
+             order="ASPP branches (grouped, then each), layer4/layer3 3x3, projection, 1x1, MobileNetV3 depthwise, "
+                   "head, stem/layer1/2; fp16 batch 1 and 8 before bf16")
     for index, (dtype, entry, batch) in enumerate(todo):
-        label = dict(kind="conv", layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
+        label = dict(kind="conv", model=MOBILENET if entry.get("kind") in ("depthwise", "pointwise") else plan.model,
+                     layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
                      dtype=DTYPE_NAMES[dtype], output_strides=entry["strides"], layers=len(entry["names"]),
                      names=entry["names"][:6])
         if index >= reach:
@@ -235,9 +393,17 @@ def run(plan: Plan, rows: RowWriter, reach: int | None = None) -> None:
             continue
         t_tflops = flop / (t_ms.median * 1e-3) / 1e12
         c_tflops = flop / (c_ms.median * 1e-3) / 1e12
+        memory = {}
+        tensor_peak = peak
+        if entry.get("kind") == "depthwise":  # memory-bound, no tensor cores: GB/s, no share of the MMA peak
+            gbytes = batch * _dw_bytes(entry) * torch.finfo(dtype).bits / 8 / 1e9
+            memory = dict(gbytes=gbytes, triton_gbps=gbytes / (t_ms.median * 1e-3),
+                          cudnn_gbps=gbytes / (c_ms.median * 1e-3))
+            tensor_peak = None
         rows.row(**label, gflop=flop / 1e9, triton_ms=t_ms.median, triton_iqr_ms=t_ms.iqr,
                  cudnn_ms=c_ms.median, cudnn_iqr_ms=c_ms.iqr, triton_tflops=t_tflops, cudnn_tflops=c_tflops,
-                 triton_peak=t_tflops / peak if peak else None, cudnn_peak=c_tflops / peak if peak else None,
+                 triton_peak=t_tflops / tensor_peak if tensor_peak else None,
+                 cudnn_peak=c_tflops / tensor_peak if tensor_peak else None, **memory,
                  speedup=c_ms.median / t_ms.median, faster="triton" if t_ms.median < c_ms.median else "cudnn",
                  max_rel_error=err, tolerance=TOLERANCE[dtype], ok=err <= TOLERANCE[dtype],
                  first_call_s=round(first_call_s, 3), peak_tflops_nominal=peak)

@@ -2,7 +2,7 @@
 configs the real early prunes keep on sm_90, and the compile variant (Triton's on-disk cache key) of each.
 
 A :class:`Launch` is one call of a public launcher (``conv_bn_relu_packed``, ``aspp_branches_packed``,
-``aspp_project_packed``) on one problem. :func:`kernel_call` rebuilds the positional arguments and constexpr
+``aspp_project_packed``, ``depthwise_conv_act_packed``) on one problem. :func:`kernel_call` rebuilds the positional arguments and constexpr
 keywords those launchers pass to the kernel (the same order, the same strides of dense channels-last tensors,
 the same ``bias if bias is not None else out`` substitutions), with tiny CPU tensors standing in for the
 device buffers: Triton's binder only reads their dtype and the alignment of their address. From that:
@@ -38,17 +38,18 @@ __all__ = ["ASSUMED_ARCH", "Launch", "assume_sm90", "autotune_key", "autotuner",
 
 ASSUMED_ARCH = 90  # H100 / H200
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-KERNELS = ("conv", "aspp_branches", "aspp_project")
+KERNELS = ("conv", "aspp_branches", "aspp_project", "depthwise")
+DEPTHWISE_ACTIVATIONS = ("none", "relu", "hardswish")  # the kernels' ACTIVATION codes 0, 1, 2
 
 
 @dataclass(frozen=True)
 class Launch:
     """One launcher call. ``config``: a config id (:func:`config_id`) forced with ``config=``, else autotuned."""
 
-    kernel: str  # "conv" (conv_bn_relu_packed) | "aspp_branches" | "aspp_project"
+    kernel: str  # "conv" (conv_bn_relu_packed) | "aspp_branches" | "aspp_project" | "depthwise"
     dtype: str  # "fp16" | "bf16" | "fp32"
     n: int
-    cin: int  # conv: input channels; aspp_branches: input channels; aspp_project: Cb (per branch)
+    cin: int  # conv, aspp_branches: input channels; aspp_project: Cb (per branch); depthwise: C (= cout)
     cout: int
     h: int
     w: int
@@ -61,6 +62,11 @@ class Launch:
     relu: bool = True
     tf32: bool = False  # fp32 only: INPUT_PRECISION "tf32" instead of "ieee"
     config: str | None = None
+    # the epilogue's activation (depthwise; conv: hardswish, else ``relu`` decides), and, depthwise only, the
+    # squeeze-excitation scale and the SE pooling pass (channel sums, no map written: depthwise_conv_act_mean)
+    activation: str = "none"
+    se: bool = False
+    sums: bool = False
 
     @property
     def oh(self) -> int:
@@ -76,6 +82,11 @@ class Launch:
     def forced_id(self, config: str) -> Launch:
         return replace(self, config=config)
 
+    def se_launches(self) -> list[Launch]:
+        """Depthwise with a squeeze-excitation, as the Triton backend runs it: the pooling pass (channel sums,
+        no map: ``depthwise_conv_act_mean``), then the conv with the SE scale in its epilogue."""
+        return [replace(self, se=False, sums=True), replace(self, se=True, sums=False)]
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -87,9 +98,17 @@ def _modules():
     return conv, aspp
 
 
+def _depthwise():
+    import fastdeeplab.kernels.depthwise as depthwise
+
+    return depthwise
+
+
 def autotuner(launch: Launch):
     """The ``triton.autotune`` object the launcher runs when no config is given."""
     conv, aspp = _modules()
+    if launch.kernel == "depthwise":
+        return _depthwise()._depthwise_autotuned
     if launch.kernel == "conv":
         return conv._conv1x1_autotuned if launch.k == 1 else conv._conv_autotuned
     if launch.kernel == "aspp_branches":
@@ -112,6 +131,8 @@ def gpu_configs(launch: Launch) -> list:
     """Every GPU config the launch may run forced (the autotuner's list, or the conv list for the grouped
     launch), as the GPU builds them (not the interpreter's single config)."""
     conv, aspp = _modules()
+    if launch.kernel == "depthwise":
+        return _depthwise().get_autotune_configs(for_interpreter=False)
     if launch.kernel == "aspp_project":
         return aspp.get_autotune_configs(for_interpreter=False)
     if launch.kernel == "conv" and launch.k == 1 and launch.config is None:
@@ -127,7 +148,8 @@ def config_id(config: Any) -> str:
 
 def config_of(launch: Launch) -> Any:
     """The ``triton.Config`` a forced launch names."""
-    for config in gpu_configs(launch) + gpu_configs(replace(launch, k=3)):
+    others = gpu_configs(replace(launch, k=3)) if launch.kernel != "depthwise" else []
+    for config in gpu_configs(launch) + others:
         if config_id(config) == launch.config:
             return config
     raise KeyError(f"no GPU config {launch.config!r} for {launch.kernel}")
@@ -137,6 +159,18 @@ def _m_bucket(m: int) -> int:
     from fastdeeplab.kernels._utils import m_bucket
 
     return m_bucket(m)
+
+
+def _conv_activation(launch: Launch) -> dict[str, Any]:
+    """The conv kernel's activation constexpr: ``ACTIVATION`` (0 none, 1 ReLU, 2 hardswish) where the kernel
+    has the hardswish epilogue, else the older ``APPLY_RELU`` flag. A conv launch's activation is
+    ``launch.activation`` when set, else ReLU or none from ``launch.relu``."""
+    name = launch.activation if launch.activation != "none" else ("relu" if launch.relu else "none")
+    if "ACTIVATION" in jit_function(launch).arg_names:
+        return {"ACTIVATION": DEPTHWISE_ACTIVATIONS.index(name)}
+    if name == "hardswish":
+        raise ValueError("this checkout's conv kernel has no hardswish epilogue (APPLY_RELU only)")
+    return {"APPLY_RELU": name == "relu"}
 
 
 def kernel_call(launch: Launch, tensor=None) -> tuple[list[Any], dict[str, Any]]:
@@ -162,7 +196,7 @@ def kernel_call(launch: Launch, tensor=None) -> tuple[list[Any], dict[str, Any]]
                 oh * ow * cout, ow * cout, cout,
                 launch.stride, launch.stride, launch.padding, launch.padding, launch.dilation, launch.dilation]
         kwargs = dict(KH=launch.k, KW=launch.k, HAS_BIAS=True, HAS_RESIDUAL=launch.residual,
-                      APPLY_RELU=launch.relu, COUNT_TAPS=False, INPUT_PRECISION=precision, DOT_IN_FP32=False)
+                      **_conv_activation(launch), COUNT_TAPS=False, INPUT_PRECISION=precision, DOT_IN_FP32=False)
         return args, kwargs
     if launch.kernel == "aspp_branches":
         cin, cb = launch.cin, launch.cout
@@ -183,6 +217,22 @@ def kernel_call(launch: Launch, tensor=None) -> tuple[list[Any], dict[str, Any]]
                 cb,
                 h * w * cout, w * cout, cout]
         kwargs = dict(HAS_BIAS=True, APPLY_RELU=launch.relu, INPUT_PRECISION=precision, DOT_IN_FP32=False)
+        return args, kwargs
+    if launch.kernel == "depthwise":
+        c, oh, ow = launch.cin, launch.oh, launch.ow
+        x = tensor(dt)
+        # what the launcher passes where a flag switches a pointer off: the output, or x when no map is written
+        write = not launch.sums
+        dummy_strides = (oh * ow * c, ow * c, c) if write else (h * w * c, w * c, c)
+        args = [x, tensor(dt), tensor(torch.float32), tensor(dt), tensor(torch.float32), tensor(dt),
+                n, h, w, c, oh, ow, _m_bucket(n * oh * ow), dev,
+                h * w * c, w * c, c,
+                c if launch.se else 0,
+                *dummy_strides,
+                launch.stride, launch.stride, launch.padding, launch.padding, launch.dilation, launch.dilation]
+        kwargs = dict(KH=launch.k, KW=launch.k, HAS_BIAS=True,
+                      ACTIVATION=DEPTHWISE_ACTIVATIONS.index(launch.activation), HAS_SE=launch.se,
+                      CHANNEL_SUMS=launch.sums, WRITE_OUTPUT=write)
         return args, kwargs
     raise ValueError(f"unknown kernel {launch.kernel!r}")
 

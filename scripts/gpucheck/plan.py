@@ -34,7 +34,7 @@ __all__ = ["HOST_CORES", "LIMITS_S", "SETUP_LIMIT_S", "UNIT_COSTS", "build_plan"
 
 HOST_CORES = 16  # the GPU machine's host (H100/H200 lent with 16 cores)
 # Stage limits (seconds); with the setup allowance and the kill grace after each stage they sum to 480 s.
-LIMITS_S = {"precompile": 50, "correctness": 75, "kernels": 100, "model": 195}
+LIMITS_S = {"precompile": 55, "correctness": 50, "kernels": 90, "model": 225}
 SETUP_LIMIT_S = 40  # Python start-up and imports, nvidia-smi (10 s at most), the plan
 GRACE_S = 5
 WINDOW_S = 480
@@ -66,6 +66,8 @@ UNIT_COSTS: dict[str, tuple[float, str]] = {
                               "graph on the project's 2-core CPU (bench/_impls.py), 16 compile workers on the GPU "
                               "host; the stage gives each compile Plan.compile_s = 60 s or skips it"),
     "graph_capture_s": (1.0, "estimate: CUDA-graph warm-up calls and capture"),
+    "forward_floor_s": (0.005, "estimate: the least one whole forward takes, launch-bound (MobileNetV3 at batch 1: "
+                               "~200 kernel launches at ~10-25 us of host time each in eager PyTorch)"),
     "tflops_fp16": (150.0, "estimate: effective dense TFLOP/s of a whole fp16 forward on an H100 (15% of the "
                            "989 TFLOP/s datasheet peak), for the timing loop's length"),
     "tflops_fp32": (25.0, "estimate: effective TFLOP/s of the fp32 reference with TF32 off on an H100 (67 "
@@ -206,10 +208,11 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
         # ---- stage 1: correctness (forced configs, then the fp32 whole-model checks, autotuned)
         kcases = correctness.kernel_cases(plan, device=0)
         c1 = _Counter(tuned, built)
-        c1.add(case.launch() for case in kcases)
+        c1.add(launch for case in kcases for launch in case.launches())
         model_checks = correctness.model_check_launches(plan)
         c1.add(model_checks)
-        est1 = (unit("startup_s") + len(kcases) * (unit("correctness_case_s") + load_s) + unit("weights_s")
+        est1 = (unit("startup_s") + sum(len(c.launches()) for c in kcases) * (unit("correctness_case_s") + load_s)
+                + unit("weights_s")
                 + len(plan.output_strides) * unit("model_build_s") + c1.benchmarks * bench_s
                 + len(c1.variants) * load_s)
         stages["correctness"] = dict(cases=len(kcases) + len(plan.output_strides), kernel_cases=len(kcases),
@@ -226,7 +229,7 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
         elapsed = unit("startup_s")
         reach = 0
         for dtype, entry, batch in kcases2:
-            added = c2.add([kernel_bench.launch_of(entry, batch, dtype)])
+            added = c2.add(kernel_bench.launches_of(entry, batch, dtype))
             cost = (added["benchmarks"] * bench_s + added["builds"] * load_s + unit("cudnn_first_s")
                     + 2 * time_s + unit("case_setup_s"))
             if elapsed + cost > limit2:
@@ -235,34 +238,54 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
             reach += 1
         # the cases past `reach` are not run: count only what was reached
         c2 = _Counter(tuned, built)
-        c2.add(kernel_bench.launch_of(e, b, d) for d, e, b in kcases2[:reach])
+        c2.add(launch for d, e, b in kcases2[:reach] for launch in kernel_bench.launches_of(e, b, d))
         stages["kernels"] = dict(cases=reach, cases_total=len(kcases2), autotune_keys=len(c2.keys),
                                  config_benchmarks=c2.benchmarks, compiles=0, cache_loads=len(c2.variants),
                                  estimated_s=elapsed, tuned=c2.tuned_list)
         c2.close()
 
         # ---- stage 3: whole model (dispatch "auto": each new key timed against cuDNN; torch.compile rows)
+        from .models import conv_layers
+
         settings = whole_model.model_stage_launches(plan)
         c3 = _Counter(tuned, built)
         dispatch_keys = 0
         timing_s = 0.0
-        for launches in settings.values():
+        first_calls = 0.0
+        per_model: dict[str, float] = {}
+        for (spec, output_stride, batch), launches in settings.items():
+            before = c3.benchmarks * bench_s + len(c3.variants) * load_s
             c3.add(launches)
-            dispatch_keys += len(set(launches))
-            flop = sum(_flop(launch) for launch in launches)
-            per_round = flop / (unit("tflops_fp32") * 1e12) + 5 * flop / (unit("tflops_fp16") * 1e12)
+            keys = len({launch for launch in launches if not launch.sums})  # an SE layer: one decision, 2 launches
+            dispatch_keys += keys
+            convs = conv_layers(spec, output_stride, plan.resolution)
+            flop = batch * sum(_conv_flop(c) for c in convs)
+            # the fp32 reference and five fp16 rows per round, each at least a launch-bound forward
+            per_round = (max(flop / (unit("tflops_fp32") * 1e12), unit("forward_floor_s"))
+                         + 5 * max(flop / (unit("tflops_fp16") * 1e12), unit("forward_floor_s")))
             timing_s += plan.rounds * per_round
+            # cuDNN's first call of each conv shape of the model, in fp32 (the reference) and fp16 (eager,
+            # optimize torch and the dispatcher's cuDNN side share the fp16 shapes), and the CUDA graph's capture
+            shapes = {tuple(c[k] for k in ("cin", "cout", "h", "w", "k", "stride", "padding", "dilation", "groups"))
+                      for c in convs}
+            first = 2 * len(shapes) * unit("cudnn_first_s") + unit("graph_capture_s")
+            first_calls += first
+            per_model[spec] = (per_model.get(spec, 0.0) + c3.benchmarks * bench_s + len(c3.variants) * load_s
+                               - before + keys * dispatch_s + first + plan.rounds * per_round)
+        model_settings = whole_model.model_settings(plan)
         compiles = 2 * len(plan.compile_strides) * sum(1 for b in plan.batches if b in plan.compile_batches)
-        # cuDNN's first call of each conv shape, in fp32 (the reference) and fp16 (eager, optimize torch and the
-        # dispatcher's cuDNN side share the fp16 shapes), and the CUDA graph's capture
-        first_calls = sum(2 * len(set(launches)) * unit("cudnn_first_s") + unit("graph_capture_s")
-                          for launches in settings.values())
-        est3 = (unit("startup_s") + unit("weights_s") + len(plan.output_strides) * unit("model_build_s")
+        per_model[plan.model] += compiles * unit("torch_compile_s")
+        for spec in per_model:
+            per_model[spec] += unit("weights_s") + sum(unit("model_build_s") for m, _, _ in model_settings if m == spec)
+        est3 = (unit("startup_s") + len({m for m, _, _ in model_settings}) * unit("weights_s")
+                + len(model_settings) * unit("model_build_s")
                 + c3.benchmarks * bench_s + len(c3.variants) * load_s + dispatch_keys * dispatch_s + first_calls
                 + timing_s + compiles * unit("torch_compile_s"))
         stages["model"] = dict(cases=len(settings) * 7, settings=len(settings), autotune_keys=len(c3.keys),
                                config_benchmarks=c3.benchmarks, dispatch_keys=dispatch_keys, torch_compiles=compiles,
-                               compiles=0, cache_loads=len(c3.variants), estimated_s=est3, tuned=c3.tuned_list)
+                               compiles=0, cache_loads=len(c3.variants), estimated_s=est3,
+                               estimated_s_per_model={k: round(v, 1) for k, v in per_model.items()},
+                               tuned=c3.tuned_list)
         c3.close()
 
         # ---- stage 0: every build the three stages need, in parallel
@@ -271,8 +294,8 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
         if with_variants:
             from .launches import variant
 
-            every = ([c.launch() for c in kcases] + model_checks
-                     + [kernel_bench.launch_of(e, b, d) for d, e, b in kcases2[:reach]]
+            every = ([launch for c in kcases for launch in c.launches()] + model_checks
+                     + [launch for d, e, b in kcases2[:reach] for launch in kernel_bench.launches_of(e, b, d)]
                      + [launch for launches in settings.values() for launch in launches])
             for launch in every:
                 for config in candidates(launch):
@@ -314,13 +337,11 @@ def build_plan(*, compile_s: float | None = None, environ: dict | None = None, w
     }
 
 
-def _flop(launch) -> float:
-    """Dense FLOPs of one launch (the grouped ASPP launch: its four branches)."""
-    if launch.kernel == "aspp_branches":
-        return 2.0 * launch.n * launch.h * launch.w * launch.cout * launch.cin * 28
-    if launch.kernel == "aspp_project":
-        return 2.0 * launch.n * launch.h * launch.w * launch.cout * launch.cin * 4
-    return 2.0 * launch.n * launch.oh * launch.ow * launch.cout * launch.cin * launch.k ** 2
+def _conv_flop(c: dict) -> float:
+    """Dense FLOPs of one conv of :func:`gpucheck.models.conv_layers` at batch 1 (groups counted)."""
+    oh = (c["h"] + 2 * c["padding"] - c["dilation"] * (c["k"] - 1) - 1) // c["stride"] + 1
+    ow = (c["w"] + 2 * c["padding"] - c["dilation"] * (c["k"] - 1) - 1) // c["stride"] + 1
+    return 2.0 * oh * ow * c["cout"] * c["cin"] // c["groups"] * c["k"] ** 2
 
 
 COLUMNS = ("cases", "autotune_keys", "config_benchmarks", "compiles", "cache_loads", "estimated_s", "limit_s")
@@ -348,7 +369,8 @@ def format_table(plan: dict[str, Any]) -> str:
         f"({s['kernels']['config_benchmarks'] / max(s['kernels']['autotune_keys'], 1):.1f} configs benchmarked per "
         "new autotune key).",
         f"- model: {s['model']['settings']} settings, {s['model']['dispatch_keys']} dispatch decisions, "
-        f"{s['model']['torch_compiles']} torch.compile runs.",
+        f"{s['model']['torch_compiles']} torch.compile runs; estimated per model: "
+        + ", ".join(f"{k} {v} s" for k, v in s["model"].get("estimated_s_per_model", {}).items()) + ".",
         "",
         "| unit cost | seconds | where from |",
         "|---|---:|---|",
@@ -369,10 +391,14 @@ def dry_jobs(plan: Plan) -> list[dict[str, Any]]:
 
     conv_configs = conv_kernels.get_autotune_configs(for_interpreter=False)
     project_config = aspp_kernels.get_autotune_configs(for_interpreter=False)[0]
+    import fastdeeplab.kernels.depthwise as dw_kernels
+
+    dw_config = dw_kernels.get_autotune_configs(for_interpreter=False)[0]
     launches = []
     for dtype, entry, batch in kernel_bench.cases(plan):
-        config = project_config if entry["label"] == "ASPP projection" else conv_configs[0]
-        launches.append(kernel_bench.launch_of(entry, batch, dtype, config=config))
+        config = (project_config if entry["label"] == "ASPP projection"
+                  else dw_config if entry.get("kind") == "depthwise" else conv_configs[0])
+        launches += kernel_bench.launches_of(entry, batch, dtype, config=config)
     tma = [c for c in conv_configs if c.kwargs.get("USE_TMA")]
     three = [launch for launch in launches if launch.kernel == "conv" and launch.k == 3 and launch.stride == 1]
     if tma and three:

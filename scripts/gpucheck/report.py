@@ -32,20 +32,22 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "model_check": [("OS", "output_stride", ""), ("dtype", "dtype", ""), ("input", "input", ""),
                     ("max rel err", "max_rel_error", "sci"), ("tolerance", "tolerance", "sci"),
                     ("pixels agree", "pixel_agreement", "pct"), ("ok", "ok", ""), ("seconds", "seconds", ".1f")],
-    "conv": [("layer", "layer", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("OS", "output_strides", ""),
+    "conv": [("model", "model", ""), ("layer", "layer", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
+             ("OS", "output_strides", ""),
              ("×", "layers", ""), ("Triton ms", "triton_ms", ".4f"), ("cuDNN ms", "cudnn_ms", ".4f"),
              ("Triton TFLOP/s", "triton_tflops", ".3g"), ("% peak", "triton_peak", "pct"),
              ("cuDNN TFLOP/s", "cudnn_tflops", ".3g"), ("% peak", "cudnn_peak", "pct"),
+             ("Triton GB/s", "triton_gbps", ".0f"), ("cuDNN GB/s", "cudnn_gbps", ".0f"),
              ("cuDNN/Triton", "speedup", ".2f"), ("faster", "faster", ""), ("rel err", "max_rel_error", "sci"),
              ("1st call s", "first_call_s", ".2f")],
-    "model": [("OS", "output_stride", ""), ("batch", "batch", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
+    "model": [("model", "model", ""), ("OS", "output_stride", ""), ("batch", "batch", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
               ("median ms", "median_ms", ".2f"), ("IQR ms", "iqr", ".2f"), ("img/s", "images_per_s", ".1f"),
               ("vs torchvision eager", "speedup", ".2f"), ("max rel err", "max_rel_error", "sci"),
               ("tolerance", "tolerance", "sci"), ("pixels agree", "pixel_agreement", "pct"),
               ("1st call s", "first_call_s", ".1f")],
-    "model_first": [("OS", "output_stride", ""), ("batch", "batch", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
+    "model_first": [("model", "model", ""), ("OS", "output_stride", ""), ("batch", "batch", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
                     ("1st call s", "first_call_s", ".2f"), ("max rel err", "max_rel_error", "sci")],
-    "dispatch": [("OS", "output_stride", ""), ("layer", "layer", ""), ("problem", "key", ""),
+    "dispatch": [("model", "model", ""), ("OS", "output_stride", ""), ("layer", "layer", ""), ("problem", "key", ""),
                  ("Triton µs", "triton_us", ".1f"), ("cuDNN µs", "cudnn_us", ".1f"), ("choice", "choice", ""),
                  ("reason", "reason", "")],
 }
@@ -88,9 +90,10 @@ def _dispatch_summary(rows: list[dict[str, Any]]) -> list[str]:
     counts: dict[tuple, int] = {}
     for r in rows:
         if r.get("choice"):
-            key = (r.get("output_stride"), r["choice"])
+            key = (str(r.get("model") or ""), r.get("output_stride"), r["choice"])
             counts[key] = counts.get(key, 0) + 1
-    return [f"- OS{os_}: {n} problems run on {choice}" for (os_, choice), n in sorted(counts.items())]
+    return [f"- {model + ' ' if model else ''}OS{os_}: {n} problems run on {choice}"
+            for (model, os_, choice), n in sorted(counts.items())]
 
 
 def render_summary(result: dict[str, Any]) -> str:

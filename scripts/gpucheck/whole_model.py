@@ -1,5 +1,10 @@
-"""Stage 3, whole model: DeepLabv3-ResNet-50 at 513×513, batch 1 and 8, OS16 and OS8, every way this project
-runs it on a GPU, all from one set of weights.
+"""Stage 3, whole model: DeepLabv3-MobileNetV3-Large at 513×513, batch 1, OS16 and OS8, then DeepLabv3-ResNet-50
+at batch 1 and 8, OS16 and OS8, every way this project runs them on a GPU, each model from one set of weights.
+
+MobileNetV3 runs first: its settings are cheap (tens of seconds) and would otherwise wait behind the
+uncertain ``torch.compile`` runs of the ResNet; it has no ``torch.compile`` rows (each would be another
+Inductor compile of ~a minute; they are recorded as skipped). Its Triton layers are the depthwise kernel (with
+the squeeze-excitation's pooling launch) and the head; its 1×1 convs run cuDNN.
 
 Rows, per output stride and batch:
 
@@ -62,13 +67,21 @@ ERROR_FACTOR = 4  # a row passes when its error against fp32 is at most 4x eager
 COMPILED_OPTIMIZED = "torch.compile(optimize triton)"
 
 
-def model_stage_launches(plan: Plan) -> dict[tuple[int, int], list]:
-    """``{(output stride, batch): the Triton launches of one forward of the optimized model}`` in run order
-    (what the plan counts; the dispatcher may send some layers to cuDNN after timing both)."""
+def model_settings(plan: Plan) -> list[tuple[str, int, tuple[int, ...]]]:
+    """``(model, output stride, batches)`` in run order: MobileNetV3-Large first, then the ResNet."""
+    from .models import MOBILENET
+
+    return ([(MOBILENET, s, plan.mobilenet_batches) for s in plan.mobilenet_strides]
+            + [(plan.model, s, plan.batches) for s in plan.output_strides])
+
+
+def model_stage_launches(plan: Plan) -> dict[tuple[str, int, int], list]:
+    """``{(model, output stride, batch): the Triton launches of one forward of the optimized model}`` in run
+    order (what the plan counts; the dispatcher may send some layers to cuDNN after timing both)."""
     from .models import model_launches
 
-    return {(s, b): model_launches(plan.model, s, plan.resolution, b, DTYPE_NAMES[plan.dtype])
-            for s in plan.output_strides for b in plan.batches}
+    return {(spec, s, b): model_launches(spec, s, plan.resolution, b, DTYPE_NAMES[plan.dtype])
+            for spec, s, batches in model_settings(plan) for b in batches}
 
 
 def baseline(plan: Plan) -> str:
@@ -113,6 +126,8 @@ class Setting:
         import fastdeeplab
 
         self.plan, self.output_stride, self.rows = plan, output_stride, rows
+        self.model = weights.spec
+        self.compiles = weights.spec == plan.model  # torch.compile rows: the ResNet only
         dev, dtype = plan.device, plan.dtype
         tv, ours = model_pair(weights, output_stride)
         self.tv32 = tv.to(dev)
@@ -160,7 +175,10 @@ class Setting:
             out[graph] = lambda: _captured(self.triton, x)  # resolved by the first call (the capture)
         needed = plan.compile_s
         for label in (self.compile_label, COMPILED_OPTIMIZED):
-            if x.shape[0] not in plan.compile_batches or self.output_stride not in plan.compile_strides:
+            if not self.compiles:
+                out[label] = (f"skipped: not planned for this model (another Inductor compile, ~{needed:.0f} s; "
+                              "the ResNet rows have it)")
+            elif x.shape[0] not in plan.compile_batches or self.output_stride not in plan.compile_strides:
                 out[label] = (f"skipped: compiled at batch {'/'.join(map(str, plan.compile_batches))}, OS"
                               f"{'/'.join(map(str, plan.compile_strides))} only (another setting is a recompile, "
                               f"~{needed:.0f} s)")
@@ -185,7 +203,7 @@ def _one_setting(setting: Setting, batch: int, images: Tensor, rows: RowWriter) 
     dev = plan.device
     x32 = images[:batch].to(dev)
     x = x32.to(plan.dtype).contiguous(memory_format=torch.channels_last)
-    common = dict(kind="model", output_stride=setting.output_stride, batch=batch,
+    common = dict(kind="model", model=setting.model, output_stride=setting.output_stride, batch=batch,
                   input=f"{batch}x3x{plan.resolution}x{plan.resolution}")
     with torch.no_grad():
         reference = setting.tv32(x32)["out"].float()
@@ -264,14 +282,16 @@ def _dispatch_rows(setting: Setting, rows: RowWriter) -> None:
     model = setting.triton
     method = find_method(model, "dispatch_report") if model is not None else None
     if method is None:
-        rows.row(kind="dispatch", output_stride=setting.output_stride, skipped="no per-layer dispatch report here")
+        rows.row(kind="dispatch", model=setting.model, output_stride=setting.output_stride,
+                 skipped="no per-layer dispatch report here")
         return
     try:
         report = getattr(model, method)()
         for r in getattr(report, "rows", None) or []:
-            rows.row(kind="dispatch", output_stride=setting.output_stride, **r)
+            rows.row(kind="dispatch", model=setting.model, output_stride=setting.output_stride, **r)
     except Exception as exc:  # noqa: BLE001
-        rows.row(kind="dispatch", output_stride=setting.output_stride, ok=False, message=error_text(exc))
+        rows.row(kind="dispatch", model=setting.model, output_stride=setting.output_stride, ok=False,
+                 message=error_text(exc))
 
 
 def run(plan: Plan, rows: RowWriter) -> None:
@@ -279,17 +299,29 @@ def run(plan: Plan, rows: RowWriter) -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False  # the fp32 reference is IEEE fp32; the fp16 rows are unaffected
     torch.backends.cuda.matmul.allow_tf32 = False
-    weights = load_weights(plan.model)
-    images, source = input_batch(plan.resolution, max(plan.batches))
-    rows.row(kind="info", weights=weights.description, inputs=source, dtype=DTYPE_NAMES[plan.dtype],
-             rounds=plan.rounds, compile=f"backend={plan.compile_backend}, mode={plan.compile_mode}")
-    for output_stride in plan.output_strides:
+    settings = model_settings(plan)
+    images, source = input_batch(plan.resolution, max(b for _, _, batches in settings for b in batches))
+    loaded: dict = {}
+    for spec, output_stride, batches in settings:
         if plan.left() < 20:
-            for batch in plan.batches:
-                rows.row(kind="model", output_stride=output_stride, batch=batch, impl="all", skipped="stage time limit")
+            for batch in batches:
+                rows.row(kind="model", model=spec, output_stride=output_stride, batch=batch, impl="all",
+                         skipped="stage time limit")
             continue
-        setting = Setting(plan, weights, output_stride, rows)
-        for batch in plan.batches:
+        if spec not in loaded:
+            loaded.clear()  # one model's weights at a time
+            try:
+                loaded[spec] = load_weights(spec)
+            except Exception as exc:  # noqa: BLE001 (the other model's rows still run)
+                raise_if_fatal(exc)
+                rows.row(kind="model", model=spec, output_stride=output_stride, impl="all", ok=False,
+                         message=f"weights: {error_text(exc)}")
+                continue
+            rows.row(kind="info", model=spec, weights=loaded[spec].description, inputs=source,
+                     dtype=DTYPE_NAMES[plan.dtype], rounds=plan.rounds,
+                     compile=f"backend={plan.compile_backend}, mode={plan.compile_mode}")
+        setting = Setting(plan, loaded[spec], output_stride, rows)
+        for batch in batches:
             _one_setting(setting, batch, images, rows)
         _dispatch_rows(setting, rows)
         del setting
