@@ -132,6 +132,8 @@ def test_answers_equal_onnxruntime_on_real_photos(repo, server, photos, protocol
     batch = as_batch(*same_size)
     served = infer_http(server.http_url, batch)
     assert pixel_agreement(served, reference_labels(repo, batch)) >= 0.999
+    # serving leaves the repository as deploy wrote it: the stub's Python writes no model.py bytecode there
+    assert not [str(p) for p in repo.rglob("__pycache__")]
 
 
 def model_statistics(url: str) -> tuple[int, int, dict[int, int]]:

@@ -203,6 +203,22 @@ class StubEnvironment:
     library_dir: Path  # holds only a link to libpython3.X.so.1.0, put on the server's LD_LIBRARY_PATH
 
 
+# Read by the stub's Python at start-up (site imports a .pth file's "import" lines). The stub ignores PYTHON*
+# variables, PYTHONDONTWRITEBYTECODE included, and would otherwise write model.py's __pycache__ into the model
+# folder: serving leaves the repository as deploy wrote it.
+_NO_BYTECODE = ("fastdeeplab_no_bytecode.pth", "import sys; sys.dont_write_bytecode = True\n")
+
+
+def _no_bytecode(site_packages: Path) -> None:
+    """Put :data:`_NO_BYTECODE` into the stub venv's ``site-packages`` (also in venvs built before it existed)."""
+    name, text = _NO_BYTECODE
+    pth = site_packages / name
+    if site_packages.is_dir() and not (pth.is_file() and pth.read_text() == text):
+        tmp = pth.with_name(f".{name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, pth)
+
+
 def stub_environment(install: ServerInstall, progress: Progress = _quiet) -> StubEnvironment:
     """Build (once, in the cache) the stub's venv with :data:`STUB_REQUIREMENTS`; copy the stub of that Python's
     version into ``backends/python``; return where everything is."""
@@ -219,6 +235,7 @@ def stub_environment(install: ServerInstall, progress: Progress = _quiet) -> Stu
             _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-input",
                   "-q", *STUB_REQUIREMENTS], "installing numpy<2 and onnxruntime into the stub's venv")
             (venv / _COMPLETE).write_text("\n".join(STUB_REQUIREMENTS) + "\n")
+        _no_bytecode(venv / "lib" / f"python{python.version}" / "site-packages")
         library_dir.mkdir(parents=True, exist_ok=True)
         link = library_dir / python.library.name
         if not link.is_symlink() or os.readlink(link) != str(python.library):
@@ -387,7 +404,7 @@ class TritonServer:
             raise ValueError(f"model repository {repository}: no model this tritonserver can serve ("
                              + "; ".join(f"{n}: {why}" for n, why in self.skipped.items())
                              + "); write a python-backend model with `fastdeeplab deploy --backends python`")
-        env = dict(os.environ)  # note: the stub's Python writes model.py's __pycache__ beside it, in the repository
+        env = dict(os.environ)  # a tritonserver on PATH runs model.py in its own Python, which may write __pycache__
         stub = None
         if install.bundled and any(m.backend == "python" for m in servable):
             stub = stub_environment(install, self.progress)
