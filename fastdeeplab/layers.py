@@ -32,6 +32,7 @@ dispatch rule or the rebuild-on-``load_state_dict`` contract does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter, getitem, is_
 
 import torch
 import torch.nn.functional as F
@@ -404,6 +405,46 @@ class FusedBottleneck(nn.Module):
         return self.conv3(self.conv2(self.conv1(x)), residual=identity)
 
 
+_VERSION = attrgetter("_version")
+_BRANCH_GEOMETRY = attrgetter("stride", "padding", "dilation", "relu")
+_cudnn_allow_tf32 = getattr(torch._C, "_get_cudnn_allow_tf32", lambda: torch.backends.cudnn.allow_tf32)
+
+
+class _Watch:
+    """One check that nothing a module derived state from has changed since: every watched slot
+    (``container[name]``: a buffer in a module's ``_buffers``, a child in ``_modules``) still holds the same
+    object, and no watched tensor was modified in place. Version counters only grow, so their sum is unchanged
+    exactly when each one is: one comparison instead of one per tensor."""
+
+    __slots__ = ("containers", "names", "objects", "tensors", "version")
+
+    def __init__(self, slots: Sequence[tuple[dict, str]], sources: Sequence[tuple[dict, str]]) -> None:
+        slots = [*slots, *sources]  # a source replaced is a slot changed; one changed in place, a version
+        self.containers = tuple(c for c, _ in slots)
+        self.names = tuple(n for _, n in slots)
+        self.objects = tuple(map(getitem, self.containers, self.names))
+        self.tensors = tuple(c[n] for c, n in sources)
+        self.version = sum(map(_VERSION, self.tensors))
+
+    def holds(self) -> bool:
+        try:
+            return (sum(map(_VERSION, self.tensors)) == self.version
+                    and all(map(is_, map(getitem, self.containers, self.names), self.objects)))
+        except KeyError:  # a watched buffer or child was deleted
+            return False
+
+
+class _AsppReplay:
+    """A fused ASPP's forward for one call key: both launches as one :class:`~fastdeeplab.kernels.aspp.
+    AsppLaunchPlan`, the dispatcher whose decisions it follows, and what a forced dispatch names on failure."""
+
+    __slots__ = ("dispatcher", "forced", "key", "plan", "pooled_shape")
+
+    def __init__(self, plan, dispatcher, forced: bool, key: str, pooled_shape: torch.Size) -> None:
+        self.plan, self.dispatcher, self.forced, self.key, self.pooled_shape = (plan, dispatcher, forced, key,
+                                                                                pooled_shape)
+
+
 class FusedASPP(nn.Module):
     """ASPP with its projection fused: ``ReLU(Σᵢ Wᵢ·bᵢ + c(n))``, ``c(n) = W_pool·pool(n) + shift``.
 
@@ -441,7 +482,8 @@ class FusedASPP(nn.Module):
         for name in ("_packed", "_bias32", "_branch_packed", "_branch_bias32"):
             self.register_buffer(name, None, persistent=False)
         self._plans: dict[tuple, tuple[_Plan | None, _Plan]] = {}
-        self._derived_from: tuple | None = None
+        self._replays: dict[tuple, _AsppReplay] = {}  # per call key: both launches as one checked plan
+        self._watch: _Watch | None = None  # what the packs and replays were derived from (see _prepare_triton)
         self._prepare_triton()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -453,28 +495,38 @@ class FusedASPP(nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_plans={}, _derived_from=None)
+        state.update(_plans={}, _replays={}, _watch=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})
-        self.__dict__.setdefault("_derived_from", None)
+        self.__dict__.setdefault("_replays", {})
+        self.__dict__.setdefault("_watch", None)
+        self.__dict__.pop("_derived_from", None)  # pickled before the watch replaced it
 
-    def _state_token(self) -> tuple:
-        """See :meth:`FusedConvBNReLU._state_token`; covers the branches' weights too."""
-        own = tuple((id(t), t._version) for t in (self.spatial_weight, self.pooled_weight, self.bias))
-        return own + tuple(b._state_token() for b in self.branches)
+    def _new_watch(self) -> _Watch:
+        """What the packs and replays derive from: the projection's and the four branches' folded weights and
+        biases (replaced, or changed in place), the branch modules themselves, and the packs (replaced)."""
+        branches = self._modules["branches"]
+        slots = [(self._modules, "branches"), *((branches._modules, k) for k in branches._modules)]
+        sources = [(self._buffers, n) for n in ("spatial_weight", "pooled_weight", "bias")]
+        sources += [(b._buffers, n) for b in branches for n in ("weight", "bias")]
+        packs = [(self._buffers, n) for n in ("_packed", "_bias32", "_branch_packed", "_branch_bias32")]
+        return _Watch(slots + packs, sources)
 
     def _refresh(self) -> None:
-        if self._derived_from != self._state_token():
+        """Rebuild the packs (and drop the replays) if a parameter changed since they were built."""
+        if self._watch is None or not self._watch.holds():
             for b in self.branches:
                 b._refresh()
             self._prepare_triton()
 
     def _prepare_triton(self) -> None:
-        self._derived_from = self._state_token()
+        self._replays = {}
+        self._branch_list = tuple(self.branches)  # read per call: iterating a ModuleList costs µs
         if self.backend != "triton":
+            self._watch = self._new_watch()
             return
         from .kernels.aspp import pack_aspp_branch_weights, pack_aspp_weight
 
@@ -486,6 +538,7 @@ class FusedASPP(nn.Module):
                                               pack_aspp_branch_weights([b.weight for b in self.branches]))
                 self._branch_bias32 = _refill(self._branch_bias32, torch.cat([b.bias for b in self.branches])
                                               .to(torch.float32).contiguous())
+        self._watch = self._new_watch()  # last: the packs are watched for replacement
 
     @property
     def weight(self) -> Tensor:
@@ -557,15 +610,28 @@ class FusedASPP(nn.Module):
             if d is not None and d.decided(project_key) == "cudnn":
                 return self._project_plain(branches, pooled)
             return self._project_kernel(branches, pooled)
-        if self._derived_from != self._state_token():
+        watch = self._watch
+        if watch is None or not watch.holds():  # one check for every parameter the packs derive from
             self._refresh()
-        geometry = (x.shape, x.dtype, x.device, self.rates)
-        plans = self._plans.get(geometry)
+        # everything else a call's launches depend on: the input's geometry, the TF32 mode, the branches'
+        # geometry (set_rates) and epilogues
+        key = (x.shape, x.stride(), x.dtype, x.device, x.dtype is torch.float32 and _cudnn_allow_tf32(),
+               self.relu, *map(_BRANCH_GEOMETRY, self._branch_list))
+        replay = self._replays.get(key)
+        if replay is not None and replay.dispatcher is self.dispatcher and not _recording():
+            pooled = self.pooled(x)
+            if pooled.dtype is x.dtype and pooled.shape == replay.pooled_shape:
+                if replay.forced:
+                    return _forced(self, replay, lambda: replay.plan(x, pooled))
+                return replay.plan(x, pooled)
+        plans = self._plans.get(key)
         if plans is None or plans[1].dispatcher is not self.dispatcher:
             branch_key, project_key = self._keys(x)
-            plans = self._plans[geometry] = (None if branch_key is None else _Plan(self, x, branch_key),
-                                             _Plan(self, x, project_key))
+            plans = self._plans[key] = (None if branch_key is None else _Plan(self, x, branch_key),
+                                        _Plan(self, x, project_key))
         branch_plan, project_plan = plans
+        if branch_plan is not None and branch_plan.choice == project_plan.choice == "triton" and not _recording():
+            return self._forward_recorded(x, key, branch_plan, project_plan)
         if branch_plan is None:
             branches = [branch(x) for branch in self.branches]
         else:
@@ -574,6 +640,22 @@ class FusedASPP(nn.Module):
         pooled = self.pooled(x)
         return self._run(project_plan, x, lambda: self._project_kernel(branches, pooled),
                          lambda: self._project_plain(branches, pooled))
+
+    def _forward_recorded(self, x: Tensor, key: tuple, branch_plan: _Plan, project_plan: _Plan) -> Tensor:
+        """Both halves decided for Triton: run them checked, recording their launches, and keep the two as
+        one replay for ``key`` (what later calls with that key run)."""
+        from .kernels.aspp import AsppLaunchPlan, recording_launch_plans
+
+        with recording_launch_plans() as recorded:
+            branches = self._run(branch_plan, x, lambda: self._branches_kernel(x), None)
+            pooled = self.pooled(x)
+            out = self._run(project_plan, x, lambda: self._project_kernel(branches, pooled), None)
+        plan = AsppLaunchPlan.from_recording(recorded, self._branch_packed, self._branch_bias32, self._packed,
+                                             self._bias32)
+        if plan is not None:
+            self._replays[key] = _AsppReplay(plan, project_plan.dispatcher, project_plan.forced,
+                                             f"{branch_plan.key}; {project_plan.key}", pooled.shape)
+        return out
 
     def _run(self, plan: _Plan, x: Tensor, run_triton, run_cudnn):
         if plan.choice == "triton":

@@ -20,11 +20,17 @@ software-pipelined K loop into one float32 accumulator; the epilogue adds ``c(n)
 >>> pooled = torch.randn(2, 256, device="cuda")  # doctest: +SKIP
 >>> w, b = torch.randn(256, 5 * 256, 1, 1, device="cuda"), torch.randn(256, device="cuda")  # doctest: +SKIP
 >>> y = aspp_project(branches, pooled, w, b)  # [2, 256, 33, 33], channels-last  # doctest: +SKIP
+
+The file is one concern (hence its length): the two ASPP kernels (the projection and the grouped spatial
+branches), their launchers, and :class:`AsppLaunchPlan`, which replays both launches of a forward with the
+launchers' recorded arguments: a kernel's arguments change in all three together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -62,8 +68,8 @@ from .conv import (
 from .conv import get_autotune_configs as get_branch_configs
 from .work import ConvGeometry, executed_macs, tiling_of
 
-__all__ = ["NUM_BRANCHES", "aspp_branches_packed", "aspp_project", "aspp_project_packed", "get_autotune_configs",
-           "get_interpreter_config", "pack_aspp_branch_weights", "pack_aspp_weight"]
+__all__ = ["NUM_BRANCHES", "AsppLaunchPlan", "aspp_branches_packed", "aspp_project", "aspp_project_packed", "get_autotune_configs",
+           "get_interpreter_config", "pack_aspp_branch_weights", "pack_aspp_weight", "recording_launch_plans"]
 
 NUM_BRANCHES = 4  # spatial branches: the 1×1 conv and three atrous 3×3 convs
 
@@ -236,6 +242,7 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
             out = plan.new_out()
             plan.run(b0, b1, b2, b3, pooled.contiguous(), packed_weight.contiguous(),
                      out if bias is None else _bias32(bias), out)
+            _note("aspp_project", plan)
             return out
     if not isinstance(branches, (list, tuple)) or len(branches) != NUM_BRANCHES:
         raise ValueError(f"branches must be a list or tuple of {NUM_BRANCHES} tensors "
@@ -308,7 +315,9 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
         launcher[grid](b0, b1, b2, b3, pooled, packed_weight, bias if bias is not None else out, out, *scalars,
                        **consts)
     if sig is not None and launcher is kernel:  # an eager launch: remember everything but the data
-        _remember(sig, _LaunchPlan(kernel, consts, grid, scalars, (n, cout, h, w), x.dtype, x.device))
+        plan = _LaunchPlan(kernel, consts, grid, scalars, (n, cout, h, w), x.dtype, x.device)
+        _remember(sig, plan)
+        _note("aspp_project", plan)
     return out
 
 
@@ -416,6 +425,7 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
             x = x.contiguous(memory_format=torch.channels_last)
             out = plan.new_out()
             plan.run(x, packed_weight.contiguous(), out if bias is None else _bias32(bias), out)
+            _note("aspp_branches", plan)
             return out
     check_tensor(x, "x")
     check_tensor(packed_weight, "packed_weight")
@@ -472,7 +482,9 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
     with launch_guard(x):
         launcher[grid](x, packed_weight, bias if bias is not None else out, out, *scalars, **consts)
     if sig is not None and launcher is kernel:  # an eager launch: remember everything but the data
-        _remember(sig, _LaunchPlan(kernel, consts, grid, scalars, (4 * n, cb, h, w), x.dtype, x.device))
+        plan = _LaunchPlan(kernel, consts, grid, scalars, (4 * n, cb, h, w), x.dtype, x.device)
+        _remember(sig, plan)
+        _note("aspp_branches", plan)
     return out
 
 
@@ -494,3 +506,85 @@ def _signature(name: str, tensors: list, bias, *rest) -> tuple | None:
     except TypeError:
         return None
     return sig
+
+
+# --------------------------------------------------------------------------------------------------
+# One ASPP forward as one replayed plan: both launches, checked once
+# --------------------------------------------------------------------------------------------------
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def recording_launch_plans() -> Iterator[list]:
+    """``with recording_launch_plans() as plans:`` collects ``(launcher name, launch plan)`` for every checked
+    or replayed launch of :func:`aspp_branches_packed` and :func:`aspp_project_packed` in this thread (none
+    while torch traces: those launches are not replayable). The fused ASPP module builds its
+    :class:`AsppLaunchPlan` from the two a forward recorded."""
+    plans: list = []
+    outer = getattr(_RECORDING, "plans", None)
+    _RECORDING.plans = plans
+    try:
+        yield plans
+    finally:
+        _RECORDING.plans = outer
+
+
+def _note(name: str, plan: _LaunchPlan) -> None:
+    plans = getattr(_RECORDING, "plans", None)
+    if plans is not None:
+        plans.append((name, plan))
+
+
+class AsppLaunchPlan:
+    """A whole ASPP forward's launches (the grouped branches, then the projection) replayed as one plan.
+
+    Built by :meth:`from_recording` from what one checked forward recorded (:func:`recording_launch_plans`)
+    and the packed weights and float32 biases that forward passed, which the plan keeps. ``plan(x, pooled)``
+    then costs two allocations, four views and two launches: no argument checks, signatures, autotuner or
+    config lookups. Its caller guarantees what the checks and signatures would have: ``x`` has the recorded
+    forward's shape, strides, dtype and device, ``pooled`` is ``[N, Cb]`` in ``x``'s dtype, the packs are
+    unchanged objects, and the TF32 mode is the recorded one (:class:`fastdeeplab.layers.FusedASPP` keys its
+    plans on all of these and drops them when a parameter changes).
+    """
+
+    __slots__ = ("branch_bias", "branch_weight", "branches", "bias", "device", "project", "stacked_shape",
+                 "stacked_strides", "out_shape", "out_strides", "dtype", "tma", "weight")
+
+    def __init__(self, branches: _LaunchPlan, project: _LaunchPlan, branch_weight: Tensor,
+                 branch_bias: Tensor | None, weight: Tensor, bias: Tensor | None) -> None:
+        if bool(branches.consts.get("HAS_BIAS")) != (branch_bias is not None) or \
+                bool(project.consts.get("HAS_BIAS")) != (bias is not None):
+            raise ValueError("the biases do not match the recorded launches (one has a bias, the other none)")
+        self.branches, self.project = branches, project
+        self.branch_weight, self.branch_bias, self.weight, self.bias = branch_weight, branch_bias, weight, bias
+        self.dtype, self.device = project.dtype, project.device
+        cl = dict(dtype=self.dtype, device="meta", memory_format=torch.channels_last)
+        self.stacked_shape, self.out_shape = branches.out_shape, project.out_shape
+        self.stacked_strides = torch.empty(self.stacked_shape, **cl).stride()
+        self.out_strides = torch.empty(self.out_shape, **cl).stride()
+        self.tma = branches.tma or project.tma
+
+    @classmethod
+    def from_recording(cls, recorded: list, branch_weight: Tensor, branch_bias: Tensor | None, weight: Tensor,
+                       bias: Tensor | None) -> AsppLaunchPlan | None:
+        """The plan of a forward that recorded exactly one branches launch then one projection launch;
+        ``None`` for anything else (a traced launch, the cuDNN form of either half, extra launches)."""
+        names = [name for name, _ in recorded]
+        if names != ["aspp_branches", "aspp_project"]:
+            return None
+        return cls(recorded[0][1], recorded[1][1], branch_weight, branch_bias, weight, bias)
+
+    def __call__(self, x: Tensor, pooled: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        stacked = torch.empty_strided(self.stacked_shape, self.stacked_strides, dtype=self.dtype, device=self.device)
+        out = torch.empty_strided(self.out_shape, self.out_strides, dtype=self.dtype, device=self.device)
+        b0, b1, b2, b3 = stacked.chunk(NUM_BRANCHES)  # branch i is images [i*N, (i+1)*N), equal strides
+        bp, pp = self.branches, self.project
+        if self.tma:
+            ensure_tma_allocator(x, True)
+        with launch_guard(x):
+            bp.fn.run(x, self.branch_weight, stacked if self.branch_bias is None else self.branch_bias, stacked,
+                      *bp.scalars, grid=bp.grid, warmup=False, **bp.consts)
+            pp.fn.run(b0, b1, b2, b3, pooled.contiguous(), self.weight, out if self.bias is None else self.bias,
+                      out, *pp.scalars, grid=pp.grid, warmup=False, **pp.consts)
+        return out

@@ -14,7 +14,8 @@ The tensors are CPU tensors standing in for CUDA ones (the device checks are rel
 the launcher, as their CUDA kernel is; ASPP's image-pooling reduction, real CPU work here, is precomputed).
 Each figure is the mean host time of ``--calls`` calls in µs, median and minimum over ``--rounds`` rounds
 (on a shared machine the minimum is the least disturbed), after a warm-up that tunes each problem once;
-``benches`` counts the stubbed autotune benchmarks during the timed calls (0: nothing re-tuned).
+``benches`` counts the stubbed autotune benchmarks during the timed calls (0: nothing re-tuned), ``launches``
+the stubbed kernel launches per timed call (1 per conv, 2 per ASPP: nothing skipped, nothing repeated).
 
     python scripts/host_overhead.py [--calls 300] [--rounds 7] [--json out.json]
 """
@@ -83,18 +84,21 @@ def stub_gpu() -> None:
         getattr(ops, op_name).register_kernel("cpu", cpu_kernel)
 
 
-def per_call_us(fn, calls: int, rounds: int) -> tuple[float, float, int]:
-    """(median, min) over rounds of the mean µs per call, and the autotune benchmarks during timing."""
+def per_call_us(fn, calls: int, rounds: int) -> tuple[float, float, int, float]:
+    """(median, min) over rounds of the mean µs per call, the autotune benchmarks during timing, and the
+    (stubbed) kernel launches per timed call."""
     fn()
     fn()
-    benches = COUNTS["benches"]
+    fn()  # the fused ASPP records its launch plan on its second call, and replays it from the third
+    benches, launches = COUNTS["benches"], COUNTS["launches"]
     means = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         means.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(means), min(means), COUNTS["benches"] - benches
+    return (statistics.median(means), min(means), COUNTS["benches"] - benches,
+            (COUNTS["launches"] - launches) / (calls * rounds))
 
 
 def cases(dtype):
@@ -161,12 +165,12 @@ def main(argv=None) -> int:
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}, "
           f"load average {' '.join(load)}")
-    print(f"{'case':<42} {'path':<7} {'median µs':>10} {'min µs':>8} {'benches':>8}")
+    print(f"{'case':<42} {'path':<7} {'median µs':>10} {'min µs':>8} {'benches':>8} {'launches':>9}")
     for name, path, fn in cases(torch.float16):
-        med, low, benches = per_call_us(fn, args.calls, args.rounds)
+        med, low, benches, launches = per_call_us(fn, args.calls, args.rounds)
         rows.append({"case": name, "path": path, "median_us": round(med, 1), "min_us": round(low, 1),
-                     "benches_while_timed": benches})
-        print(f"{name:<42} {path:<7} {med:>10.1f} {low:>8.1f} {benches:>8}")
+                     "benches_while_timed": benches, "launches_per_call": launches})
+        print(f"{name:<42} {path:<7} {med:>10.1f} {low:>8.1f} {benches:>8} {launches:>9.2f}")
     if args.json:
         from fastdeeplab._io import atomic_path
 
