@@ -423,10 +423,11 @@ class BenchSession:
             self.say(f"OS{output_stride}: timing {len(calls)} implementations round-robin, {rounds} rounds of "
                      f"~{sum(estimate.values()):.1f} s")
         done = {"calls": 0}
+        per_round = len(calls)  # not the dict itself: it is deleted below, the closure may outlive it
 
         def progress(r: int, name: str, seconds: float) -> None:
             done["calls"] += 1
-            if done["calls"] % len(calls) == 0:
+            if done["calls"] % per_round == 0:
                 self.say(f"OS{output_stride}: round {r + 1}/{rounds} done")
 
         timings = interleaved(calls, rounds=rounds, warmup=max(0, cfg.warmup - 1), device=cfg.torch_device,

@@ -98,8 +98,8 @@ def main() -> None:
             x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(stride))
             feed = {"input": x.numpy()}
             flops = gflop(tv, x)
-            calls = {"eager": lambda: tv(x),
-                     **{k: (lambda s=session: s.run(["out"], feed)) for k, session in sessions.items()}}
+            calls = {"eager": lambda tv=tv, x=x: tv(x),
+                     **{k: (lambda s=session, feed=feed: s.run(["out"], feed)) for k, session in sessions.items()}}
             with torch.inference_mode():
                 # interleaved, order rotated per round: noise on a shared machine hits all alike
                 timings = interleaved(calls, rounds=args.runs, warmup=1)

@@ -129,7 +129,7 @@ def main() -> int:
                 convs[f"F({m},3)"] = conv = WinogradConv(w, b, dilation=d, m=m, side=side)
                 errors[f"F({m},3)"] = max_rel_error(conv(x), ref)
             # interleaved, order rotated per round: load from other processes hits every variant alike
-            t = interleaved({k: (lambda c=c: c(x)) for k, c in convs.items()}, rounds=args.rounds, warmup=1)
+            t = interleaved({k: (lambda c=c, x=x: c(x)) for k, c in convs.items()}, rounds=args.rounds, warmup=1)
             cells = [f"{1000 * t.spread('direct').median:.1f}"]
             cells += [f"{1000 * t.spread(k).median:.1f} ({errors[k]:.0e})" for k in errors]
             print(f"| {name} ({cin}→{cout}, {side}², d={d}) | " + " | ".join(cells) + " |", flush=True)
