@@ -16,7 +16,9 @@ from fastdeeplab.weights import (  # noqa: F401
     held_out_set,
     load_or_train,
     scenes,
+    synthetic_spec,
     train_synthetic,
 )
 
-__all__ = ["SPEC", "SyntheticSpec", "cache_path", "held_out_set", "load_or_train", "scenes", "train_synthetic"]
+__all__ = ["SPEC", "SyntheticSpec", "cache_path", "held_out_set", "load_or_train", "scenes", "synthetic_spec",
+           "train_synthetic"]

@@ -5,8 +5,9 @@ deploy and the bench), and :func:`build_model`, which builds a registered model 
 
 * ``synthetic``: a DeepLabv3 trained on synthetic scenes (coloured discs and rectangles and thin bars on a
   textured background, 4 classes by colour: :data:`SYNTHETIC_CLASSES`), trained once on the CPU
-  (the paper's two stages in miniature, about 5 min on 2 quiet cores) and cached in ``~/.cache/fastdeeplab``
-  (or ``$FASTDEEPLAB_CACHE``): offline, and its predictions mean something on such scenes
+  (the paper's two stages in miniature, a few minutes on 2 quiet cores; each backbone's recipe is
+  :func:`synthetic_spec`) and cached in the package cache folder (``~/.cache/fastdeeplab``,
+  :func:`fastdeeplab._io.cache_dir`): offline, and its predictions mean something on such scenes
   (:func:`fastdeeplab.data.synthetic.synthetic_sample`, or ``python -m fastdeeplab.data.synthetic out.png``);
 * ``random``: seeded random weights (BN statistics measured on photographs, so logits stay well scaled).
   Their predictions mean nothing;
@@ -40,7 +41,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -70,6 +71,7 @@ __all__ = [
     "held_out_set",
     "load_or_train",
     "scenes",
+    "synthetic_spec",
     "train_synthetic",
     "cached_torchvision_weights",
     "random_state_dict",
@@ -132,6 +134,10 @@ class BackboneSpec:
     marker: tuple[str, str | None]  # a state-dict key its checkpoints have, and one they lack (or None)
     download_mb: int  # size of torchvision's COCO-VOC weights file
     synthetic: bool = True  # whether ``--weights synthetic`` is offered (train_synthetic works for every entry)
+    # The synthetic model's recipe: SyntheticSpec fields that differ from SPEC's (training only: the scenes and
+    # the held-out set stay SPEC's, so held-out mIoU compares across backbones), and its rough training time.
+    synthetic_recipe: tuple[tuple[str, Any], ...] = ()
+    synthetic_minutes: int = 5  # on 2 quiet cores, for the progress line
 
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
@@ -141,9 +147,12 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
                  ("backbone.layer3.22.conv1.weight", None), 233),
     BackboneSpec("mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "DeepLabV3_MobileNet_V3_Large_Weights",
                  _mobilenet_reference, 16, ("backbone.16.0.weight", None), 42,
-                 # Training it is not cheap on the CPU: 6 iterations (4 OS16 + 2 OS8, batch 8, 64 px) took 36 s
-                 # against 61 s for ResNet-50 (same process, load 6): the depthwise convs' backward is slow.
-                 synthetic=False),
+                 # From scratch its BNs need momentum 0.1 (torchvision's 0.01 leaves the running statistics far
+                 # behind the weights: eval mode predicted background only, held-out mIoU 0.20); an iteration
+                 # costs a third of ResNet-50's, which pays for a longer schedule (bench/RESULTS.md, 2026-12-07).
+                 synthetic_recipe=(("bn_momentum", 0.1), ("lr_os16", 0.05), ("lr_os8", 0.01),
+                                   ("iterations_os16", 480), ("iterations_os8", 120)),
+                 synthetic_minutes=4),
 )}
 
 
@@ -161,8 +170,14 @@ def check_synthetic(backbone: str | int) -> None:
     spec = backbone_spec(backbone)
     if not spec.synthetic:
         offered = " and ".join(b.name for b in BACKBONES.values() if b.synthetic)
-        raise ValueError(f"--weights synthetic is offered for {offered}, not --backbone {spec.name} (training it "
-                         f"on the CPU is not cheap); use --weights random or COCO_WITH_VOC_LABELS_V1")
+        raise ValueError(f"--weights synthetic is offered for {offered}, not --backbone {spec.name}; "
+                         f"use --weights random or COCO_WITH_VOC_LABELS_V1")
+
+
+def synthetic_spec(backbone: str | int) -> SyntheticSpec:
+    """The :class:`SyntheticSpec` of ``backbone``'s synthetic model: :data:`SPEC` with its entry's
+    ``synthetic_recipe`` (nothing for the ResNets)."""
+    return replace(SPEC, **dict(backbone_spec(backbone).synthetic_recipe))
 
 
 def _checkpoint_backbone(state: Mapping[str, Tensor]) -> str | None:
@@ -422,7 +437,7 @@ def build_model(name: str = "deeplabv3_resnet50", weights: Any = None, *, num_cl
 # Scenes from fastdeeplab.data.synthetic.synthetic_sample, 64x64 px, a 1-px ignore band around the shapes;
 # training draws fresh scenes every iteration (seed 0), the held-out set (seed 1) is never seen. SGD with
 # momentum 0.9, weight decay 1e-4, poly learning rate, batch 8, random flips: OS16 with BN trained, then OS8
-# with BN frozen.
+# with BN frozen. Iterations, learning rates and BN momentum per backbone (BackboneSpec.synthetic_recipe).
 # --------------------------------------------------------------------------------------------------
 Progress = Callable[[str], None]
 
@@ -445,12 +460,19 @@ class SyntheticSpec:
     held_out_seed: int = 1
     held_out_images: int = 32
     version: int = 1
+    bn_momentum: float | None = None  # every BatchNorm's momentum while training (None: the builder's own)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        for name, default in _LATER_FIELDS.items():  # left out at their default: older cache names still hold
+            if fields[name] == default:
+                del fields[name]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
-SPEC = SyntheticSpec()
+# Fields added after the first models were cached, with the default that reproduces those models.
+_LATER_FIELDS: dict[str, Any] = {"bn_momentum": None}
+SPEC = SyntheticSpec()  # the ResNets' recipe, and every backbone's scenes (see synthetic_spec)
 
 
 def cache_dir() -> Path:
@@ -460,7 +482,10 @@ def cache_dir() -> Path:
     return package_cache_dir()
 
 
-def cache_path(backbone: str | int, spec: SyntheticSpec = SPEC) -> Path:
+def cache_path(backbone: str | int, spec: SyntheticSpec | None = None) -> Path:
+    """The cache file of ``backbone``'s synthetic model trained with ``spec`` (default: its own,
+    :func:`synthetic_spec`)."""
+    spec = spec or synthetic_spec(backbone)
     return cache_dir() / f"synthetic-{backbone_spec(backbone).model}-{spec.digest()}.pt"
 
 
@@ -497,10 +522,10 @@ def evaluate_miou(model: nn.Module, images: Tensor, labels: Tensor, num_classes:
     return float(meter.compute()["mIoU"])
 
 
-def train_synthetic(backbone: str | int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None
+def train_synthetic(backbone: str | int = 50, spec: SyntheticSpec | None = None, progress: Progress | None = None
                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Train a DeepLabv3-``backbone`` (a :data:`BACKBONES` name or a ResNet depth) from scratch on synthetic
-    scenes (see the module docstring).
+    scenes (see the module docstring), with ``spec`` (default: the backbone's own, :func:`synthetic_spec`).
 
     Returns the state dict (torchvision names, no aux head) and a record of how it was made: the spec,
     seconds, threads, the loss at the start and end of each stage, and the held-out mIoU at OS16 and OS8.
@@ -509,9 +534,14 @@ def train_synthetic(backbone: str | int = 50, spec: SyntheticSpec = SPEC, progre
 
     say = progress or (lambda _: None)
     bb = backbone_spec(backbone)
+    spec = spec or synthetic_spec(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train_seed)
         model = hub.get_model(bb.model, num_classes=spec.num_classes, aux_loss=False, output_stride=16)
+        if spec.bn_momentum is not None:
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = spec.bn_momentum
         gen = torch.Generator().manual_seed(spec.train_seed)
         start = time.perf_counter()
         losses: dict[str, list[float]] = {}
@@ -570,19 +600,22 @@ def train_synthetic(backbone: str | int = 50, spec: SyntheticSpec = SPEC, progre
     return state, info
 
 
-def load_or_train(backbone: str | int = 50, spec: SyntheticSpec = SPEC, progress: Progress | None = None,
+def load_or_train(backbone: str | int = 50, spec: SyntheticSpec | None = None, progress: Progress | None = None,
                   ) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
-    """The synthetic model's state dict and record, from the cache if there, else trained and cached."""
+    """The synthetic model's state dict and record, from the cache if there, else trained and cached
+    (``spec`` defaults to the backbone's own, :func:`synthetic_spec`)."""
     from ._io import atomic_path
 
     say = progress or (lambda _: None)
+    spec = spec or synthetic_spec(backbone)
     path = cache_path(backbone, spec)
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         say(f"synthetic weights: loaded {path}")
         return blob["state_dict"], json.loads(blob["info"]), path
     say(f"synthetic weights: not in the cache ({path}); training a {backbone_spec(backbone).model} on synthetic "
-        f"scenes ({spec.iterations_os16} + {spec.iterations_os8} iterations, about 5 min on 2 quiet cores)")
+        f"scenes ({spec.iterations_os16} + {spec.iterations_os8} iterations, about "
+        f"{backbone_spec(backbone).synthetic_minutes} min on 2 quiet cores)")
     state, info = train_synthetic(backbone, spec, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".pt") as tmp:
@@ -614,19 +647,21 @@ def write_synthetic_scene(path: str | os.PathLike[str], index: int = 0, spec: Sy
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastdeeplab.weights [--scene FILE.png] [--train]``: write a held-out synthetic scene,
-    and/or train (or load) the synthetic model and print how it was made."""
+    """``python -m fastdeeplab.weights [--scene FILE.png] [--train] [--backbone NAME]``: write a held-out
+    synthetic scene, and/or train (or load) a backbone's synthetic model and print how it was made."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fastdeeplab.weights", description=main.__doc__)
     parser.add_argument("--scene", metavar="FILE", help="write a held-out synthetic scene PNG (and FILE_truth.png)")
     parser.add_argument("--index", type=int, default=0, help="which held-out scene (default 0)")
     parser.add_argument("--train", action="store_true", help="train (or load from the cache) the synthetic model")
+    parser.add_argument("--backbone", default="resnet50", choices=[b.name for b in BACKBONES.values() if b.synthetic],
+                        help="whose synthetic model (default resnet50)")
     args = parser.parse_args(argv)
     if args.scene:
         print(write_synthetic_scene(args.scene, args.index))
     if args.train or not args.scene:
-        _, record, where = load_or_train(progress=lambda line: print(line, flush=True))
+        _, record, where = load_or_train(args.backbone, progress=lambda line: print(line, flush=True))
         print(where)
         print(json.dumps(record, indent=2))
     return 0

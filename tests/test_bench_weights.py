@@ -5,6 +5,7 @@ synthetic model is trained once and then loaded from the cache."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_synthetic_model_is_trained_once_then_cached(tmp_path: Path, monkeypatch
 
 
 # -- backbones: one table (fastdeeplab.weights.BACKBONES) behind every name ----------------------------------
-def test_mobilenet_names_checkpoints_and_synthetic_refusal(tmp_path: Path) -> None:
+def test_mobilenet_names_and_checkpoints(tmp_path: Path) -> None:
     from fastdeeplab.weights import BACKBONES, backbone_spec
 
     assert list(BACKBONES) == ["resnet50", "resnet101", "mobilenet_v3_large"] and backbone_spec(50).name == "resnet50"
@@ -147,9 +148,44 @@ def test_mobilenet_names_checkpoints_and_synthetic_refusal(tmp_path: Path) -> No
     torch.save(r101, tmp_path / "r101.pt")
     with pytest.raises(ValueError, match="holds a DeepLabv3-resnet101 but --backbone is resnet50"):
         resolve_weights(str(tmp_path / "r101.pt"), "resnet50", 0, _no_calibration)
-    with pytest.raises(ValueError, match=r"^--weights synthetic is offered for resnet50 and resnet101, not "
-                                         r"--backbone mobilenet_v3_large .*use --weights random"):
-        resolve_weights("synthetic", "mobilenet_v3_large", 0, _no_calibration)
+
+
+def test_synthetic_recipes_per_backbone_keep_the_scenes_and_the_resnet_cache_name() -> None:
+    """Every backbone is offered ``--weights synthetic``; a recipe changes training only (same scenes and
+    held-out set, so held-out mIoU compares across backbones), and the ResNets keep the recipe, hence the cache
+    file name, they had before recipes existed (a cached model is not retrained)."""
+    from fastdeeplab.weights import BACKBONES, SPEC, cache_path, check_synthetic, synthetic_spec
+
+    for name in BACKBONES:
+        check_synthetic(name)
+    assert synthetic_spec(50) is not None and synthetic_spec("resnet50") == synthetic_spec(101) == SPEC
+    assert SPEC.digest() == "58971d9389" and cache_path(50).name == "synthetic-deeplabv3_resnet50-58971d9389.pt"
+    mobilenet = synthetic_spec("mobilenet_v3_large")
+    assert mobilenet.bn_momentum == 0.1 and mobilenet.digest() != SPEC.digest()
+    scene_fields = ("num_classes", "size", "thin_structures", "max_objects", "train_seed", "held_out_seed",
+                    "held_out_images")
+    assert all(getattr(synthetic_spec(name), f) == getattr(SPEC, f) for name in BACKBONES for f in scene_fields)
+    assert cache_path("mobilenet_v3_large").name.startswith("synthetic-deeplabv3_mobilenet_v3_large-")
+
+
+def test_synthetic_mobilenet_trains_with_its_bn_momentum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MobileNetV3 recipe's BN momentum reaches training: the first BN's running mean after one step is
+    momentum x the first batch's mean, so 0.1 gives ten times the builder's own 0.01 (same seed, same batch);
+    the record names the backbone and the spec, and torchvision's model loads the state dict."""
+    monkeypatch.setenv("FASTDEEPLAB_CACHE", str(tmp_path))
+    tiny = _synthetic.SyntheticSpec(size=33, batch=2, iterations_os16=1, iterations_os8=1, held_out_images=2)
+    own, _ = _synthetic.train_synthetic("mobilenet_v3_large", tiny)
+    state, info, path = _synthetic.load_or_train("mobilenet_v3_large", replace(tiny, bn_momentum=0.1))
+    key = "backbone.0.1.running_mean"
+    torch.testing.assert_close(state[key], 10 * own[key], rtol=1e-4, atol=1e-6)
+    assert info["backbone"] == "mobilenet_v3_large" and info["spec"]["bn_momentum"] == 0.1
+    assert path.parent == tmp_path and path.name.startswith("synthetic-deeplabv3_mobilenet_v3_large-")
+    torchvision_reference("mobilenet_v3_large", 4, 16, state)  # torchvision names, strict load
+    # --weights synthetic finds it under the recipe's own cache name (the tiny model stands in for it here)
+    path.rename(_synthetic.cache_path("mobilenet_v3_large"))
+    w = resolve_weights("synthetic", "mobilenet_v3_large", 0, _no_calibration)
+    assert (w.kind, w.backbone, w.num_classes) == ("synthetic", "mobilenet_v3_large", 4)
+    assert all(torch.equal(w.state_dict[k], state[k]) for k in state)
 
 
 def test_mobilenet_reference_geometry_and_random_weights() -> None:

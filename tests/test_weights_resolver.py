@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def synthetic_cache(tmp_path_factory):
-    """A cache holding the ``synthetic`` entry, trained for real but briefly (tiny scenes, 3 iterations): the
-    commands' plumbing is under test here, not the model's accuracy (bench/RESULTS.md has that)."""
+    """A cache holding the ``synthetic`` entries of ResNet-50 and MobileNetV3-Large, trained for real but
+    briefly (tiny scenes, 3 iterations): the commands' plumbing is under test here, not the models' accuracy
+    (bench/RESULTS.md has that)."""
     cache = tmp_path_factory.mktemp("cache")
     tiny = fw.SyntheticSpec(size=33, batch=2, iterations_os16=2, iterations_os8=1, held_out_images=2)
-    state, info = fw.train_synthetic(50, tiny)
-    path = cache / fw.cache_path(50).name  # where the default spec's model is looked for
-    torch.save({"state_dict": state, "info": json.dumps(info)}, path)
+    for backbone in (50, "mobilenet_v3_large"):
+        state, info = fw.train_synthetic(backbone, tiny)
+        path = cache / fw.cache_path(backbone).name  # where the backbone's own recipe's model is looked for
+        torch.save({"state_dict": state, "info": json.dumps(info)}, path)
     return cache
 
 
@@ -54,6 +56,34 @@ def test_predict_with_synthetic_weights_writes_masks_and_a_legend(synthetic_cach
     assert palette == [v for rgb in fw.SYNTHETIC_PALETTE for v in rgb]  # "red" is drawn red
     strip = np.asarray(overlay.convert("RGB"))[:, 64:]
     assert (strip == 255).mean() > 0.5 and (strip < 128).any()  # white, with swatches and text
+
+
+@pytest.mark.slow
+def test_synthetic_mobilenet_through_predict_export_and_deploy(synthetic_cache, tmp_path, monkeypatch, capsys):
+    """``--weights synthetic`` with ``--model deeplabv3_mobilenet_v3_large``: predict, export (with its
+    checks against eager) and deploy take the MobileNetV3 synthetic model, with its 4 classes."""
+    monkeypatch.setenv("FASTDEEPLAB_CACHE", str(synthetic_cache))
+    model = fw.build_model("deeplabv3_mobilenet_v3_large", "synthetic", output_stride=8)
+    assert model.classifier[-1].out_channels == 4
+    scene = fw.write_synthetic_scene(tmp_path / "scene.png")
+    out = tmp_path / "masks"
+    assert main(["predict", str(scene), "--model", "deeplabv3_mobilenet_v3_large", "--weights", "synthetic",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    mask = np.array(Image.open(out / "scene_mask.png"))
+    assert mask.shape == (64, 64) and mask.max() < 4
+    onnx_path = tmp_path / "mnv3.onnx"
+    assert main(["export", "--model", "deeplabv3_mobilenet_v3_large", "--weights", "synthetic",
+                 "--input-size", "33", "33", "--out", str(onnx_path)]) == 0
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 4  # the synthetic model's classes
+    pytest.importorskip("tritonclient", reason="deploy's config check needs tritonclient (the dev extra)")
+    repo = tmp_path / "repo"
+    assert main(["deploy", "--model", "deeplabv3_mobilenet_v3_large", "--weights", "synthetic", "--input-size",
+                 "33", "33", "--max-batch-size", "2", "--preferred-batch-sizes", "2", "--out", str(repo)]) == 0
+    assert len((repo / "deeplabv3" / "labels.txt").read_text().split()) == 4
+    assert "FAIL" not in capsys.readouterr().out
 
 
 def test_legend_names_the_classes_present():
