@@ -87,6 +87,11 @@ def test_the_replay_runs_both_launches_with_new_data(monkeypatch):
     _replaying(head, x.contiguous(), spy, "NCHW input")
     _replaying(head, _x(4)[:, :, :4, :5].contiguous(memory_format=torch.channels_last), spy, "4x5 input")
     assert len(head._replays) == 3
+    # float32: the TF32 mode is part of what a replay was checked for
+    with torch.backends.cudnn.flags(allow_tf32=not torch.backends.cudnn.allow_tf32):
+        _replaying(head, x, spy, "TF32 mode toggled")
+    precisions = {r.plan.project.consts["INPUT_PRECISION"] for r in head._replays.values()}
+    assert precisions == {"ieee", "tf32"}, precisions
 
 
 def _edit(name):
