@@ -191,8 +191,8 @@ def format_table(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         lines += ["", "rows:"] + [f"  {n:<{width}}  {d}" for n, d in described.items()]
     if any(r.get("accuracy_note") for r in rows):
         lines.append("n/a (random weights): OS16-vs-OS8 agreement and mIoU carry no meaning with random weights; "
-                     "use torchvision weights (--weights COCO_WITH_VOC_LABELS_V1) or, for the ResNets, "
-                     "--weights synthetic for them")
+                     "use torchvision weights (--weights COCO_WITH_VOC_LABELS_V1) or --weights synthetic "
+                     "for them")
     if meta.get("noisy"):
         lines.append("!! NOISY RUN (see the header): " + (meta.get("advice") or ""))
     return "\n".join(lines)
