@@ -17,14 +17,15 @@ stage            limit   what (modules in ``scripts/gpucheck/``)
 ===============  ======  ========================================================================================
 ``precompile``   55 s    every Triton build the later stages need, on all host cores, into the shared
                          ``TRITON_CACHE_DIR`` (``precompile.py``)
-``correctness``  50 s    kernels vs their float64 twins (fp32 with TF32 off and on, fp16, bf16; the depthwise
+``correctness``  45 s    kernels vs their float64 twins (fp32 with TF32 off and on, fp16, bf16; the depthwise
                          kernel with and without its SE passes), every config the autotuner may pick (TMA
                          included) in fp16 and bf16; ``optimize(backend="triton")`` vs eager at OS16 and OS8
                          (``correctness.py``)
-``kernels``      90 s    DeepLab-ResNet-50's conv shapes and MobileNetV3-Large's depthwise ones, batch 1 and 8,
-                         fp16 then bf16, most important first: Triton vs cuDNN, TFLOP/s and share of the nominal
-                         peak (GB/s for the memory-bound depthwise conv) (``kernel_bench.py``)
-``model``        225 s   513×513: MobileNetV3-Large at batch 1, then ResNet-50 at batch 1 and 8, OS16 and OS8:
+``kernels``      90 s    DeepLab-ResNet-50's conv shapes, MobileNetV3-Large's depthwise ones and its largest 1×1
+                         hardswish ones, batch 1 and 8, fp16 then bf16, most important first: Triton vs cuDNN,
+                         TFLOP/s and share of the nominal peak (GB/s for the memory-bound depthwise conv)
+                         (``kernel_bench.py``)
+``model``        235 s   513×513: MobileNetV3-Large at batch 1, then ResNet-50 at batch 1 and 8, OS16 and OS8:
                          torchvision eager, ``optimize`` (triton, with and without CUDA graphs; torch),
                          ``torch.compile`` of torchvision and of ``optimize(model)`` (ResNet-50);
                          accuracy vs fp32 (``whole_model.py``)
@@ -33,7 +34,7 @@ stage            limit   what (modules in ``scripts/gpucheck/``)
 Every stage shares one fresh ``TRITON_CACHE_DIR`` (builds and autotune results carry over) and runs the
 kernels' autotuner with a short benchmark, ``FASTDEEPLAB_AUTOTUNE_MS=5,20`` (5 ms warm-up, 20 ms repeat per
 config instead of Triton's 25 + 100; a value already in the environment is kept), stated in the output.
-With setup (40 s allowed) and a 5 s kill grace after each stage the limits sum to 480 s; the plan's estimates
+With setup (35 s allowed) and a 5 s kill grace after each stage the limits sum to 480 s; the plan's estimates
 (``--plan``) sit inside each limit. Each stage also watches its own deadline and records what it had no time
 for as skipped rows, writes every row the moment it is measured (``gpucheck.jsonl`` per stage, JSON lines),
 and ends on a CUDA error with an explicit ``stage_error`` row (the context is unusable after one), after
@@ -66,7 +67,7 @@ STAGES = ("precompile", "correctness", "kernels", "model")
 STAGE_MODULES = {"precompile": "precompile", "correctness": "correctness", "kernels": "kernel_bench",
                  "model": "whole_model"}
 # the plan's limits (scripts/gpucheck/plan.py): with setup and the kill graces they sum to 480 s
-LIMITS_S = {"precompile": 55, "correctness": 50, "kernels": 90, "model": 225}
+LIMITS_S = {"precompile": 55, "correctness": 45, "kernels": 90, "model": 235}
 DRY_RUN_LIMITS_S = {"precompile": 120, "correctness": 200, "kernels": 150, "model": 200}  # a loaded 2-core CPU
 GRACE_S = 5  # after a stage's limit, before it is killed (it stops starting work at its limit)
 STAGE_ERROR_RC = 3  # a stage that ended on an error it recorded as a row (a CUDA error ends the process)

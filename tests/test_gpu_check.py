@@ -218,6 +218,7 @@ def test_plan_counts_agree_with_the_prune_functions_and_fit(plan):
         assert len(tuned) == stage["autotune_keys"]
         assert sum(t["configs"] for t in tuned) == stage["config_benchmarks"]
     assert plan["total_limit_s"] <= 480 and plan["total_estimated_s"] <= plan["total_limit_s"]
+    assert _driver_module().LIMITS_S == {name: s["limit_s"] for name, s in stages.items()}  # the driver's own
     assert plan["setup"]["limit_s"] + sum(s["limit_s"] + plan["grace_s"] for s in stages.values()) \
         == plan["total_limit_s"]
     costs = plan["unit_costs"]

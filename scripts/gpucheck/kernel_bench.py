@@ -222,9 +222,22 @@ def launches_of(entry: dict, batch: int, dtype: torch.dtype, config=None) -> lis
 
 def cases(plan: Plan) -> list[tuple[torch.dtype, dict, int]]:
     """``(dtype, shape entry, batch)`` in run order: every problem in fp16 (batch 1 and 8) before any in
-    bf16, so a limit cuts bf16 first."""
+    bf16, so a limit cuts bf16 first. In bf16 (the second dtype) MobileNetV3's problems at batch 1 come right
+    after ResNet's ASPP (bf16 is new for the depthwise kernel, while ResNet's other bf16 layers repeat their
+    fp16 kernels) and its batch-8 problems last: the limit cuts ResNet's bf16 layers and MobileNetV3's bf16
+    batch 8 first."""
     todo = shapes(plan)
-    return [(dtype, entry, batch) for dtype in plan.kernel_dtypes for entry in todo for batch in plan.kernel_batches]
+    out = []
+    for i, dtype in enumerate(plan.kernel_dtypes):
+        ranked = []
+        for entry in todo:
+            for batch in plan.kernel_batches:
+                rank = entry["priority"]
+                if i > 0 and entry.get("kind") in ("depthwise", "pointwise"):
+                    rank = 0.5 if batch == 1 else 99
+                ranked.append((rank, len(ranked), entry, batch))
+        out += [(dtype, entry, batch) for _, _, entry, batch in sorted(ranked, key=lambda r: r[:2])]
+    return out
 
 
 def _make(entry: dict, batch: int, dtype: torch.dtype, plan: Plan):
@@ -362,8 +375,9 @@ def run(plan: Plan, rows: RowWriter, reach: int | None = None) -> None:
           f"{[DTYPE_NAMES[d] for d in plan.kernel_dtypes]} = {len(todo)} cases; will reach {reach} of them "
           f"(the plan's count for this stage's limit); nominal peak {peak} TFLOP/s ({gpu})", flush=True)
     rows.row(kind="info", stage="kernels", cases=len(todo), will_reach=reach,
-             order="ASPP branches (grouped, then each), layer4/layer3 3x3, projection, 1x1, MobileNetV3 depthwise, "
-                   "head, stem/layer1/2; fp16 batch 1 and 8 before bf16")
+             order="fp16: ASPP branches (grouped, then each), layer4/layer3 3x3, projection, MobileNetV3 depthwise "
+                   "and 1x1 hardswish, ResNet 1x1, head, stem/layer1/2, batch 1 and 8; then bf16: ASPP, MobileNetV3 "
+                   "at batch 1, the ResNet rest, MobileNetV3 at batch 8")
     for index, (dtype, entry, batch) in enumerate(todo):
         label = dict(kind="conv", model=MOBILENET if entry.get("kind") in ("depthwise", "pointwise") else plan.model,
                      layer=entry["label"], shape=_shape_text(entry, batch), batch=batch,
