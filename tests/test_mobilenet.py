@@ -334,6 +334,14 @@ def test_optimize_triton_shares_the_dispatcher_with_depthwise_layers(eager):
     depthwise = [m for m in fast.modules() if isinstance(m, FusedConvBNAct) and m.depthwise]
     assert len(depthwise) == 15 and all(m.dispatcher is fast.dispatcher and m._packed is not None
                                         for m in depthwise)
+    # the groups=1 convs: 14 expands, 15 projects and features[16] on the conv kernel; the RGB stem on cuDNN
+    convs = {name: m for name, m in fast.named_modules() if isinstance(m, FusedConvBNAct) and m.groups == 1}
+    on_kernel = [name for name, m in convs.items() if m._triton_conv]
+    assert len(convs) == 31 and len(on_kernel) == 30, sorted(convs)
+    assert [name for name in convs if name not in on_kernel] == ["backbone.0"]
+    assert all(convs[name].dispatcher is fast.dispatcher and convs[name]._packed.shape[1] == convs[name].out_channels
+               for name in on_kernel)
+    assert convs["backbone.16"].activation == "hardswish" and convs["backbone.16"]._triton_conv
 
 
 def _conv_bn(cin, cout, k, stride=1, groups=1):
