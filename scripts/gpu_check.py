@@ -15,13 +15,13 @@ own subprocess under its own time limit, so a hang or a crash is recorded and th
 ===============  ======  ========================================================================================
 stage            limit   what (modules in ``scripts/gpucheck/``)
 ===============  ======  ========================================================================================
-``precompile``   55 s    every Triton build the later stages need, on all host cores, into the shared
+``precompile``   60 s    every Triton build the later stages need, on all host cores, into the shared
                          ``TRITON_CACHE_DIR`` (``precompile.py``)
 ``correctness``  45 s    kernels vs their float64 twins (fp32 with TF32 off and on, fp16, bf16; the depthwise
                          kernel with and without its SE passes), every config the autotuner may pick (TMA
                          included) in fp16 and bf16; ``optimize(backend="triton")`` vs eager at OS16 and OS8
                          (``correctness.py``)
-``kernels``      90 s    DeepLab-ResNet-50's conv shapes, MobileNetV3-Large's depthwise ones and its largest 1×1
+``kernels``      85 s    DeepLab-ResNet-50's conv shapes, MobileNetV3-Large's depthwise ones and its largest 1×1
                          hardswish ones, batch 1 and 8, fp16 then bf16, most important first: Triton vs cuDNN,
                          TFLOP/s and share of the nominal peak (GB/s for the memory-bound depthwise conv)
                          (``kernel_bench.py``)
@@ -67,7 +67,7 @@ STAGES = ("precompile", "correctness", "kernels", "model")
 STAGE_MODULES = {"precompile": "precompile", "correctness": "correctness", "kernels": "kernel_bench",
                  "model": "whole_model"}
 # the plan's limits (scripts/gpucheck/plan.py): with setup and the kill graces they sum to 480 s
-LIMITS_S = {"precompile": 55, "correctness": 45, "kernels": 90, "model": 235}
+LIMITS_S = {"precompile": 60, "correctness": 45, "kernels": 85, "model": 235}
 DRY_RUN_LIMITS_S = {"precompile": 120, "correctness": 200, "kernels": 150, "model": 200}  # a loaded 2-core CPU
 GRACE_S = 5  # after a stage's limit, before it is killed (it stops starting work at its limit)
 STAGE_ERROR_RC = 3  # a stage that ended on an error it recorded as a row (a CUDA error ends the process)

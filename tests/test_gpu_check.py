@@ -75,9 +75,12 @@ def test_dry_run_writes_every_stage(tmp_path):
     convs = [r for r in stages["kernels"]["rows"] if r["kind"] == "conv"]
     assert convs and all(r["triton_ms"] > 0 and r["cudnn_ms"] > 0 for r in convs)
     assert any(r["layer"] == "ASPP projection" for r in convs)
-    dw = [r for r in convs if r["model"] == "mobilenet_v3_large"]  # the depthwise kernel, with and without SE
-    assert {r["layer"].endswith("+SE") for r in dw} == {True, False}
+    dw = [r for r in convs if r["layer"].startswith("MobileNetV3 dw")]  # the depthwise kernel, with and without SE
+    assert {r["layer"].endswith("+SE") for r in dw} == {True, False} and {r["model"] for r in dw} == {
+        "mobilenet_v3_large"}
     assert all(r["triton_gbps"] > 0 and r["cudnn_gbps"] > 0 and r["triton_peak"] is None for r in dw)
+    pointwise = [r for r in convs if r["layer"] == "MobileNetV3 1x1 hardswish"]  # the conv kernel's hardswish
+    assert len(pointwise) == 1 and pointwise[0]["ok"]
 
     rows = [r for r in stages["model"]["rows"] if r["kind"] == "model"]
     timed = {(r["model"], r["output_stride"], r["impl"]) for r in rows if r.get("median_ms")}

@@ -34,7 +34,7 @@ __all__ = ["HOST_CORES", "LIMITS_S", "SETUP_LIMIT_S", "UNIT_COSTS", "build_plan"
 
 HOST_CORES = 16  # the GPU machine's host (H100/H200 lent with 16 cores)
 # Stage limits (seconds); with the setup allowance and the kill grace after each stage they sum to 480 s.
-LIMITS_S = {"precompile": 55, "correctness": 45, "kernels": 90, "model": 235}
+LIMITS_S = {"precompile": 60, "correctness": 45, "kernels": 85, "model": 235}
 SETUP_LIMIT_S = 35  # Python start-up and imports, nvidia-smi (10 s at most), the plan (~21 s estimated)
 GRACE_S = 5
 WINDOW_S = 480
