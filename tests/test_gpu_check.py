@@ -293,6 +293,10 @@ def test_stage0_builds_what_the_launchers_launch(monkeypatch):
                                  stride=s, padding=p, dilation=d, relu=relu, residual=res, config=config)
         cases.append(launches.Launch("conv", "fp16", 2, 16, 24, 9, 11, k=k, stride=s, padding=p, dilation=d,
                                      residual=residual, relu=relu))
+    # the hardswish epilogue (MobileNetV3's 1x1 expands and features[16])
+    conv.conv_bn_relu_packed(x, conv.pack_weight(torch.randn(24, 16, 1, 1).to(dt)), torch.randn(24), kernel_size=1,
+                             activation="hardswish", config=config)
+    cases.append(launches.Launch("conv", "fp16", 2, 16, 24, 9, 11, k=1, relu=False, activation="hardswish"))
     aspp.aspp_branches_packed(x, aspp.pack_aspp_branch_weights(
         [torch.randn(8, 16, kk, kk).to(dt) for kk in (1, 3, 3, 3)]), torch.randn(32), (2, 4, 6), config=config)
     cases.append(launches.Launch("aspp_branches", "fp16", 2, 16, 8, 9, 11, k=3, rates=(2, 4, 6)))
@@ -325,6 +329,28 @@ def test_stage0_builds_what_the_launchers_launch(monkeypatch):
                 assert got[name].dtype == value.dtype, (launch, name)
             else:
                 assert got[name] == value, (launch, name, got[name], value)
+
+
+def test_mobilenet_launches_are_what_optimize_runs():
+    """The plan's MobileNetV3-Large launches (one forward of optimize(backend="triton") at OS16): 15 depthwise
+    convs, the 8 with a squeeze-excitation as a pooling launch plus a scaled one, and the 30 groups=1 1x1 convs
+    on the conv kernel with their activations and the 10 residual adds (this checkout's optimize runs them
+    there, as pointwise_on_triton finds), then the head."""
+    sys.path[:0] = [str(ROOT / "scripts")]
+    try:
+        import gpucheck.models as models
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    launches = models.model_launches("mobilenet_v3_large", 16, 513, 1, "fp16")
+    dw = [launch for launch in launches if launch.kernel == "depthwise"]
+    assert sum(not launch.sums for launch in dw) == 15 and sum(launch.sums for launch in dw) == 8
+    assert [(launch.k, launch.dilation, launch.activation) for launch in dw][-1] == (5, 2, "hardswish")
+    assert models.pointwise_on_triton()
+    pointwise = [launch for launch in launches if launch.kernel == "conv" and launch.cin != 256]  # not the head
+    assert len(pointwise) == 30 and all(launch.k == 1 for launch in pointwise)
+    assert {launch.activation for launch in pointwise} == {"none", "relu", "hardswish"}
+    assert sum(launch.residual for launch in pointwise) == 10
+    assert [launch.kernel for launch in launches[-4:]] == ["aspp_branches", "aspp_project", "conv", "conv"]
 
 
 # --------------------------------------------------------------------------------------------------

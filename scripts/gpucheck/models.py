@@ -244,26 +244,20 @@ def mobilenet_pointwise_layers(output_stride: int, resolution: int | tuple[int, 
 @functools.lru_cache(maxsize=1)
 def pointwise_on_triton() -> bool:
     """Whether ``optimize(backend="triton")`` runs MobileNetV3's 1×1 convs on the Triton conv kernel in this
-    checkout (``fastdeeplab::conv2d_act``, with the hardswish epilogue): a fused 1×1 + hardswish layer is run on
-    a small CPU tensor and the op call is watched for. Nothing is compiled; on the CPU the op runs its twin."""
-    from unittest import mock
-
+    checkout: a fused 1×1 + hardswish layer with a forced-Triton dispatcher is run on a small CPU tensor, and
+    the dispatcher's report (public: ``dispatch_report()``) is asked whether the layer went through it as a
+    conv problem. Nothing is compiled; on the CPU the op runs its twin."""
     try:
-        import fastdeeplab.kernels.ops as ops
+        from fastdeeplab.kernels.dispatch import Dispatcher
 
         import fastdeeplab.layers_mobilenet as layers_mobilenet
 
-        calls = []
-        original = ops.conv2d_act
-
-        def watched(*args, **kwargs):
-            calls.append(1)
-            return original(*args, **kwargs)
-
-        layer = layers_mobilenet.FusedConvBNAct(nn.Conv2d(8, 16, 1), None, activation="hardswish", backend="triton")
-        with mock.patch.object(ops, "conv2d_act", watched), torch.no_grad():
-            layer(torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last))
-        return bool(calls)
+        layer = layers_mobilenet.FusedConvBNAct(nn.Conv2d(16, 32, 1), None, activation="hardswish", backend="triton")
+        layer.dispatcher, layer.dispatch_name = Dispatcher("triton"), "probe"
+        with torch.no_grad():
+            layer(torch.randn(1, 16, 3, 3).contiguous(memory_format=torch.channels_last))
+        rows = getattr(layer.dispatcher.report(), "rows", None) or []
+        return any(str(r.get("key", "")).startswith("conv1x1") for r in rows)
     except Exception:  # noqa: BLE001 (a checkout without the kernels or the layer: cuDNN)
         return False
 
