@@ -189,3 +189,62 @@ def test_dispatcher_and_recording_modes_bypass_the_replay(monkeypatch):
     y = head(x)
     head(x)
     assert spy.calls == 0 and torch.equal(y, _plain(head, x))
+
+
+REPLAY_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import host_overhead as h
+h.stub_gpu()
+import torch
+from fastdeeplab.kernels import aspp
+from fastdeeplab.layers import FusedASPP
+from fastdeeplab.model import ASPP
+
+replayed = [0]
+original = aspp.AsppLaunchPlan.__call__
+def call(plan, x, pooled):
+    replayed[0] += 1
+    return original(plan, x, pooled)
+aspp.AsppLaunchPlan.__call__ = call
+torch.manual_seed(0)
+head = FusedASPP(ASPP(64, [2, 3, 5], out_channels=32).eval(), backend="triton").half().eval()
+x = torch.randn(1, 64, 9, 9, dtype=torch.float16).to(memory_format=torch.channels_last)
+steps, kept = [], []
+def step(name):
+    head(x)
+    kept.extend(head._replays.values())  # alive, so no later object reuses their ids
+    steps.append(dict(h.COUNTS, name=name, replayed=replayed[0], replays=[id(r) for r in head._replays.values()]))
+for i in range(4):
+    step(f"call {i}")
+with torch.no_grad():
+    head.branches[3].bias.add_(1.0)
+step("after an in-place edit")
+step("again")
+print(json.dumps(steps))
+"""
+
+
+def test_compiled_path_replays_two_launches_and_no_tuning():
+    """Compiled-kernel path (no interpreter; launch and Triton's benchmark stubbed as in
+    scripts/host_overhead.py): the first call tunes and records, every later call is the replay with exactly
+    two launches and no benchmark; an in-place edit records a new replay without re-tuning."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", REPLAY_CHILD, str(root / "scripts")], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    launches = [s["launches"] for s in steps]
+    benches = [s["benches"] for s in steps]
+    assert launches == [2, 4, 6, 8, 10, 12], launches
+    assert benches[0] > 0 and benches == [benches[0]] * 6, benches  # tuned once, on the first call
+    assert [s["replayed"] for s in steps] == [0, 1, 2, 3, 3, 4], steps
+    first, edited = steps[3]["replays"], steps[4]["replays"]
+    assert len(first) == len(edited) == 1 and first != edited, "the edit must replace the replay"
