@@ -242,7 +242,8 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
             out = plan.new_out()
             plan.run(b0, b1, b2, b3, pooled.contiguous(), packed_weight.contiguous(),
                      out if bias is None else _bias32(bias), out)
-            _note("aspp_project", plan)
+            if _recorders:
+                _note("aspp_project", plan)
             return out
     if not isinstance(branches, (list, tuple)) or len(branches) != NUM_BRANCHES:
         raise ValueError(f"branches must be a list or tuple of {NUM_BRANCHES} tensors "
@@ -317,7 +318,8 @@ def aspp_project_packed(branches: Sequence[Tensor], pooled: Tensor, packed_weigh
     if sig is not None and launcher is kernel:  # an eager launch: remember everything but the data
         plan = _LaunchPlan(kernel, consts, grid, scalars, (n, cout, h, w), x.dtype, x.device)
         _remember(sig, plan)
-        _note("aspp_project", plan)
+        if _recorders:
+            _note("aspp_project", plan)
     return out
 
 
@@ -425,7 +427,8 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
             x = x.contiguous(memory_format=torch.channels_last)
             out = plan.new_out()
             plan.run(x, packed_weight.contiguous(), out if bias is None else _bias32(bias), out)
-            _note("aspp_branches", plan)
+            if _recorders:
+                _note("aspp_branches", plan)
             return out
     check_tensor(x, "x")
     check_tensor(packed_weight, "packed_weight")
@@ -484,7 +487,8 @@ def aspp_branches_packed(x: Tensor, packed_weight: Tensor, bias: Tensor | None, 
     if sig is not None and launcher is kernel:  # an eager launch: remember everything but the data
         plan = _LaunchPlan(kernel, consts, grid, scalars, (4 * n, cb, h, w), x.dtype, x.device)
         _remember(sig, plan)
-        _note("aspp_branches", plan)
+        if _recorders:
+            _note("aspp_branches", plan)
     return out
 
 
@@ -511,7 +515,13 @@ def _signature(name: str, tensors: list, bias, *rest) -> tuple | None:
 # --------------------------------------------------------------------------------------------------
 # One ASPP forward as one replayed plan: both launches, checked once
 # --------------------------------------------------------------------------------------------------
-_RECORDING = threading.local()
+class _Recording(threading.local):
+    plans: list | None = None  # a class default: a missing thread-local attribute would cost an exception
+
+
+_RECORDING = _Recording()
+_recorders = 0  # recordings open in any thread: the launchers look no further while it is 0
+_recorders_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -520,17 +530,22 @@ def recording_launch_plans() -> Iterator[list]:
     or replayed launch of :func:`aspp_branches_packed` and :func:`aspp_project_packed` in this thread (none
     while torch traces: those launches are not replayable). The fused ASPP module builds its
     :class:`AsppLaunchPlan` from the two a forward recorded."""
+    global _recorders
     plans: list = []
-    outer = getattr(_RECORDING, "plans", None)
+    outer = _RECORDING.plans
     _RECORDING.plans = plans
+    with _recorders_lock:
+        _recorders += 1
     try:
         yield plans
     finally:
         _RECORDING.plans = outer
+        with _recorders_lock:
+            _recorders -= 1
 
 
 def _note(name: str, plan: _LaunchPlan) -> None:
-    plans = getattr(_RECORDING, "plans", None)
+    plans = _RECORDING.plans
     if plans is not None:
         plans.append((name, plan))
 
