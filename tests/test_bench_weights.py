@@ -168,6 +168,18 @@ def test_synthetic_recipes_per_backbone_keep_the_scenes_and_the_resnet_cache_nam
     assert cache_path("mobilenet_v3_large").name.startswith("synthetic-deeplabv3_mobilenet_v3_large-")
 
 
+def test_a_backbone_without_synthetic_weights_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table can still hold a backbone without ``--weights synthetic`` (every one has it today): the
+    resolver then refuses it before any training, in one line naming the flag and what to use instead."""
+    from fastdeeplab import weights as fw
+
+    monkeypatch.setitem(fw.BACKBONES, "mobilenet_v3_large", replace(fw.BACKBONES["mobilenet_v3_large"],
+                                                                    synthetic=False))
+    with pytest.raises(ValueError, match=r"^--weights synthetic is offered for resnet50 and resnet101, not "
+                                         r"--backbone mobilenet_v3_large; use --weights random or COCO_WITH_VOC"):
+        resolve_weights("synthetic", "mobilenet_v3_large", 0, _no_calibration)
+
+
 def test_synthetic_mobilenet_trains_with_its_bn_momentum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MobileNetV3 recipe's BN momentum reaches training: the first BN's running mean after one step is
     momentum x the first batch's mean, so 0.1 gives ten times the builder's own 0.01 (same seed, same batch);
