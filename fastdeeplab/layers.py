@@ -453,7 +453,10 @@ class FusedASPP(nn.Module):
     the per-pixel GEMM. With ``backend="triton"`` the four spatial branches run as one grouped launch
     (``fastdeeplab::aspp_branches``, the branch index in the grid), and the four per-branch GEMMs of the
     projection and that bias run in one kernel (``fastdeeplab::aspp_project``): the 1280-channel
-    concatenation is never written. Each of the two is dispatched against its cuDNN form like a conv.
+    concatenation is never written. Each of the two is dispatched against its cuDNN form like a conv. Once both
+    are decided for Triton, an eager call replays their checked launches as one plan per input geometry
+    (:class:`~fastdeeplab.kernels.aspp.AsppLaunchPlan`), dropped when a parameter, the rates, the dtype or
+    the dispatcher changes.
 
     ``forward(x)``: ``[N, Cin, H, W]`` → ``[N, Cout, H, W]``.
     """
