@@ -206,7 +206,10 @@ def _depthwise_conv_act_kernel(
         tl.store(out_img + opix[:, None] + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-AUTOTUNE_KEY = ["C", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "P_BUCKET", "DEVICE_KEY"]
+# The pass kind is part of the key: SE's pooling pass (channel sums, no map written) and its scaled pass (map
+# written, scale read) move different bytes, so one must not reuse the config tuned for the other.
+AUTOTUNE_KEY = ["C", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "P_BUCKET", "DEVICE_KEY",
+                "HAS_SE", "CHANNEL_SUMS", "WRITE_OUTPUT"]
 _depthwise_autotuned = triton.autotune(configs=get_autotune_configs(), key=AUTOTUNE_KEY,
                                        prune_configs_by={"early_config_prune": prune_by_padding},
                                        reset_to_zero=["sum_ptr"],

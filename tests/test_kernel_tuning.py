@@ -26,6 +26,7 @@ h.stub_gpu()
 import torch
 from fastdeeplab.kernels.aspp import aspp_branches_packed, aspp_project_packed
 from fastdeeplab.kernels.conv import conv_bn_relu, conv_bn_relu_packed, pack_weight
+from fastdeeplab.kernels.depthwise import depthwise_conv_act_packed, pack_depthwise_weight
 
 cl = torch.channels_last
 def t(*shape):
@@ -38,6 +39,8 @@ pb, pbias = torch.randn(28 * 256, 64, dtype=torch.float16), torch.randn(4 * 64)
 branches = [t(1, 64, 33, 33) for _ in range(4)]
 pp, pbias2 = torch.randn(5 * 64, 128, dtype=torch.float16), torch.randn(128)
 pooled = torch.randn(1, 64, dtype=torch.float16)
+xd, pd, bd = t(1, 96, 33, 33), pack_depthwise_weight(torch.randn(96, 1, 5, 5, dtype=torch.float16)), torch.randn(96)
+sums, scale = torch.zeros(1, 96), torch.rand(1, 96, dtype=torch.float16)
 cases = {
     "conv_bn_relu 3x3": lambda: conv_bn_relu(x, w3, bias, padding=2, dilation=2),
     "conv_bn_relu_packed 3x3": lambda: conv_bn_relu_packed(x, p3, bias, kernel_size=3, padding=6, dilation=6),
@@ -45,6 +48,11 @@ cases = {
     "conv_bn_relu_packed 1x1": lambda: conv_bn_relu_packed(x, p1, None, kernel_size=1),
     "aspp_branches_packed": lambda: aspp_branches_packed(x, pb, pbias, [6, 12, 18]),
     "aspp_project_packed": lambda: aspp_project_packed(branches, pooled, pp, pbias2),
+    # SE's two passes over one problem: the pooling pass (sums only) and the scaled pass tune separately
+    "depthwise pooling pass": lambda: depthwise_conv_act_packed(xd, pd, bd, kernel_size=5, padding=4, dilation=2,
+        activation="hardswish", channel_sums=sums, write_output=False),
+    "depthwise scaled pass": lambda: depthwise_conv_act_packed(xd, pd, bd, kernel_size=5, padding=4, dilation=2,
+        activation="hardswish", se_scale=scale),
 }
 out = {}
 for name, fn in cases.items():
@@ -84,6 +92,7 @@ def test_direct_launcher_calls_tune_each_problem_once():
     # batch size (another M bucket) is another problem
     assert tuned["conv_bn_relu 3x3"] > 1 and tuned["conv_bn_relu_packed 3x3 batch 8"] > 1, tuned
     assert tuned["aspp_project_packed"] > 1, tuned
+    assert tuned["depthwise pooling pass"] > 1 and tuned["depthwise scaled pass"] > 1, tuned
 
 
 def test_autotune_timing_knob(monkeypatch):

@@ -16,20 +16,20 @@ table. The counts, cold (Triton's default 25 + 100 ms per config benchmark, ever
 are what made the earlier plan unworkable: the kernel stage alone needs 186 autotune keys × 5.7 configs
 ≈ 1060 benchmarks (not ~4 a case) and ~270 builds. What makes the run fit instead:
 
-* **Stage 0 builds everything first, in parallel** (481 distinct builds for the three stages, MobileNetV3's
+* **Stage 0 builds everything first, in parallel** (439 distinct builds for the three stages, MobileNetV3's
   depthwise and SE-pooling variants included, 16 processes, 0.63–0.85 s of CPU each measured here with
-  triton 3.6 / 3.8: ~53 s with start-up) into the ``TRITON_CACHE_DIR`` the stages share, with the same
+  triton 3.6 / 3.8: ~49 s with start-up) into the ``TRITON_CACHE_DIR`` the stages share, with the same
   compile-cache keys the JIT computes; a stage's first launch of a build is then a cache load.
 * **A short autotune benchmark**, ``FASTDEEPLAB_AUTOTUNE_MS=5,20`` (0.03 s per config instead of 0.13 s).
   Triton keeps tuning results on disk (``cache_results``), so the model stage re-tunes nothing the kernel
   stage reached.
 * **Case counts chosen by the plan**: the kernel stage runs the cases, most important first, that its
-  estimate fits into its limit (186 of 284 at these costs, ~79 s of 85 s: the cut falls on bf16 — ResNet's
+  estimate fits into its limit (173 of 284 at these costs, ~79 s of 85 s: the cut falls on bf16 — ResNet's
   layers past its ASPP and MobileNetV3's batch 8) and prints that count at its start.
 
-Estimates / limits (s), ``--plan`` on 2026-12-07: setup ~21 / 35, precompile ~53 / 60, correctness ~36 / 45,
+Estimates / limits (s), ``--plan`` on 2026-12-07: setup ~21 / 35, precompile ~49 / 60, correctness ~36 / 45,
 kernels ~79 / 85, model ~228 / 235 (MobileNetV3-Large ~47 s, its 1×1 convs on the conv kernel included; two
-``torch.compile`` runs of the ResNet, ~60 s each, dominate the rest); total ~416 s expected, 480 s at the
+``torch.compile`` runs of the ResNet, ~60 s each, dominate the rest); total ~412 s expected, 480 s at the
 limits with a 5 s kill grace per stage. Every stage also stops starting work at its own deadline and writes every
 row as it is measured, so a slow stage ends with rows rather than being killed.
 
