@@ -247,3 +247,13 @@ def ast_docstring(path: Path) -> str | None:
     import ast
 
     return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+
+
+def test_ruff_is_clean():
+    """The lint settings in pyproject.toml hold for the whole tree (ruff is in the dev extra)."""
+    import subprocess
+
+    pytest.importorskip("ruff", reason="ruff is in the dev extra: pip install -e '.[dev]'")
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--quiet", str(ROOT)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
