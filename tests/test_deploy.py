@@ -228,6 +228,8 @@ def test_a_killed_deploy_leaves_nothing_the_next_one_keeps(tiny, tmp_path):
     for folder in legacy_old + legacy_kept:
         folder.mkdir()
         (folder / "model.onnx").write_bytes(b"x")
+    (legacy_old[2] / "model.onnx").unlink()  # an old folder holds the replaced model folder, under its name
+    (legacy_old[2] / "m-1.v2").mkdir()
     (tmp_path / ".deploy.notmine1" / "notes.txt").write_text("mine")
     (tmp_path / ".deploy.r4nd0m12" / "model.onnx").touch()
     hour_ago = time.time() - LEGACY_MIN_AGE_S - 60
@@ -240,6 +242,33 @@ def test_a_killed_deploy_leaves_nothing_the_next_one_keeps(tiny, tmp_path):
     assert all(p.exists() for p in live + legacy_kept)
     assert (tmp_path / ".deploy.abcdefgh").is_symlink()
     assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == ["README.md", "deeplabv3"]
+
+
+def test_legacy_cleanup_inside_the_repository_removes_only_deploys_layout(tmp_path):
+    """Inside the repository a pre-pid-tag staging or old folder is removed only if it holds what deploy put
+    there (a staging: config.pbtxt, labels.txt, model.*.json, 1/model.*; an old: the replaced model folder under
+    its own name): a user's hidden folder that merely matches the name pattern is kept, however old."""
+    from fastdeeplab.export.deploy import remove_stale_work
+
+    repo = tmp_path / "repo"
+    staging, old = repo / ".deeplabv3.ab12cd34.staging", repo / ".resnet.zz99yy88.old"
+    (staging / "1").mkdir(parents=True)
+    for name in ("config.pbtxt", "labels.txt", "model.build.json", "1/model.plan"):
+        (staging / name).write_text("x")
+    (old / "resnet" / "1").mkdir(parents=True)
+    (old / "resnet" / "1" / "model.onnx").write_text("x")
+    mine = [repo / ".notes.backup01.staging", repo / ".resnet.20240101.old", repo / ".scratch.abcdefgh.staging"]
+    for folder in mine:
+        folder.mkdir()
+    (mine[0] / "todo.txt").write_text("mine")
+    (mine[1] / "weights.pt").write_text("mine")
+    (mine[2] / "1").mkdir()
+    (mine[2] / "1" / "notes.txt").write_text("mine")
+    hour_ago = time.time() - LEGACY_MIN_AGE_S - 60
+    for p in repo.rglob("*"):
+        os.utime(p, (hour_ago, hour_ago))
+    assert sorted(remove_stale_work(repo)) == sorted([staging, old])
+    assert all(p.exists() for p in mine)
 
 
 def test_cli_refuses_inputs_inside_what_it_replaces(tmp_path, capsys):

@@ -278,19 +278,38 @@ def _newest_mtime(folder: Path) -> float:
     return newest
 
 
+def _model_files_only(folder: Path) -> bool:
+    """Whether ``folder`` holds only regular files named ``model.*`` (or their temporary ``.model.*``)."""
+    return all(c.name.startswith(("model.", ".model.")) and not c.is_symlink() and c.is_file()
+               for c in folder.iterdir())
+
+
+def _deploy_layout(entry: Path) -> bool:
+    """Whether a pre-pid-tag folder holds only what deploy put in it: beside the repository (work) ``model.*``
+    files; a staging folder ``config.pbtxt``, ``labels.txt``, ``model.*`` files and ``1/`` of ``model.*``
+    files; an old folder only the replaced model folder, under its own name."""
+    children = list(entry.iterdir())
+    if any(c.is_symlink() for c in children):
+        return False
+    if entry.name.startswith(".deploy."):
+        return _model_files_only(entry)
+    if entry.name.endswith(".old"):
+        model = entry.name[1:].rsplit(".", 2)[0]
+        return all(c.name == model and c.is_dir() for c in children)
+    return all((c.name == "1" and c.is_dir() and _model_files_only(c))
+               or (c.is_file() and (c.name in ("config.pbtxt", "labels.txt") or c.name.startswith("model.")))
+               for c in children)
+
+
 def _legacy_work(entry: Path, beside: bool, now: float) -> bool:
     """Whether ``entry`` is a work folder of a deploy from before the pid tag that is safe to remove: its exact
-    name, untouched for :data:`LEGACY_MIN_AGE_S`, and, beside the repository (a folder deploy does not own),
-    holding only what deploy wrote in its work folder (``model.onnx``, ``model.plan`` and their temporary
-    files)."""
+    name, in its place, holding only what deploy wrote there (:func:`_deploy_layout`: a user's folder that
+    merely matches the name is kept), and untouched for :data:`LEGACY_MIN_AGE_S`."""
     match = _LEGACY.match(entry.name)
     if match is None or beside != (match["work"] is not None):
         return False
     try:
-        if beside and any(not c.name.startswith(("model.", ".model.")) or c.is_symlink() or not c.is_file()
-                          for c in entry.iterdir()):
-            return False
-        return now - _newest_mtime(entry) >= LEGACY_MIN_AGE_S
+        return _deploy_layout(entry) and now - _newest_mtime(entry) >= LEGACY_MIN_AGE_S
     except OSError:
         return False
 
