@@ -219,6 +219,9 @@ _RUNTIMES: dict[str, type[ExportedDeepLabV3]] = {
 }
 
 
+# Inference mode off while building: called under torch.inference_mode, the copy would hold inference tensors,
+# which have no version counter for the fused layers' rebuild-on-change tokens.
+@torch.inference_mode(False)
 def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None,
              channels_last: bool = True, dispatch: str = "auto", cuda_graph: bool = False) -> nn.Module:
     """Return an eval-only copy of ``model`` that is as fast as this device allows; ``model`` is untouched.

@@ -137,6 +137,21 @@ def test_optimize_leaves_the_original_untouched(model):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+def test_optimize_under_inference_mode(model):
+    """optimize() called under torch.inference_mode builds normal tensors: the fused layers' rebuild-on-change
+    tokens read version counters, which inference tensors lack (it raised "Inference tensors do not track
+    version counter"); an in-place edit afterwards is still seen."""
+    x = torch.randn(1, 3, 33, 33)
+    with torch.inference_mode():
+        fast = fastdeeplab.optimize(model, backend="torch")
+        y = fast(x)["out"]
+    assert rel_err(y, fastdeeplab.optimize(model, backend="torch")(x)["out"]) < 1e-5
+    conv = next(m for m in fast.modules() if isinstance(m, FusedConvBNReLU) and m.in_channels > 4)
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    assert conv._derived_from != conv._state_token()
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("openvino", marks=pytest.mark.skipif(
     not HAS_OV, reason="openvino not installed: pip install 'fastdeeplab[openvino]'"))])
 @torch.no_grad()
