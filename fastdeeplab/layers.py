@@ -165,6 +165,7 @@ class FusedConvBNReLU(nn.Module):
     def kernel_size(self) -> tuple[int, int]:
         return (self.weight.shape[2], self.weight.shape[3])
 
+    @torch.inference_mode(False)  # normal tensors: inference tensors have no version counter (tokens)
     def _apply(self, fn, recurse: bool = True):  # .to()/.half()/.cuda(): repack
         self._onednn_packed = self._onednn_key = None
         self._plans = {}
@@ -490,6 +491,7 @@ class FusedASPP(nn.Module):
         self._prepare_triton()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
+    @torch.inference_mode(False)  # normal tensors: inference tensors have no version counter (tokens)
     def _apply(self, fn, recurse: bool = True):
         self._plans = {}
         module = super()._apply(fn, recurse)

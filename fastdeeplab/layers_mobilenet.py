@@ -169,6 +169,7 @@ class FusedConvBNAct(nn.Module):
     def depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.out_channels == self.in_channels
 
+    @torch.inference_mode(False)  # normal tensors: inference tensors have no version counter (tokens)
     def _apply(self, fn, recurse: bool = True):  # .to()/.half(): repack
         self._onednn_packed = self._onednn_key = None
         self._plans = {}

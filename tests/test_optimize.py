@@ -137,6 +137,26 @@ def test_optimize_leaves_the_original_untouched(model):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+def test_fused_layers_convert_under_inference_mode():
+    """.to(dtype) of a fused layer under torch.inference_mode makes normal tensors (inference tensors have no
+    version counter for the rebuild-on-change tokens: it raised), and the layer still runs and tracks edits."""
+    from fastdeeplab.layers_mobilenet import FusedConvBNAct
+
+    torch.manual_seed(0)
+    layers = [FusedConvBNReLU(nn.Conv2d(8, 8, 3, padding=1), random_bn(8).eval()),
+              FusedConvBNAct(nn.Conv2d(8, 8, 1), random_bn(8).eval(), activation="hardswish"),
+              FusedASPP(randomize_bn(ASPP(8, [1, 2, 3], out_channels=8)).eval())]
+    x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16)
+    for layer in layers:
+        with torch.inference_mode():
+            layer.to(torch.bfloat16)
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and not any(b.is_inference() for b in layer.buffers()), layer
+        with torch.no_grad():
+            layer.bias.add_(1)
+        assert not torch.equal(layer(x), y), layer
+
+
 def test_optimize_under_inference_mode(model):
     """optimize() called under torch.inference_mode builds normal tensors: the fused layers' rebuild-on-change
     tokens read version counters, which inference tensors lack (it raised "Inference tensors do not track
