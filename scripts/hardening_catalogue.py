@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "Files in an output folder that the command did not write are replaced only on request (`--overwrite`): "
         "`predict` signs its PNGs (a `Software` text chunk), `deploy` its README. Work folders carry the pid; "
         "the next `deploy` removes those of processes that no longer run (and those of older versions, without a "
-        "pid, once untouched for an hour).",
+        "pid, once untouched for an hour and only if they hold just what deploy writes there).",
         "- **Images load as a person expects** (`fastdeeplab.images.load_image`, the one loader): 16-bit, 32-bit "
         "and float images are scaled to 8-bit by their real range (floats in [0, 1] as fractions), NaN to 0; "
         "PIL's decompression-bomb limit is one line; `predict` reads every image's size from its header and "
