@@ -227,7 +227,8 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
     """Return an eval-only copy of ``model`` that is as fast as this device allows; ``model`` is untouched.
 
     Args:
-        model: a fastdeeplab :class:`DeepLabV3` or a torchvision ``DeepLabV3`` (ResNet backbone).
+        model: a fastdeeplab :class:`DeepLabV3` or a torchvision ``DeepLabV3`` (ResNet or MobileNetV3-Large
+            backbone).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"onnxruntime"`` or ``"openvino"`` (see the module
             docstring).
         dtype: compute dtype; default float32 on CPU, float16 on CUDA with Triton. bfloat16 runs on CPUs
@@ -242,7 +243,10 @@ def optimize(model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | No
 
     Returns:
         A module with the same ``forward(x) -> {"out", ["aux"]}`` contract and ``set_output_stride``.
-        Calling ``.train()`` on it raises ``RuntimeError``.
+        Calling ``.train()`` on it raises ``RuntimeError``. Its weights stay its own state:
+        ``load_state_dict`` (``assign=True`` included), replacing a buffer, and in-place edits under
+        ``torch.no_grad()`` rebuild the packed forms on the next call. Edits through ``tensor.data`` bypass
+        the version counter that detects them and are not seen: edit the tensor itself.
     """
     from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as TvDeepLabV3
 
