@@ -275,7 +275,8 @@ class FusedConvBNReLU(nn.Module):
             return self._forward_kernel(x, residual)
         if self._derived_from != self._state_token():
             self._refresh()
-        geometry = (x.shape, x.dtype, x.device, residual is None, self.stride, self.padding, self.dilation)
+        geometry = (x.shape, x.dtype, x.device, residual is None, self.stride, self.padding, self.dilation,
+                    self.relu)  # every attribute the plan's arguments hold
         plan = self._plans.get(geometry)
         if plan is None or plan.dispatcher is not self.dispatcher:
             from .kernels import ops

@@ -218,7 +218,8 @@ class FusedConvBNAct(nn.Module):
             return run_cudnn() if d is not None and d.decided(key) == "cudnn" else run_triton()
         if self._derived_from != self._state_token():
             self._refresh()
-        geometry = (x.shape, x.dtype, x.device, variant, self.stride, self.padding, self.dilation)
+        geometry = (x.shape, x.dtype, x.device, variant, self.stride, self.padding, self.dilation,
+                    self.activation)
         plan = self._plans.get(geometry)
         if plan is None or plan.dispatcher is not self.dispatcher:
             plan = self._plans[geometry] = _Plan(self, x, key or self.dispatch_key(x, variant))
@@ -279,7 +280,8 @@ class FusedConvBNAct(nn.Module):
             return _ops_conv2d_act()(x, self._packed, self._bias32, residual, *self._conv_args())
         if self._derived_from != self._state_token():
             self._refresh()
-        geometry = (x.shape, x.dtype, x.device, has_res, self.stride, self.padding, self.dilation)
+        geometry = (x.shape, x.dtype, x.device, has_res, self.stride, self.padding, self.dilation,
+                    self.activation)
         plan = self._plans.get(geometry)
         if plan is None or plan.dispatcher is not self.dispatcher:
             from .kernels import ops

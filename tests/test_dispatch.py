@@ -439,3 +439,20 @@ def test_cuda_graph_model_bookkeeping(monkeypatch):
 def test_cuda_graph_flag_needs_cuda(model):
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
         fastdeeplab.optimize(model, backend="torch", cuda_graph=True)
+
+
+@needs_triton
+@torch.no_grad()
+def test_a_changed_relu_flag_is_a_new_plan():
+    """The plan records the kernel's arguments: after ``layer.relu`` changes, the kernel runs the new epilogue
+    (a negative-heavy output tells ReLU from none), not the recorded one."""
+    from fastdeeplab.kernels._utils import interpreting
+
+    if not interpreting():
+        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
+    layer = _layer("triton")
+    x = torch.randn(1, 12, 9, 10).contiguous(memory_format=torch.channels_last)
+    assert rel_err(layer(x), layer._forward_plain(x, None)) < 1e-5
+    layer.relu = False
+    out = layer(x)
+    assert (out < 0).any() and rel_err(out, layer._forward_plain(x, None)) < 1e-5

@@ -384,12 +384,15 @@ def test_triton_1x1_convs_launch_the_conv_kernel(monkeypatch, activation, residu
     other = FusedConvBNAct(other_conv, other_bn, activation=activation, backend="torch")
     fast.load_state_dict(other.state_dict())
     assert rel_err(fast(x, res), other(x, res)) < 1e-5 and len(launches) == 3
+    # a changed epilogue attribute is a new plan: the kernel runs the new activation, not the recorded one
+    fast.activation = other.activation = "relu" if activation != "relu" else "hardswish"
+    assert rel_err(fast(x, res), other(x, res)) < 1e-5 and launches[-1] == fast.activation
     # the stem: 3 input channels, 3×3 stride 2 (a K of 27 pads the MMA tile away): cuDNN, no dispatch row
     stem = FusedConvBNAct(*_conv_bn(3, 16, 3, stride=2), activation="hardswish", backend="triton")
     stem.dispatcher = Dispatcher("auto", cache_path=None)
     xs = torch.randn(1, 3, 9, 9)
     assert stem._packed is None and rel_err(stem(xs), stem._forward_plain(xs, None)) < 1e-5
-    assert not stem.dispatcher.report().rows and len(launches) == 3
+    assert not stem.dispatcher.report().rows and len(launches) == 4
 
 
 @needs_triton
