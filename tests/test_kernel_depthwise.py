@@ -302,17 +302,19 @@ counts = []
 for _ in range(3):
     d.depthwise_conv_act_packed(x, w, b, **geometry)
     counts.append(dict(h.COUNTS))
-sums = torch.full((1, 960), 7.0)
-d.depthwise_conv_act_packed(x, w, b, channel_sums=sums, write_output=False, **geometry)
-counts.append(dict(h.COUNTS))
+for _ in range(2):
+    sums = torch.full((1, 960), 7.0)
+    d.depthwise_conv_act_packed(x, w, b, channel_sums=sums, write_output=False, **geometry)
+    counts.append(dict(h.COUNTS))
 print(json.dumps({"counts": counts, "x_intact": bool(torch.equal(x, x0)), "sums_zeroed": bool((sums == 0).all())}))
 """
 
 
 def test_direct_calls_tune_once_and_tuning_never_zeroes_data():
     """Compiled path with the launch and Triton's benchmark stubbed (scripts/host_overhead.py): the first call
-    benchmarks the configs the prune keeps, later calls (and the SE pooling pass, same key) launch once each;
-    the autotuner's reset of sum_ptr never touches a data tensor, and channel_sums is zeroed by the launcher."""
+    benchmarks the configs the prune keeps, later calls launch once each; the SE pooling pass (another pass
+    kind: its own autotune key) is tuned once on its first call; the autotuner's reset of sum_ptr never
+    touches a data tensor, and channel_sums is zeroed by the launcher."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -323,6 +325,7 @@ def test_direct_calls_tune_once_and_tuning_never_zeroes_data():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     benches = [c["benches"] for c in result["counts"]]
     launches = [c["launches"] for c in result["counts"]]
-    assert benches[0] > 1 and benches == [benches[0]] * 4, benches
-    assert launches == [1, 2, 3, 4], launches
+    assert benches[0] > 1 and benches[:3] == [benches[0]] * 3, benches
+    assert benches[3] > benches[2] and benches[4] == benches[3], benches  # the pooling pass: tuned once
+    assert launches == [1, 2, 3, 4, 5], launches
     assert result["x_intact"] and result["sums_zeroed"], result
