@@ -39,7 +39,6 @@ __all__ = ["ASSUMED_ARCH", "Launch", "assume_sm90", "autotune_key", "autotuner",
 ASSUMED_ARCH = 90  # H100 / H200
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KERNELS = ("conv", "aspp_branches", "aspp_project", "depthwise")
-DEPTHWISE_ACTIVATIONS = ("none", "relu", "hardswish")  # the kernels' ACTIVATION codes 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -161,13 +160,19 @@ def _m_bucket(m: int) -> int:
     return m_bucket(m)
 
 
+def _activation_code(name: str) -> int:
+    from fastdeeplab.kernels._utils import ACTIVATION_CODES
+
+    return ACTIVATION_CODES[name]
+
+
 def _conv_activation(launch: Launch) -> dict[str, Any]:
     """The conv kernel's activation constexpr: ``ACTIVATION`` (0 none, 1 ReLU, 2 hardswish) where the kernel
     has the hardswish epilogue, else the older ``APPLY_RELU`` flag. A conv launch's activation is
     ``launch.activation`` when set, else ReLU or none from ``launch.relu``."""
     name = launch.activation if launch.activation != "none" else ("relu" if launch.relu else "none")
     if "ACTIVATION" in jit_function(launch).arg_names:
-        return {"ACTIVATION": DEPTHWISE_ACTIVATIONS.index(name)}
+        return {"ACTIVATION": _activation_code(name)}
     if name == "hardswish":
         raise ValueError("this checkout's conv kernel has no hardswish epilogue (APPLY_RELU only)")
     return {"APPLY_RELU": name == "relu"}
@@ -231,7 +236,7 @@ def kernel_call(launch: Launch, tensor=None) -> tuple[list[Any], dict[str, Any]]
                 *dummy_strides,
                 launch.stride, launch.stride, launch.padding, launch.padding, launch.dilation, launch.dilation]
         kwargs = dict(KH=launch.k, KW=launch.k, HAS_BIAS=True,
-                      ACTIVATION=DEPTHWISE_ACTIVATIONS.index(launch.activation), HAS_SE=launch.se,
+                      ACTIVATION=_activation_code(launch.activation), HAS_SE=launch.se,
                       CHANNEL_SUMS=launch.sums, WRITE_OUTPUT=write)
         return args, kwargs
     raise ValueError(f"unknown kernel {launch.kernel!r}")
